@@ -1,0 +1,33 @@
+"""memplug: memory middleware for LLM agents.
+
+    from memplug import Memory, Scope, Budget
+    mem = Memory()
+    mem.write(Scope("alice"), "I moved to Lisbon in May.")
+    print(mem.read(Scope("alice"), "where does alice live?").as_text())
+"""
+
+from .errors import (
+    ArtifactCorrupt,
+    ConfigError,
+    InvalidInput,
+    InvalidScope,
+    MemplugError,
+    ModelMismatch,
+    ModelUnavailable,
+    NotFound,
+    PluginError,
+    StoreUnavailable,
+)
+from .hookspecs import hookimpl
+from .memory import Memory
+from .settings import Settings
+from .types import Budget, Hit, Item, Move, Placement, Recall, Scope
+from .usage import ItemUsage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactCorrupt", "Budget", "ConfigError", "Hit", "InvalidInput", "InvalidScope", "Item",
+    "ItemUsage", "MemplugError", "Memory", "ModelMismatch", "ModelUnavailable", "Move", "NotFound",
+    "Placement", "PluginError", "Recall", "Scope", "Settings", "StoreUnavailable", "hookimpl",
+]

@@ -1,0 +1,92 @@
+"""Every hook of memplug. This file is the table of contents of the system.
+
+Hooks are called with keyword arguments only. Specs take plain positional
+parameters, so later releases can add arguments without breaking plugins: an
+implementation names only the arguments it needs. ``docs/hooks.md`` documents
+each hook in full, with examples.
+
+Hooks that change data (write, consolidate, forget) run inside one Postgres
+transaction, handed over as ``db``: a plugin writes its own tables through it,
+so that the whole operation commits or rolls back as one.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("memplug")
+hookimpl = pluggy.HookimplMarker("memplug")
+
+
+# -- lifecycle -----------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def memplug_configure(memory):
+    """Set a plugin up for one Memory: migrate its tables, read its options.
+
+    Historic: a plugin registered after the Memory was built is configured on
+    registration. Models should be loaded lazily, not here. Returns nothing.
+    """
+
+
+# -- knowledge in --------------------------------------------------------------
+
+
+@hookspec
+def memplug_write(memory, scope, items, db):
+    """New items were stored in ``scope``; keep what this plugin wants of them.
+
+    ``items`` holds only items new to the store (duplicates are filtered out by
+    the host). Called for every plugin, in one transaction with the insert.
+    Return the ids of the items this tier now holds (the host records them as
+    placed at this tier's level), or None.
+    """
+
+
+# -- knowledge out -------------------------------------------------------------
+
+
+@hookspec
+def memplug_read(memory, scope, query, budget, filters, db):
+    """Contribute to a read: return this tier's hits for ``query``, best first.
+
+    ``filters`` is a mapping that every returned item's metadata must contain
+    (or None). Return a list of :class:`~memplug.Hit` (may be empty) or None.
+    The host fuses all tiers' lists by reciprocal rank, drops duplicates,
+    applies ``budget`` and records usage of every item it returns.
+    """
+
+
+# -- consolidation -------------------------------------------------------------
+
+
+@hookspec
+def memplug_plan(memory, scope, usage):
+    """Propose moves between levels for ``scope``, given its ``usage``.
+
+    ``usage`` is a list of :class:`~memplug.usage.ItemUsage`, one per item of
+    the scope. Return a list of :class:`~memplug.Move` or None. Every plugin's
+    moves are collected; conflicting moves for one item keep the first returned.
+    """
+
+
+@hookspec
+def memplug_consolidate(memory, scope, moves, db):
+    """Carry out the ``moves`` that concern this tier (as source or destination).
+
+    Return the moves this tier completed, or None. The host records the new
+    placements of moved items that still exist.
+    """
+
+
+# -- removal -------------------------------------------------------------------
+
+
+@hookspec
+def memplug_forget(memory, scope, item_ids, db):
+    """Remove every trace of ``item_ids`` from this plugin: rows, blobs, adapters.
+
+    Called for every plugin, in one transaction, before the host deletes the
+    items themselves. Returns nothing.
+    """

@@ -1,0 +1,483 @@
+"""Memory: write, read, consolidate and forget. Orchestration only; tiers do the work."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, overload
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from .embedded import embedded_dsn
+from .errors import InvalidInput, NotFound
+from .plugins import PluginRegistry
+from .scoping import subtree_sql, visible_sql
+from .settings import Settings
+from .store import Store
+from .types import Budget, Hit, Item, Move, Placement, Recall, Scope
+from .usage import DEFAULT_HALF_LIFE_S, ItemUsage, record_feedback, record_reads, scope_usage
+from .validate import check_filters, check_ids, check_messages, check_metadata, check_text
+
+log = logging.getLogger("memplug")
+
+# Reciprocal rank fusion constant (Cormack et al., 2009).
+RRF_K = 60
+ITEM_COLUMNS = "i.id, i.user_id, i.agent_id, i.session_id, i.text, i.metadata, i.created_at, i.tokens, i.role"
+
+
+def item_from_row(row: Sequence[Any]) -> Item:
+    """Build an :class:`Item` from a row selected as ``ITEM_COLUMNS``."""
+    id_, user, agent, session, text, metadata, created_at, tokens, role = row
+    scope = Scope(user, agent or None, session or None)
+    return Item(id_, scope, text, metadata, created_at, tokens, role)
+
+
+def _flatten(results: Iterable[Iterable[Any] | None]) -> list[Any]:
+    return [x for r in results if r for x in r]
+
+
+class Memory:
+    """Memory for LLM agents, across tiers provided by plugins.
+
+    ``Memory()`` uses the embedded Postgres under ``$MEMPLUG_HOME`` and every
+    installed plugin; ``Memory("postgresql://...")`` uses an existing Postgres
+    with pgvector. ``plugins`` registers extra plugin objects for this Memory;
+    ``options`` sets plugin settings (see :meth:`Settings.option`).
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        home: str | Path | None = None,
+        plugins: Iterable[object] = (),
+        load_entrypoints: bool = True,
+        options: Mapping[str, Any] | None = None,
+        embedder: Any = None,
+        settings: Settings | None = None,
+    ):
+        settings = settings or Settings()
+        changes: dict[str, Any] = {}
+        if dsn is not None:
+            changes["dsn"] = dsn
+        if home is not None:
+            changes["home"] = Path(home)
+        if options:
+            changes["options"] = {**settings.options, **options}
+        self.settings = replace(settings, **changes)
+        self._embedder = embedder
+        self._token_counter = None
+        self.half_life_s = self.settings.option("heat_half_life_s", DEFAULT_HALF_LIFE_S, float)
+        self.max_text_chars = self.settings.max_text_chars
+        self.max_metadata_bytes = self.settings.max_metadata_bytes
+
+        self.plugins = PluginRegistry(self.settings.plugins, (), load_entrypoints)
+        dsn = self.settings.dsn or embedded_dsn(self.settings.home)
+        self.store = Store(dsn, pool_size=self.settings.option("pool_size", 10, int))
+        try:
+            self.hook.memplug_configure.call_historic(kwargs={"memory": self})
+            for plugin in plugins:
+                self.register(plugin)
+        except BaseException:
+            self.store.close()
+            raise
+
+    # -- plumbing ------------------------------------------------------------
+
+    @property
+    def hook(self):
+        """The pluggy hook relay: ``memory.hook.memplug_read(...)``."""
+        return self.plugins.pm.hook
+
+    def register(self, plugin: object, name: str | None = None) -> str:
+        """Register a plugin object for this Memory; it is configured at once."""
+        return self.plugins.register(plugin, name=name)
+
+    @property
+    def embedder(self):
+        """The sentence embedder shared by the tiers (all-MiniLM-L6-v2 unless given)."""
+        if self._embedder is None:
+            from .runtime.embedder import Embedder
+
+            self._embedder = Embedder()
+        return self._embedder
+
+    @property
+    def token_counter(self):
+        """Counts tokens with the local model's tokenizer."""
+        if self._token_counter is None:
+            from .runtime.tokenizer import load_token_counter
+
+            self._token_counter = load_token_counter(self.settings.home, self.settings.model)
+        return self._token_counter
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- write ---------------------------------------------------------------
+
+    @overload
+    def write(self, scope: Scope | str, text: str, metadata: Mapping[str, Any] | None = ...) -> Item: ...
+    @overload
+    def write(self, scope: Scope | str, text: Sequence[str], metadata: Mapping[str, Any] | None = ...) -> list[Item]: ...
+
+    def write(self, scope, text, metadata=None):
+        """Store knowledge: one text (returns its Item) or a list of texts (returns a list).
+
+        Identical text already in the scope is not stored twice: its existing item
+        is returned. The whole call is one transaction.
+        """
+        scope = Scope.of(scope)
+        single = isinstance(text, str)
+        texts = [text] if single else self._text_list(text)
+        meta = check_metadata(metadata, "metadata", self.max_metadata_bytes)
+        rows = [(check_text(t, f"text[{n}]" if not single else "text", self.max_text_chars), meta, None)
+                for n, t in enumerate(texts)]
+        with self.store.transaction() as db:
+            items = self.write_in(db, scope, rows)
+        return items[0] if single else items
+
+    def write_messages(self, scope: Scope | str, messages: Iterable[Any]) -> list[Item]:
+        """Store conversation turns of one session (the scope needs a ``session_id``).
+
+        Turns are held by the level-0 tier within its token budget; turns that fall
+        out of it become long-term knowledge of the scope without the session.
+        Turns are events, so repeated text is kept, not de-duplicated.
+        """
+        scope = Scope.of(scope)
+        if scope.session_id is None:
+            raise InvalidInput("write_messages needs a scope with a session_id, e.g. Scope('alice', session_id='s1')")
+        pairs = check_messages(messages, self.max_text_chars)
+        rows = [(content, {}, role) for role, content in pairs]
+        with self.store.transaction() as db:
+            return self.write_in(db, scope, rows)
+
+    def write_in(
+        self,
+        db: psycopg.Connection,
+        scope: Scope,
+        rows: Sequence[tuple[str, Mapping[str, Any], str | None]],
+    ) -> list[Item]:
+        """Insert validated ``(text, metadata, role)`` rows inside the caller's transaction.
+
+        For plugins that create items as part of their own work (the context tier
+        flushing turns). Returns the items in input order; new ones reach the tiers.
+        """
+        hashes = [_content_hash(text, role) for text, _, role in rows]
+        tokens = self.token_counter.count_many([text for text, _, _ in rows])
+        u, a, s = scope.key
+        inserted = db.execute(
+            """
+            INSERT INTO items (user_id, agent_id, session_id, role, text, metadata, content_hash, tokens)
+            SELECT %(u)s, %(a)s, %(s)s, t.role, t.text, t.metadata, t.content_hash, t.tokens
+            FROM unnest(%(roles)s::text[], %(texts)s::text[], %(metas)s::jsonb[], %(hashes)s::bytea[],
+                        %(tokens)s::int[]) WITH ORDINALITY AS t(role, text, metadata, content_hash, tokens, ord)
+            ORDER BY t.ord
+            ON CONFLICT (user_id, agent_id, session_id, content_hash) DO NOTHING
+            RETURNING id, content_hash
+            """,
+            {
+                "u": u, "a": a, "s": s,
+                "roles": [r for _, _, r in rows],
+                "texts": [t for t, _, _ in rows],
+                "metas": [Jsonb(m) for _, m, _ in rows],
+                "hashes": hashes,
+                "tokens": tokens,
+            },
+        ).fetchall()
+        new_ids = {i for i, _ in inserted}
+        found = db.execute(
+            f"SELECT {ITEM_COLUMNS}, i.content_hash FROM items i "
+            "WHERE i.user_id = %s AND i.agent_id = %s AND i.session_id = %s AND i.content_hash = ANY(%s)",
+            (u, a, s, list(set(hashes))),
+        ).fetchall()
+        by_hash = {bytes(r[-1]): item_from_row(r[:-1]) for r in found}
+        items = [by_hash[h] for h in hashes]
+        new = list({it.id: it for it in items if it.id in new_ids}.values())
+        if new:
+            placed = _flatten(self.hook.memplug_write(memory=self, scope=scope, items=new, db=db))
+            self._apply_placements(db, placed)
+        return items
+
+    @staticmethod
+    def _text_list(text: object) -> list[str]:
+        if isinstance(text, bytes) or not isinstance(text, Sequence):
+            raise InvalidInput(f"text must be a str or a list of str, got {type(text).__name__}")
+        if not text:
+            raise InvalidInput("text is an empty list")
+        return list(text)
+
+    # -- read ----------------------------------------------------------------
+
+    def read(
+        self,
+        scope: Scope | str,
+        query: str,
+        budget: Budget | None = None,
+        filters: Mapping[str, Any] | None = None,
+    ) -> Recall:
+        """What the scope's memory holds for ``query``, within ``budget``.
+
+        Each tier contributes a ranked list; the lists are fused by reciprocal
+        rank, an item is returned once, and hits are taken best first while they
+        fit the token budget and ``budget.k``. Every item returned counts as read.
+        ``filters`` keeps items whose metadata contains it (``{"source": "chat"}``).
+        """
+        scope = Scope.of(scope)
+        query = check_text(query, "query", self.max_text_chars)
+        budget = budget if budget is not None else Budget()
+        if not isinstance(budget, Budget):
+            raise InvalidInput(f"budget must be a memplug.Budget, got {type(budget).__name__}")
+        filters = check_filters(filters)
+        with self.store.transaction() as db:
+            lists = self.hook.memplug_read(
+                memory=self, scope=scope, query=query, budget=budget, filters=filters, db=db
+            )
+            hits, tokens = self._fuse(lists or [], budget)
+            record_reads(db, [h.item.id for h in hits], self.half_life_s)
+        return Recall(scope=scope, query=query, hits=tuple(hits), tokens=tokens)
+
+    @staticmethod
+    def _fuse(lists: Iterable[Iterable[Hit] | None], budget: Budget) -> tuple[list[Hit], int]:
+        fused: dict[int, float] = {}
+        best: dict[int, Hit] = {}
+        by_tier: dict[str, list[Hit]] = {}
+        for hit in _flatten(lists):
+            if not isinstance(hit, Hit):
+                raise InvalidInput(f"a memplug_read hook returned {type(hit).__name__}, not a memplug.Hit")
+            by_tier.setdefault(hit.tier, []).append(hit)
+        for hits in by_tier.values():
+            seen: set[int] = set()
+            for rank, hit in enumerate(hits, start=1):
+                if hit.item.id in seen:
+                    continue
+                seen.add(hit.item.id)
+                fused[hit.item.id] = fused.get(hit.item.id, 0.0) + 1.0 / (RRF_K + rank)
+                if hit.item.id not in best or hit.score > best[hit.item.id].score:
+                    best[hit.item.id] = hit
+        out: list[Hit] = []
+        spent = 0
+        for item_id in sorted(fused, key=lambda i: (-fused[i], i)):
+            hit = best[item_id]
+            if spent + hit.item.tokens > budget.tokens:
+                continue  # a smaller hit further down may still fit
+            out.append(hit)
+            spent += hit.item.tokens
+            if len(out) >= budget.k:
+                break
+        return out, spent
+
+    def feedback(self, scope: Scope | str, item_ids: Iterable[int], used: bool = True) -> None:
+        """Report which returned items the answer actually used (feeds the policies)."""
+        scope = Scope.of(scope)
+        ids = check_ids(item_ids)
+        if not used or not ids:
+            return
+        with self.store.transaction() as db:
+            self._owned_ids(db, scope, ids, visible=True)
+            record_feedback(db, ids)
+
+    # -- consolidate ---------------------------------------------------------
+
+    def usage(self, scope: Scope | str) -> list[ItemUsage]:
+        """Per-item usage of the items a read in ``scope`` can see."""
+        scope = Scope.of(scope)
+        where, params = visible_sql(scope, "i")
+        with self.store.transaction() as db:
+            return scope_usage(db, where, params, self.half_life_s)
+
+    def consolidate(self, scope: Scope | str, moves: Iterable[Move] | None = None) -> list[Placement]:
+        """Ask the policies for moves (or carry out the given ``moves``) and apply them.
+
+        Returns the placements the tiers reported. One transaction.
+        """
+        scope = Scope.of(scope)
+        if moves is None:
+            plan = _flatten(self.hook.memplug_plan(memory=self, scope=scope, usage=self.usage(scope)))
+            moves = _first_move_per_item(plan)
+        else:
+            moves = list(moves)
+            if not all(isinstance(m, Move) for m in moves):
+                raise InvalidInput("moves must be memplug.Move values")
+        if not moves:
+            return []
+        with self.store.transaction() as db:
+            self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=True)
+            placed = _flatten(self.hook.memplug_consolidate(memory=self, scope=scope, moves=moves, db=db))
+            self._apply_placements(db, placed)
+        return placed
+
+    def end_session(self, scope: Scope | str) -> list[Placement]:
+        """Move a session's level-0 turns into long-term memory now, instead of when they age out."""
+        scope = Scope.of(scope)
+        if scope.session_id is None:
+            raise InvalidInput("end_session needs a scope with a session_id")
+        where, params = subtree_sql(scope, "i")
+        with self.store.transaction() as db:
+            ids = [r[0] for r in db.execute(
+                f"SELECT i.id FROM items i JOIN placements p ON p.item_id = i.id AND p.level = 0 "
+                f"WHERE {where} ORDER BY i.id", params).fetchall()]
+        if not ids:
+            return []
+        return self.consolidate(scope, [Move(tuple(ids), 0, 1, "session ended")])
+
+    def _apply_placements(self, db: psycopg.Connection, placed: Sequence[Placement]) -> None:
+        for p in placed:
+            if not isinstance(p, Placement):
+                raise InvalidInput(f"a hook returned {type(p).__name__} where a memplug.Placement was expected")
+            if not p.item_ids:
+                continue
+            if p.held:
+                # Joined with items: an item the tier replaced in the same transaction is skipped.
+                db.execute(
+                    """
+                    INSERT INTO placements (item_id, tier, level, reason)
+                    SELECT i.id, %s, %s, %s FROM items i WHERE i.id = ANY(%s::bigint[])
+                    ON CONFLICT (item_id, tier) DO UPDATE SET level = EXCLUDED.level,
+                        reason = EXCLUDED.reason, placed_at = now()
+                    """,
+                    (p.tier, p.level, p.reason, list(p.item_ids)),
+                )
+            else:
+                db.execute(
+                    "DELETE FROM placements WHERE tier = %s AND item_id = ANY(%s::bigint[])",
+                    (p.tier, list(p.item_ids)),
+                )
+
+    # -- forget --------------------------------------------------------------
+
+    def forget(self, scope: Scope | str, item_ids: Iterable[int] | None = None) -> int:
+        """Remove items and every trace of them in every tier; return how many.
+
+        With ``item_ids``, those items (each must belong to the scope or a scope
+        under it, else nothing is removed). Without, the whole scope and every
+        scope under it. One transaction.
+        """
+        scope = Scope.of(scope)
+        with self.store.transaction() as db:
+            if item_ids is None:
+                where, params = subtree_sql(scope, "i")
+                ids = [r[0] for r in db.execute(f"SELECT i.id FROM items i WHERE {where}", params).fetchall()]
+            else:
+                ids = self._owned_ids(db, scope, check_ids(item_ids), visible=False)
+            self.forget_in(db, scope, ids)
+        return len(ids)
+
+    def forget_in(self, db: psycopg.Connection, scope: Scope, item_ids: Sequence[int]) -> None:
+        """Forget ``item_ids`` inside the caller's transaction (ids already checked)."""
+        if not item_ids:
+            return
+        self.hook.memplug_forget(memory=self, scope=scope, item_ids=list(item_ids), db=db)
+        db.execute("DELETE FROM items WHERE id = ANY(%s::bigint[])", (list(item_ids),))
+
+    def _owned_ids(self, db: psycopg.Connection, scope: Scope, ids: list[int], visible: bool) -> list[int]:
+        where, params = (visible_sql if visible else subtree_sql)(scope, "i")
+        rows = db.execute(
+            f"SELECT i.id FROM items i WHERE i.id = ANY(%(ids)s::bigint[]) AND {where}", {**params, "ids": ids}
+        ).fetchall()
+        missing = sorted(set(ids) - {r[0] for r in rows})
+        if missing:
+            raise NotFound(f"item id(s) {missing} not found in scope {scope}; nothing was changed")
+        return ids
+
+    # -- inspection ----------------------------------------------------------
+
+    def get(self, scope: Scope | str, item_ids: Iterable[int]) -> list[Item]:
+        """The items with these ids, if the scope can see them."""
+        scope = Scope.of(scope)
+        ids = check_ids(item_ids)
+        where, params = visible_sql(scope, "i")
+        with self.store.transaction() as db:
+            self._owned_ids(db, scope, ids, visible=True)
+            rows = db.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.id = ANY(%(ids)s) AND {where} ORDER BY i.id",
+                {**params, "ids": ids},
+            ).fetchall()
+        return [item_from_row(r) for r in rows]
+
+    def items(self, scope: Scope | str, limit: int = 100, offset: int = 0) -> list[Item]:
+        """Items visible in ``scope``, oldest first."""
+        scope = Scope.of(scope)
+        where, params = visible_sql(scope, "i")
+        with self.store.transaction() as db:
+            rows = db.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items i WHERE {where} ORDER BY i.id LIMIT %(lim)s OFFSET %(off)s",
+                {**params, "lim": int(limit), "off": int(offset)},
+            ).fetchall()
+        return [item_from_row(r) for r in rows]
+
+    def stats(self, scope: Scope | str | None = None) -> dict[str, Any]:
+        """Counts: items, scopes, turns, items per tier, usage, database size."""
+        where, params = ("TRUE", {}) if scope is None else subtree_sql(Scope.of(scope), "i")
+        with self.store.transaction() as db:
+            items, turns, users, scopes, chars = db.execute(
+                f"SELECT count(*), count(i.role), count(DISTINCT i.user_id), "
+                f"count(DISTINCT (i.user_id, i.agent_id, i.session_id)), coalesce(sum(length(i.text)), 0) "
+                f"FROM items i WHERE {where}", params).fetchone()
+            tiers = dict(db.execute(
+                f"SELECT p.tier, count(*) FROM placements p JOIN items i ON i.id = p.item_id WHERE {where} "
+                f"GROUP BY p.tier ORDER BY p.tier", params).fetchall())
+            reads = db.execute(
+                f"SELECT coalesce(sum(u.reads), 0) FROM usage u JOIN items i ON i.id = u.item_id WHERE {where}",
+                params).fetchone()[0]
+            size = db.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        return {
+            "scope": None if scope is None else str(Scope.of(scope)),
+            "items": items, "turns": turns, "users": users, "scopes": scopes, "text_chars": chars,
+            "items_per_tier": tiers, "reads": int(reads), "database_bytes": size,
+            "store": self.store.safe_dsn,
+        }
+
+    # -- async facade --------------------------------------------------------
+    # Hooks are synchronous; the async API runs each call in a worker thread.
+
+    async def awrite(self, *args: Any, **kwargs: Any):
+        return await asyncio.to_thread(functools.partial(self.write, *args, **kwargs))
+
+    async def awrite_messages(self, *args: Any, **kwargs: Any) -> list[Item]:
+        return await asyncio.to_thread(functools.partial(self.write_messages, *args, **kwargs))
+
+    async def aread(self, *args: Any, **kwargs: Any) -> Recall:
+        return await asyncio.to_thread(functools.partial(self.read, *args, **kwargs))
+
+    async def aforget(self, *args: Any, **kwargs: Any) -> int:
+        return await asyncio.to_thread(functools.partial(self.forget, *args, **kwargs))
+
+    async def aconsolidate(self, *args: Any, **kwargs: Any) -> list[Placement]:
+        return await asyncio.to_thread(functools.partial(self.consolidate, *args, **kwargs))
+
+    async def afeedback(self, *args: Any, **kwargs: Any) -> None:
+        return await asyncio.to_thread(functools.partial(self.feedback, *args, **kwargs))
+
+
+def _content_hash(text: str, role: str | None) -> bytes:
+    if role is None:
+        return hashlib.sha256(text.encode()).digest()
+    # Turns are events: the same words said twice are two turns.
+    return hashlib.sha256(f"{role}\0{text}\0{uuid.uuid4()}".encode()).digest()
+
+
+def _first_move_per_item(moves: Sequence[Move]) -> list[Move]:
+    seen: set[int] = set()
+    out = []
+    for m in moves:
+        if not isinstance(m, Move):
+            raise InvalidInput(f"a memplug_plan hook returned {type(m).__name__}, not a memplug.Move")
+        ids = tuple(i for i in m.item_ids if i not in seen)
+        if ids:
+            seen.update(ids)
+            out.append(m if ids == m.item_ids else replace(m, item_ids=ids))
+    return out

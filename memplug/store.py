@@ -1,0 +1,214 @@
+"""Postgres: connection, versioned migrations and the host's tables.
+
+The host owns ``items`` (the source of truth), ``usage`` and ``placements``;
+each tier migrates its own tables through :meth:`Store.migrate`. Everything
+lives in the ``memplug`` schema so it can share a database with an application.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+
+import psycopg
+from psycopg import conninfo as _conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .errors import ConfigError, StoreUnavailable
+
+SCHEMA = "memplug"
+
+HOST_MIGRATIONS: tuple[str, ...] = (
+    # 1: items, usage, placements
+    """
+    CREATE TABLE items (
+        id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        user_id      text NOT NULL,
+        agent_id     text NOT NULL DEFAULT '',
+        session_id   text NOT NULL DEFAULT '',
+        role         text,
+        text         text NOT NULL,
+        metadata     jsonb NOT NULL DEFAULT '{}',
+        content_hash bytea NOT NULL,
+        tokens       integer NOT NULL,
+        created_at   timestamptz NOT NULL DEFAULT now(),
+        CONSTRAINT items_scope_hash UNIQUE (user_id, agent_id, session_id, content_hash)
+    );
+    CREATE INDEX items_metadata ON items USING gin (metadata jsonb_path_ops);
+    CREATE TABLE usage (
+        item_id      bigint PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
+        reads        integer NOT NULL DEFAULT 0,
+        used         integer NOT NULL DEFAULT 0,
+        last_read_at timestamptz,
+        heat         double precision NOT NULL DEFAULT 0,
+        heat_at      timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE placements (
+        item_id   bigint NOT NULL REFERENCES items(id) ON DELETE CASCADE,
+        tier      text NOT NULL,
+        level     smallint NOT NULL,
+        reason    text NOT NULL,
+        placed_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (item_id, tier)
+    );
+    CREATE INDEX placements_level ON placements (level, item_id);
+    """,
+)
+
+
+def redact(dsn: str) -> str:
+    """The DSN with any password replaced, safe for logs and error messages."""
+    try:
+        params = _conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable DSN>"
+    if "password" in params:
+        params["password"] = "***"
+    return _conninfo.make_conninfo(**params)
+
+
+def _reason(exc: BaseException, dsn: str) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    password = _conninfo.conninfo_to_dict(dsn).get("password")
+    if password:
+        text = text.replace(str(password), "***")
+    return text
+
+
+class Store:
+    """A pool of connections to one Postgres database, migrated for memplug."""
+
+    def __init__(self, dsn: str, *, pool_size: int = 10, connect_timeout: int = 5):
+        if not isinstance(dsn, str) or not dsn.strip():
+            raise ConfigError("the Postgres DSN is empty; set MEMPLUG_DSN or leave it unset for the embedded server")
+        try:
+            _conninfo.conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as e:
+            raise ConfigError(
+                "MEMPLUG_DSN is not a valid Postgres connection string "
+                "(expected postgresql://user:password@host:port/dbname or key=value pairs)"
+            ) from e
+        self.dsn = dsn
+        self.safe_dsn = redact(dsn)
+        self._kwargs = {
+            "connect_timeout": connect_timeout,
+            "options": f"-c search_path={SCHEMA},public",
+            "application_name": "memplug",
+        }
+        self._bootstrap()
+        self.pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=pool_size,
+            kwargs=self._kwargs,
+            configure=self._configure_connection,
+            timeout=30,
+            name="memplug",
+            open=False,
+        )
+        try:
+            self.pool.open(wait=True, timeout=connect_timeout + 5)
+        except PoolTimeout as e:
+            raise StoreUnavailable(f"cannot open connections to Postgres at {self.safe_dsn}") from e
+
+    # -- connections ---------------------------------------------------------
+
+    def connect(self, **kwargs) -> psycopg.Connection:
+        """A new connection outside the pool (for bootstrap and tools)."""
+        try:
+            return psycopg.connect(self.dsn, **{**self._kwargs, **kwargs})
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable(
+                f"cannot reach Postgres at {self.safe_dsn}: {_reason(e, self.dsn)}. "
+                "Check MEMPLUG_DSN, or unset it to use the embedded server."
+            ) from None
+
+    @staticmethod
+    def _configure_connection(conn: psycopg.Connection) -> None:
+        from pgvector.psycopg import register_vector
+
+        register_vector(conn)
+        conn.commit()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """One transaction on a pooled connection: committed on success, rolled back on error."""
+        try:
+            conn_cm = self.pool.connection()
+            conn = conn_cm.__enter__()
+        except (PoolTimeout, psycopg.OperationalError) as e:
+            raise StoreUnavailable(f"Postgres at {self.safe_dsn} is unavailable: {_reason(e, self.dsn)}") from None
+        exc_info: tuple = (None, None, None)
+        try:
+            with conn.transaction():
+                yield conn
+        except BaseException as e:
+            exc_info = (type(e), e, e.__traceback__)
+            if isinstance(e, psycopg.OperationalError):
+                raise StoreUnavailable(
+                    f"lost the connection to Postgres at {self.safe_dsn}: {_reason(e, self.dsn)}"
+                ) from e
+            raise
+        finally:
+            conn_cm.__exit__(*exc_info)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- migrations ----------------------------------------------------------
+
+    def _bootstrap(self) -> None:
+        with self.connect(autocommit=True) as conn:
+            # One migrator at a time across processes; the lock ends with the session.
+            conn.execute("SELECT pg_advisory_lock(hashtext('memplug:migrate'))")
+            try:
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+                try:
+                    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+                except psycopg.Error as e:
+                    raise StoreUnavailable(
+                        f"Postgres at {self.safe_dsn} has no 'vector' extension and it could not be created "
+                        f"({_reason(e, self.dsn)}). Install pgvector, or run CREATE EXTENSION vector as a superuser."
+                    ) from None
+                conn.execute(
+                    """CREATE TABLE IF NOT EXISTS migrations (
+                        component text NOT NULL,
+                        version integer NOT NULL,
+                        applied_at timestamptz NOT NULL DEFAULT now(),
+                        PRIMARY KEY (component, version))"""
+                )
+                self._apply(conn, "memplug", HOST_MIGRATIONS)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(hashtext('memplug:migrate'))")
+
+    def migrate(self, component: str, migrations: Sequence[str]) -> int:
+        """Apply ``migrations`` not yet applied for ``component``; return how many ran.
+
+        Migration N (1-based) is ``migrations[N-1]``; append new ones, never edit old
+        ones. Each runs in its own transaction, serialised across processes.
+        """
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", component or ""):
+            raise ConfigError(f"migration component {component!r} must be lower_snake_case")
+        with self.connect(autocommit=True) as conn:
+            conn.execute("SELECT pg_advisory_lock(hashtext('memplug:migrate'))")
+            try:
+                return self._apply(conn, component, migrations)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(hashtext('memplug:migrate'))")
+
+    @staticmethod
+    def _apply(conn: psycopg.Connection, component: str, migrations: Sequence[str]) -> int:
+        row = conn.execute(
+            "SELECT coalesce(max(version), 0) FROM migrations WHERE component = %s", (component,)
+        ).fetchone()
+        done = row[0] if row else 0
+        ran = 0
+        for version, sql in enumerate(migrations, start=1):
+            if version <= done:
+                continue
+            with conn.transaction():
+                conn.execute(sql)
+                conn.execute("INSERT INTO migrations (component, version) VALUES (%s, %s)", (component, version))
+            ran += 1
+        return ran

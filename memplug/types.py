@@ -1,0 +1,198 @@
+"""The values that flow through memplug. All frozen: hooks may share them freely."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from .errors import InvalidInput, InvalidScope
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+\-]*")
+MAX_ID_LEN = 128
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_id(field_name: str, value: object, required: bool) -> str | None:
+    if value is None:
+        if required:
+            raise InvalidScope(f"Scope.{field_name} is required")
+        return None
+    if not isinstance(value, str):
+        raise InvalidScope(f"Scope.{field_name} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidScope(f"Scope.{field_name} must not be empty (use None to leave it out)")
+    if len(value) > MAX_ID_LEN:
+        raise InvalidScope(f"Scope.{field_name} is {len(value)} characters; the limit is {MAX_ID_LEN}")
+    # Ids end up in SQL parameters and artifact paths: a closed alphabet and no '..'
+    # keep them from ever meaning a path or a pattern.
+    if not _ID.fullmatch(value) or ".." in value:
+        raise InvalidScope(
+            f"Scope.{field_name}={value!r} may use only letters, digits and _ . @ + -, "
+            "must start with a letter or digit, and may not contain '..'"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose memory: a user, optionally narrowed to one agent and one session.
+
+    A read in a scope sees the items written in that scope and in its ancestors
+    (``alice/support/s1`` sees ``alice/support/s1``, ``alice/support`` and ``alice``).
+    ``forget`` of a whole scope removes that scope and everything under it.
+    """
+
+    user_id: str
+    agent_id: str | None = None
+    session_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_id("user_id", self.user_id, required=True)
+        _check_id("agent_id", self.agent_id, required=False)
+        _check_id("session_id", self.session_id, required=False)
+
+    @classmethod
+    def parse(cls, spec: str) -> Scope:
+        """Parse ``user[/agent[/session]]``; an empty part means "none" (``alice//s1``)."""
+        if not isinstance(spec, str) or not spec:
+            raise InvalidScope("a scope is written user[/agent[/session]], e.g. 'alice' or 'alice/helper/s1'")
+        parts = spec.split("/")
+        if len(parts) > 3:
+            raise InvalidScope(f"scope {spec!r} has {len(parts)} parts; at most user/agent/session")
+        parts += [""] * (3 - len(parts))
+        return cls(parts[0], parts[1] or None, parts[2] or None)
+
+    @classmethod
+    def of(cls, value: Scope | str | Mapping[str, Any]) -> Scope:
+        """Accept a Scope, a ``user/agent/session`` string or a mapping of the three fields."""
+        if isinstance(value, Scope):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"user_id", "agent_id", "session_id"}
+            if unknown:
+                raise InvalidScope(f"unknown scope field(s): {', '.join(sorted(map(str, unknown)))}")
+            return cls(**value)
+        raise InvalidScope(f"expected a Scope, got {type(value).__name__}")
+
+    def __str__(self) -> str:
+        s = self.user_id + "/" + (self.agent_id or "") + "/" + (self.session_id or "")
+        return s.rstrip("/")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """The scope as stored: absent parts are empty strings."""
+        return (self.user_id, self.agent_id or "", self.session_id or "")
+
+    def without_session(self) -> Scope:
+        return replace(self, session_id=None)
+
+
+def _freeze(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(metadata or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One unit of knowledge. Its text, in Postgres, is the source of truth."""
+
+    id: int
+    scope: Scope
+    text: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    tokens: int = 0
+    role: str | None = None  # set on conversation turns, None on plain knowledge
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metadata", _freeze(self.metadata))
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A text contribution to a read: an item, which tier found it, and that tier's score."""
+
+    item: Item
+    tier: str
+    score: float
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.text:
+            object.__setattr__(self, "text", self.item.text)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """What one read may spend: prompt tokens of text, and at most ``k`` hits."""
+
+    tokens: int = 1024
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InvalidInput(f"Budget.{name} must be a positive integer, got {v!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Recall:
+    """What a read returns. ``as_text()`` renders it as a memory block for any LLM prompt."""
+
+    scope: Scope
+    query: str
+    hits: tuple[Hit, ...] = ()
+    tokens: int = 0
+
+    @property
+    def items(self) -> tuple[Item, ...]:
+        return tuple(h.item for h in self.hits)
+
+    def as_text(self) -> str:
+        """Knowledge first, by rank; then the recent conversation in the order it happened."""
+        facts = [h for h in self.hits if h.item.role is None]
+        turns = sorted((h for h in self.hits if h.item.role is not None), key=lambda h: h.item.id)
+        parts: list[str] = []
+        if facts:
+            parts.append("Relevant memories:\n" + "\n".join(f"- {h.text}" for h in facts))
+        if turns:
+            parts.append("Recent conversation:\n" + "\n".join(f"{h.item.role}: {h.text}" for h in turns))
+        return "\n\n".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """A policy's decision: move these items from one level to another, and why."""
+
+    item_ids: tuple[int, ...]
+    src_level: int
+    dst_level: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "item_ids", tuple(int(i) for i in self.item_ids))
+        if self.src_level == self.dst_level:
+            raise InvalidInput(f"a Move must change level, got {self.src_level} -> {self.dst_level}")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A tier's report of what it holds: returned from the write and consolidate hooks.
+
+    ``held=False`` reports that the tier gave the items up (a demotion, an eviction).
+    """
+
+    tier: str
+    level: int
+    item_ids: tuple[int, ...]
+    reason: str = "write"
+    held: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "item_ids", tuple(int(i) for i in self.item_ids))

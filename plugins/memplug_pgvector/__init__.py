@@ -1,0 +1,124 @@
+"""Tier ``pgvector`` (level 1): every knowledge item as an embedding and a full-text vector.
+
+Items are embedded in batches with all-MiniLM-L6-v2 into ``vector(384)`` with an
+HNSW index, and indexed for Postgres full-text search (tsvector + GIN). A read
+runs both searches in one query, confined to the scope, and fuses the two
+rankings by reciprocal rank: exact rare words (codes, names) that the embedding
+blurs are still found.
+
+Options: ``pgvector_mode`` (``hybrid``, ``vector`` or ``text``),
+``pgvector_text_config`` (a Postgres text-search configuration, default
+``english``), ``pgvector_candidates`` (per search, default 40).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from psycopg.types.json import Jsonb
+
+from memplug import ConfigError, Hit, Placement, hookimpl
+from memplug.memory import ITEM_COLUMNS, RRF_K, item_from_row
+from memplug.scoping import visible_sql
+
+DIM = 384
+MIGRATIONS = (
+    f"""
+    CREATE TABLE pgvector_items (
+        item_id    bigint PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
+        user_id    text NOT NULL,
+        agent_id   text NOT NULL,
+        session_id text NOT NULL,
+        embedding  vector({DIM}) NOT NULL,
+        tsv        tsvector NOT NULL
+    );
+    CREATE INDEX pgvector_items_scope ON pgvector_items (user_id, agent_id, session_id);
+    CREATE INDEX pgvector_items_hnsw ON pgvector_items USING hnsw (embedding vector_cosine_ops);
+    CREATE INDEX pgvector_items_tsv ON pgvector_items USING gin (tsv);
+    """,
+)
+MODES = ("hybrid", "vector", "text")
+
+
+class PgVectorTier:
+    """Long-term knowledge with hybrid (vector + full-text) search."""
+
+    name = "pgvector"
+    level = 1
+
+    @hookimpl
+    def memplug_configure(self, memory):
+        memory.store.migrate("pgvector", MIGRATIONS)
+        opt = memory.settings.option
+        self.mode = opt("pgvector_mode", "hybrid", str)
+        if self.mode not in MODES:
+            raise ConfigError(f"pgvector_mode={self.mode!r}; expected one of {', '.join(MODES)}")
+        self.text_config = opt("pgvector_text_config", "english", str)
+        self.candidates = opt("pgvector_candidates", 40, int)
+        with memory.store.transaction() as db:
+            if not db.execute("SELECT 1 FROM pg_ts_config WHERE cfgname = %s", (self.text_config,)).fetchone():
+                raise ConfigError(f"pgvector_text_config={self.text_config!r} is not a text search configuration")
+            version = db.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+        # Iterative index scans (pgvector >= 0.8) keep filtered HNSW searches from coming up short.
+        self.iterative = tuple(int(x) for x in version.split(".")[:2]) >= (0, 8)
+
+    @hookimpl
+    def memplug_write(self, memory, scope, items, db):
+        knowledge = [it for it in items if it.role is None]
+        if not knowledge:
+            return None
+        vectors = memory.embedder.encode([it.text for it in knowledge])
+        if vectors.ndim != 2 or vectors.shape[1] != DIM:
+            raise ConfigError(f"the embedder returned vectors of shape {vectors.shape}; the pgvector tier needs {DIM}")
+        u, a, s = scope.key
+        with db.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO pgvector_items (item_id, user_id, agent_id, session_id, embedding, tsv) "
+                "VALUES (%s, %s, %s, %s, %s, to_tsvector(%s::regconfig, %s))",
+                [(it.id, u, a, s, np.asarray(v, dtype=np.float32), self.text_config, it.text)
+                 for it, v in zip(knowledge, vectors, strict=True)],
+            )
+        return [Placement(self.name, self.level, [it.id for it in knowledge], "write")]
+
+    @hookimpl
+    def memplug_read(self, memory, scope, query, budget, filters, db):
+        n = max(self.candidates, 2 * budget.k)
+        where, params = visible_sql(scope, "p")
+        if filters:
+            where += " AND EXISTS (SELECT 1 FROM items f WHERE f.id = p.item_id AND f.metadata @> %(filters)s)"
+            params["filters"] = Jsonb(filters)
+        params.update(n=n, cfg=self.text_config, query=query, rrf=RRF_K)
+        searches = []
+        if self.mode in ("hybrid", "vector"):
+            params["vec"] = memory.embedder.encode([query])[0]
+            db.execute(f"SET LOCAL hnsw.ef_search = {max(40, n)}")
+            if self.iterative:
+                db.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            searches.append(f"""
+                SELECT item_id, row_number() OVER (ORDER BY d) AS r FROM (
+                    SELECT p.item_id, p.embedding <=> %(vec)s::vector AS d FROM pgvector_items p
+                    WHERE {where} ORDER BY d LIMIT %(n)s) v""")
+        if self.mode in ("hybrid", "text"):
+            # Any query word may match (OR), ranked by cover density; the words are
+            # normalised by the same configuration as the stored text.
+            searches.append(f"""
+                SELECT item_id, row_number() OVER (ORDER BY rank DESC, item_id) AS r FROM (
+                    SELECT p.item_id, ts_rank_cd(p.tsv, q.tq) AS rank
+                    FROM pgvector_items p,
+                         (SELECT replace(plainto_tsquery(%(cfg)s::regconfig, %(query)s)::text, ' & ', ' | ')
+                                 ::tsquery AS tq) q
+                    WHERE q.tq <> ''::tsquery AND p.tsv @@ q.tq AND {where}
+                    ORDER BY rank DESC LIMIT %(n)s) t""")
+        rows = db.execute(
+            f"""
+            WITH ranked AS ({" UNION ALL ".join(searches)}),
+            fused AS (SELECT item_id, sum(1.0 / (%(rrf)s + r)) AS score FROM ranked GROUP BY item_id)
+            SELECT {ITEM_COLUMNS}, f.score FROM fused f JOIN items i ON i.id = f.item_id
+            ORDER BY f.score DESC, i.id LIMIT %(n)s
+            """,
+            params,
+        ).fetchall()
+        return [Hit(item_from_row(r[:-1]), self.name, float(r[-1])) for r in rows]
+
+    @hookimpl
+    def memplug_forget(self, memory, scope, item_ids, db):
+        db.execute("DELETE FROM pgvector_items WHERE item_id = ANY(%s::bigint[])", (list(item_ids),))

@@ -292,21 +292,24 @@ class Memory:
 
     # -- consolidate ---------------------------------------------------------
 
-    def usage(self, scope: Scope | str) -> list[ItemUsage]:
-        """Per-item usage of the items a read in ``scope`` can see."""
+    def usage(self, scope: Scope | str, subtree: bool = False) -> list[ItemUsage]:
+        """Per-item usage of the items a read in ``scope`` can see (or, with ``subtree``,
+        of the items in ``scope`` and every scope under it)."""
         scope = Scope.of(scope)
-        where, params = visible_sql(scope, "i")
+        where, params = (subtree_sql if subtree else visible_sql)(scope, "i")
         with self.store.transaction() as db:
             return scope_usage(db, where, params, self.half_life_s)
 
     def consolidate(self, scope: Scope | str, moves: Iterable[Move] | None = None) -> list[Placement]:
         """Ask the policies for moves (or carry out the given ``moves``) and apply them.
 
-        Returns the placements the tiers reported. One transaction.
+        Covers the items of ``scope`` and every scope under it. Returns the
+        placements the tiers reported. The moves are applied in one transaction.
         """
         scope = Scope.of(scope)
         if moves is None:
-            plan = _flatten(self.hook.memplug_plan(memory=self, scope=scope, usage=self.usage(scope)))
+            usage = self.usage(scope, subtree=True)
+            plan = _flatten(self.hook.memplug_plan(memory=self, scope=scope, usage=usage))
             moves = _first_move_per_item(plan)
         else:
             moves = list(moves)
@@ -315,7 +318,7 @@ class Memory:
         if not moves:
             return []
         with self.store.transaction() as db:
-            self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=True)
+            self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
             placed = _flatten(self.hook.memplug_consolidate(memory=self, scope=scope, moves=moves, db=db))
             self._apply_placements(db, placed)
         return placed

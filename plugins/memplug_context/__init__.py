@@ -42,7 +42,7 @@ class ContextTier:
         memory.store.migrate("context", MIGRATIONS)
         self.budget_tokens = memory.settings.option("context_tokens", 1024, int)
         self.idle_s = memory.settings.option("context_idle_seconds", 1800.0, float)
-        roles = memory.settings.option("context_flush_roles", "user,assistant", str)
+        roles = memory.settings.option("context_flush_roles", "user", str)
         self.flush_roles = {r.strip() for r in roles.split(",") if r.strip()}
 
     @hookimpl

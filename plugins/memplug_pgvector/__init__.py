@@ -8,7 +8,8 @@ blurs are still found.
 
 Options: ``pgvector_mode`` (``hybrid``, ``vector`` or ``text``),
 ``pgvector_text_config`` (a Postgres text-search configuration, default
-``english``), ``pgvector_candidates`` (per search, default 40).
+``english``), ``pgvector_candidates`` (per search, default 40), ``pgvector_postings`` (items
+sampled per query word to estimate its rarity, default 64).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class PgVectorTier:
             raise ConfigError(f"pgvector_mode={self.mode!r}; expected one of {', '.join(MODES)}")
         self.text_config = opt("pgvector_text_config", "english", str)
         self.candidates = opt("pgvector_candidates", 40, int)
+        self.postings = opt("pgvector_postings", 64, int)
         with memory.store.transaction() as db:
             if not db.execute("SELECT 1 FROM pg_ts_config WHERE cfgname = %s", (self.text_config,)).fetchone():
                 raise ConfigError(f"pgvector_text_config={self.text_config!r} is not a text search configuration")
@@ -87,7 +89,7 @@ class PgVectorTier:
             where += " AND EXISTS (SELECT 1 FROM items f WHERE f.id = p.item_id AND f.metadata @> %(filters)s)"
             params["filters"] = Jsonb(filters)
         params.update(n=n, cfg=self.text_config, query=query, rrf=RRF_K)
-        searches = []
+        ctes, searches = [], []
         if self.mode in ("hybrid", "vector"):
             params["vec"] = memory.embedder.encode([query])[0]
             db.execute(f"SET LOCAL hnsw.ef_search = {max(40, n)}")
@@ -98,19 +100,28 @@ class PgVectorTier:
                     SELECT p.item_id, p.embedding <=> %(vec)s::vector AS d FROM pgvector_items p
                     WHERE {where} ORDER BY d LIMIT %(n)s) v""")
         if self.mode in ("hybrid", "text"):
-            # Any query word may match (OR), ranked by cover density; the words are
-            # normalised by the same configuration as the stored text.
-            searches.append(f"""
-                SELECT item_id, row_number() OVER (ORDER BY rank DESC, item_id) AS r FROM (
-                    SELECT p.item_id, ts_rank_cd(p.tsv, q.tq) AS rank
-                    FROM pgvector_items p,
-                         (SELECT replace(plainto_tsquery(%(cfg)s::regconfig, %(query)s)::text, ' & ', ' | ')
-                                 ::tsquery AS tq) q
-                    WHERE q.tq <> ''::tsquery AND p.tsv @@ q.tq AND {where}
-                    ORDER BY rank DESC LIMIT %(n)s) t""")
+            # Each query word draws up to `postings` matching items of the scope; how
+            # many it drew estimates its document frequency, so rare words (codes,
+            # names) outweigh words the scope uses everywhere: an IDF over capped postings.
+            params["postings"] = self.postings
+            ctes.append(f"""
+                posting AS (
+                    SELECT h.item_id, l.lexeme
+                    FROM (SELECT DISTINCT lexeme FROM unnest(to_tsvector(%(cfg)s::regconfig, %(query)s))) l
+                    CROSS JOIN LATERAL (
+                        SELECT p.item_id FROM pgvector_items p
+                        WHERE p.tsv @@ quote_literal(l.lexeme)::tsquery AND {where}
+                        LIMIT %(postings)s) h)""")
+            searches.append("""
+                SELECT item_id, row_number() OVER (ORDER BY s DESC, item_id) AS r FROM (
+                    SELECT h.item_id, sum(ln(1 + %(postings)s::float / d.df)) AS s
+                    FROM posting h JOIN (SELECT lexeme, count(*) AS df FROM posting GROUP BY lexeme) d
+                         USING (lexeme)
+                    GROUP BY h.item_id ORDER BY s DESC, h.item_id LIMIT %(n)s) t""")
+        ctes.append(f"ranked AS ({' UNION ALL '.join(searches)})")
         rows = db.execute(
             f"""
-            WITH ranked AS ({" UNION ALL ".join(searches)}),
+            WITH {', '.join(ctes)},
             fused AS (SELECT item_id, sum(1.0 / (%(rrf)s + r)) AS score FROM ranked GROUP BY item_id)
             SELECT {ITEM_COLUMNS}, f.score FROM fused f JOIN items i ON i.id = f.item_id
             ORDER BY f.score DESC, i.id LIMIT %(n)s

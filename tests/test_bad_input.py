@@ -1,0 +1,149 @@
+"""Bad input gets a MemplugError subclass naming what was wrong, and nothing is half-written."""
+
+from __future__ import annotations
+
+import pytest
+
+from memplug import (
+    Budget,
+    ConfigError,
+    InvalidInput,
+    InvalidScope,
+    Memory,
+    MemplugError,
+    Scope,
+    StoreUnavailable,
+)
+
+BAD_TEXT = [
+    ("", "text is empty"),
+    ("   \n\t", "text is empty"),
+    ("x" * 32_001, "32001 characters; the limit is 32000"),
+    ("abc\x00def", "NUL byte"),
+    ("lone \ud800 surrogate", "lone surrogate"),
+    (42, "text must be a str"),
+    (b"bytes", "text must be a str or a list of str"),
+    (None, "text must be a str or a list of str"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_TEXT)
+def test_bad_text(memory, user, text, message):
+    with pytest.raises(InvalidInput, match=message.replace("(", r"\(")):
+        memory.write(Scope(user), text)
+    assert memory.stats(Scope(user))["items"] == 0
+
+
+def test_one_bad_text_in_a_batch_writes_nothing(memory, user):
+    with pytest.raises(InvalidInput, match=r"text\[2\] contains a NUL byte"):
+        memory.write(Scope(user), ["fine", "also fine", "not\x00fine"])
+    assert memory.stats(Scope(user))["items"] == 0
+
+
+def test_text_limit_is_configurable(make_memory, user):
+    mem = make_memory(options={"max_text_chars": 10})
+    with pytest.raises(InvalidInput, match="the limit is 10"):
+        mem.write(Scope(user), "eleven char")
+    assert mem.write(Scope(user), "ten chars!").text == "ten chars!"
+
+
+BAD_METADATA = [
+    (["not", "a", "dict"], "metadata must be a dict"),
+    ({1: "int key"}, "non-string key"),
+    ({"when": object()}, "is a object, which is not JSON"),
+    ({"ratio": float("nan")}, "which JSON cannot hold"),
+    ({"nested": {"deep": "nul\x00"}}, r"metadata\['nested'\]\['deep'\] contains a NUL byte"),
+    ({"blob": "x" * 70_000}, "the limit is 65536"),
+]
+
+
+@pytest.mark.parametrize(("metadata", "message"), BAD_METADATA)
+def test_bad_metadata(memory, user, metadata, message):
+    with pytest.raises(InvalidInput, match=message):
+        memory.write(Scope(user), "a fine text", metadata=metadata)
+    assert memory.stats(Scope(user))["items"] == 0
+
+
+BAD_SCOPES = [
+    (lambda: Scope(""), "user_id must not be empty"),
+    (lambda: Scope(None), "user_id is required"),
+    (lambda: Scope(123), "user_id must be a string"),
+    (lambda: Scope("../etc"), "may use only letters"),
+    (lambda: Scope("a..b"), "may not contain '..'"),
+    (lambda: Scope("alice", "x/y"), "agent_id='x/y' may use only"),
+    (lambda: Scope("alice", session_id="s 1"), "session_id='s 1' may use only"),
+    (lambda: Scope("u" * 129), "the limit is 128"),
+    (lambda: Scope.of({"user_id": "alice", "tenant": "acme"}), "unknown scope field"),
+    (lambda: Scope.of(42), "expected a Scope"),
+    (lambda: Scope.parse("a/b/c/d"), "at most user/agent/session"),
+]
+
+
+@pytest.mark.parametrize(("make", "message"), BAD_SCOPES)
+def test_bad_scope(make, message):
+    with pytest.raises(InvalidScope, match=message):
+        make()
+
+
+def test_bad_scope_through_memory(memory):
+    with pytest.raises(InvalidScope):
+        memory.write("../../etc/passwd", "text")
+    with pytest.raises(InvalidScope):
+        memory.read({"user": "alice"}, "query")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m, s: m.read(s, ""), "query is empty"),
+        (lambda m, s: m.read(s, "q", budget={"tokens": 5}), "budget must be a memplug.Budget"),
+        (lambda m, s: Budget(tokens=0), "Budget.tokens must be a positive integer"),
+        (lambda m, s: Budget(k=-1), "Budget.k must be a positive integer"),
+        (lambda m, s: m.read(s, "q", filters="source=chat"), "filters must be a dict"),
+        (lambda m, s: m.read(s, "q", filters={"a": {1, 2}}), "not JSON"),
+        (lambda m, s: m.forget(s, "12"), "item_ids must be a list of ints"),
+        (lambda m, s: m.forget(s, [0]), "positive ints"),
+        (lambda m, s: m.forget(s, [True]), "positive ints"),
+        (lambda m, s: m.write_messages(s, [{"role": "user", "content": "hi"}]), "needs a scope with a session_id"),
+        (lambda m, s: m.write_messages(Scope(s.user_id, session_id="s"), [{"role": "robot", "content": "x"}]),
+         "role is 'robot'"),
+        (lambda m, s: m.write_messages(Scope(s.user_id, session_id="s"), [{"role": "user"}]), "content must be a str"),
+        (lambda m, s: m.write_messages(Scope(s.user_id, session_id="s"), []), "messages is empty"),
+        (lambda m, s: m.write_messages(Scope(s.user_id, session_id="s"), "hello"), "messages must be a list"),
+        (lambda m, s: m.write(s, []), "empty list"),
+    ],
+)
+def test_bad_arguments(memory, user, call, message):
+    s = Scope(user)
+    with pytest.raises(InvalidInput, match=message):
+        call(memory, s)
+    assert memory.stats(s)["items"] == 0
+
+
+def test_sql_looking_input_is_plain_data(memory, user):
+    s = Scope(user)
+    evil = "'; DROP TABLE items; --"
+    item = memory.write(s, evil, metadata={"source": evil, "x')) OR 1=1 --": 1})
+    assert memory.read(s, "DROP TABLE", filters={"source": evil}).hits[0].item.id == item.id
+    assert memory.read(s, "DROP TABLE", filters={"source": "' OR '1'='1"}).hits == ()
+    assert memory.stats(s)["items"] == 1
+
+
+def test_invalid_dsn():
+    with pytest.raises(ConfigError, match="not a valid Postgres connection string") as e:
+        Memory("this is = not a dsn =", load_entrypoints=False)
+    assert "this is" not in str(e.value)
+
+
+def test_unreachable_postgres_names_it_without_the_password():
+    with pytest.raises(StoreUnavailable, match="cannot reach Postgres") as e:
+        Memory("postgresql://app:s3cret-pw@127.0.0.1:1/nowhere?connect_timeout=1", load_entrypoints=False)
+    assert "s3cret-pw" not in str(e.value) and "***" in str(e.value)
+    assert isinstance(e.value, MemplugError)
+
+
+def test_bad_option(dsn):
+    with pytest.raises(ConfigError, match="pgvector_mode='fuzzy'"):
+        Memory(dsn, options={"pgvector_mode": "fuzzy"})
+    with pytest.raises(ConfigError, match="option 'context_tokens'='lots' is not a valid int"):
+        Memory(dsn, options={"context_tokens": "lots"})

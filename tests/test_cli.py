@@ -1,0 +1,76 @@
+"""The memplug command, run in-process against the test server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from memplug.cli import main
+
+
+@pytest.fixture
+def run(dsn, monkeypatch):
+    monkeypatch.setenv("MEMPLUG_DSN", dsn)
+    runner = CliRunner()
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(main, list(args), catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return invoke
+
+
+def test_write_read_forget(run, user):
+    out = json.loads(run("write", user, "My bike is a red Bianchi.", "I live in Porto.", "-m", "source=cli",
+                         "--json").output)
+    assert [i["text"] for i in out] == ["My bike is a red Bianchi.", "I live in Porto."]
+    assert out[0]["metadata"] == {"source": "cli"}
+
+    hits = json.loads(run("read", user, "what bike do I ride", "-k", "1", "--json").output)["hits"]
+    assert hits[0]["text"] == "My bike is a red Bianchi." and hits[0]["tier"] == "pgvector"
+    table = run("read", user, "where do I live").output
+    assert "Porto" in table and "pgvector" in table
+
+    filtered = json.loads(run("read", user, "bike", "--filter", "source=other", "--json").output)
+    assert filtered["hits"] == []
+
+    gone = json.loads(run("forget", user, "--id", str(out[0]["id"]), "--json").output)
+    assert gone == {"scope": user, "forgotten": 1}
+    assert json.loads(run("forget", user, "--all", "--json").output)["forgotten"] == 1
+    assert json.loads(run("stats", user, "--json").output)["items"] == 0
+
+
+def test_stats_plugins_doctor(run, user):
+    run("write", f"{user}/agent/s1", "A session note.")
+    stats = json.loads(run("stats", user, "--json").output)
+    assert stats["items"] == 1 and stats["scopes"] == 1 and stats["items_per_tier"] == {"pgvector": 1}
+    assert "items per tier" in run("stats").output
+
+    plugins = {p["name"]: p for p in json.loads(run("plugins", "--json").output)}
+    assert plugins["pgvector"]["level"] == 1 and "memplug_read" in plugins["pgvector"]["hooks"]
+    assert "context" in run("plugins").output
+
+    doctor = {c["name"]: c for c in json.loads(run("doctor", "--json").output)}
+    assert doctor["postgres"]["ok"] and "PostgreSQL 18" in doctor["postgres"]["detail"]
+    assert doctor["pgvector"]["ok"] and doctor["embedding model"]["ok"] and doctor["local model"]["ok"]
+
+
+def test_errors_are_one_clear_line(run):
+    result = run("write", "../etc", "text", ok=False)
+    assert result.exit_code == 2
+    assert "InvalidScope" in result.output and "Traceback" not in result.output
+    result = run("write", "alice", "", ok=False)
+    assert result.exit_code == 2 and "text[0] is empty" in result.output
+    assert run("forget", "alice", ok=False).exit_code == 2  # neither --id nor --all
+
+
+def test_unreachable_store_exit_code(monkeypatch):
+    monkeypatch.setenv("MEMPLUG_DSN", "postgresql://u:topsecret@127.0.0.1:1/db?connect_timeout=1")
+    result = CliRunner().invoke(main, ["stats"])
+    assert result.exit_code == 2 and "StoreUnavailable" in result.output and "topsecret" not in result.output
+    doctor = CliRunner().invoke(main, ["doctor", "--json"])
+    assert doctor.exit_code == 1 and "topsecret" not in doctor.output

@@ -1,0 +1,159 @@
+"""Plugin discovery, selection, in-process plugins, and the hook documentation."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from memplug import Budget, Hit, Move, Placement, PluginError, Scope, Settings, hookimpl, hookspecs
+from memplug.memory import ITEM_COLUMNS, item_from_row
+from memplug.plugins import PluginRegistry
+from memplug.scoping import visible_sql
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "hooks.md"
+
+
+def test_builtin_tiers_come_from_entry_points():
+    info = {p.name: p for p in PluginRegistry(None).info()}
+    assert {"context", "pgvector"} <= set(info)
+    assert info["context"].level == 0 and info["pgvector"].level == 1
+    assert info["pgvector"].version and info["pgvector"].source == "entry point memplug_pgvector:PgVectorTier"
+    assert "memplug_read" in info["pgvector"].hooks and "memplug_forget" in info["context"].hooks
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [("pgvector", {"pgvector"}), ("-context", {"pgvector"}), ("context, pgvector", {"context", "pgvector"}), ("", set())],
+)
+def test_memplug_plugins_restricts_loading(selection, expected):
+    assert {p.name for p in PluginRegistry(selection).info()} >= expected
+    assert {p.name for p in PluginRegistry(selection).info()} & {"context", "pgvector"} == expected
+
+
+def test_unknown_plugin_name_is_an_error():
+    with pytest.raises(PluginError, match="unknown plugin.*pgvectr.*installed: .*pgvector"):
+        PluginRegistry("pgvectr")
+
+
+def test_selection_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MEMPLUG_PLUGINS", "pgvector")
+    assert Settings().plugins == "pgvector"
+    monkeypatch.delenv("MEMPLUG_PLUGINS")
+    assert Settings().plugins is None
+
+
+class PinnedNotes:
+    """A test-only tier: items tagged pinned=true always come back, first."""
+
+    name = "pinned"
+    level = 0
+
+    @hookimpl
+    def memplug_write(self, items):
+        ids = [it.id for it in items if it.metadata.get("pinned")]
+        return [Placement(self.name, self.level, ids, "pinned")] if ids else None
+
+    @hookimpl
+    def memplug_read(self, scope, db):
+        where, params = visible_sql(scope, "i")
+        rows = db.execute(
+            f"SELECT {ITEM_COLUMNS} FROM items i JOIN placements p ON p.item_id = i.id AND p.tier = 'pinned' "
+            f"WHERE {where} ORDER BY i.id", params).fetchall()
+        return [Hit(item_from_row(r), self.name, 1.0) for r in rows]
+
+
+def test_a_plugin_registered_in_process(make_memory, user):
+    mem = make_memory(plugins=[PinnedNotes()])
+    s = Scope(user)
+    pinned = mem.write(s, "Always answer in French.", metadata={"pinned": True})
+    mem.write(s, [f"Trivia {n}: the moon is far away." for n in range(10)])
+    recall = mem.read(s, "moon trivia", Budget(k=3))
+    assert recall.hits[0].item.id == pinned.id and recall.hits[0].tier == "pinned"
+    assert mem.stats(s)["items_per_tier"] == {"pgvector": 11, "pinned": 1}
+    # only this Memory has it
+    other = make_memory()
+    assert "pinned" not in {p.name for p in other.plugins.info()}
+    mem.plugins.unregister("pinned")
+    assert all(h.tier != "pinned" for h in mem.read(s, "moon trivia").hits)
+
+
+class ReadTwicePolicy:
+    name = "read-twice"
+
+    @hookimpl
+    def memplug_plan(self, usage):
+        hot = tuple(u.item_id for u in usage if u.reads >= 2 and u.level == 1)
+        return [Move(hot, 1, 2, "read twice")] if hot else None
+
+
+class FakeLevelTwo:
+    """Records what it is asked to hold; a stand-in for a level-2 tier in plumbing tests."""
+
+    name = "level-two"
+    level = 2
+
+    def __init__(self):
+        self.held = set()
+
+    @hookimpl
+    def memplug_consolidate(self, moves):
+        ids = [i for m in moves if m.dst_level == self.level for i in m.item_ids]
+        self.held.update(ids)
+        return [Placement(self.name, self.level, ids, moves[0].reason)]
+
+    @hookimpl
+    def memplug_forget(self, item_ids):
+        self.held.difference_update(item_ids)
+
+
+def test_plan_and_consolidate_record_placements(make_memory, user):
+    tier = FakeLevelTwo()
+    mem = make_memory(plugins=[ReadTwicePolicy(), tier])
+    s = Scope(user)
+    hot, cold = mem.write(s, ["The wifi password is hunter2.", "The office plant is a fern."])
+    for _ in range(2):
+        mem.read(s, "wifi password", Budget(k=1))
+    placed = mem.consolidate(s)
+    assert placed == [Placement("level-two", 2, (hot.id,), "read twice")]
+    levels = {u.item_id: u.level for u in mem.usage(s)}
+    assert levels == {hot.id: 2, cold.id: 1}
+    assert mem.consolidate(s) == []  # nothing left to move
+    mem.forget(s, [hot.id])
+    assert tier.held == set()
+
+
+def test_tiers_are_validated(make_memory):
+    class NoLevel:
+        name = "broken"
+        level = -1
+
+    with pytest.raises(PluginError, match="level must be an int >= 0"):
+        make_memory(plugins=[NoLevel()])
+
+    class BadHook:
+        @hookimpl
+        def memplug_raed(self):  # typo: not a hook
+            pass
+
+    with pytest.raises(PluginError, match="memplug_raed"):
+        make_memory(plugins=[BadHook()])
+
+
+def _hookspecs():
+    return {name: fn for name, fn in vars(hookspecs).items() if name.startswith("memplug_") and callable(fn)}
+
+
+def test_every_hook_is_documented_with_its_exact_signature():
+    docs = DOCS.read_text()
+    headings = set(re.findall(r"^## (memplug_\w+\(.*\))$", docs, flags=re.M))
+    expected = {f"{name}({', '.join(inspect.signature(fn).parameters)})" for name, fn in _hookspecs().items()}
+    assert expected - headings == set(), "hooks missing from docs/hooks.md (or with another signature)"
+    assert headings - expected == set(), "docs/hooks.md documents hooks that do not exist"
+
+
+def test_every_hookspec_has_a_docstring():
+    for name, fn in _hookspecs().items():
+        assert (fn.__doc__ or "").strip(), f"{name} has no docstring"

@@ -1,0 +1,1 @@
+"""Benchmarks shipped with memplug (``memplug bench ...``); results go to JSON files."""

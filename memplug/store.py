@@ -93,7 +93,8 @@ class Store:
         self.safe_dsn = redact(dsn)
         self._kwargs = {
             "connect_timeout": connect_timeout,
-            "options": f"-c search_path={SCHEMA},public",
+            # JIT compilation costs far more than it saves on memplug's short queries.
+            "options": f"-c search_path={SCHEMA},public -c jit=off",
             "application_name": "memplug",
         }
         self._bootstrap()

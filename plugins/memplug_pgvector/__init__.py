@@ -1,7 +1,7 @@
 """Tier ``pgvector`` (level 1): every knowledge item as an embedding and a full-text vector.
 
-Items are embedded in batches with all-MiniLM-L6-v2 into ``vector(384)`` with an
-HNSW index, and indexed for Postgres full-text search (tsvector + GIN). A read
+Items are embedded in batches with all-MiniLM-L6-v2 and stored as ``halfvec(384)``
+(half the bytes of ``vector``, for a cosine error around 1e-3) with an HNSW index, and indexed for Postgres full-text search (tsvector + GIN). A read
 runs both searches in one query, confined to the scope, and fuses the two
 rankings by reciprocal rank: exact rare words (codes, names) that the embedding
 blurs are still found.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from memplug import ConfigError, Hit, Placement, hookimpl
+from memplug import ConfigError, Hit, Placement, StoreUnavailable, hookimpl
 from memplug.memory import ITEM_COLUMNS, RRF_K, item_from_row
 from memplug.scoping import visible_sql
 
@@ -29,11 +29,11 @@ MIGRATIONS = (
         user_id    text NOT NULL,
         agent_id   text NOT NULL,
         session_id text NOT NULL,
-        embedding  vector({DIM}) NOT NULL,
+        embedding  halfvec({DIM}) NOT NULL,
         tsv        tsvector NOT NULL
     );
     CREATE INDEX pgvector_items_scope ON pgvector_items (user_id, agent_id, session_id);
-    CREATE INDEX pgvector_items_hnsw ON pgvector_items USING hnsw (embedding vector_cosine_ops);
+    CREATE INDEX pgvector_items_hnsw ON pgvector_items USING hnsw (embedding halfvec_cosine_ops);
     CREATE INDEX pgvector_items_tsv ON pgvector_items USING gin (tsv);
     """,
 )
@@ -56,12 +56,16 @@ class PgVectorTier:
         self.text_config = opt("pgvector_text_config", "english", str)
         self.candidates = opt("pgvector_candidates", 40, int)
         self.postings = opt("pgvector_postings", 64, int)
+        self.ef_search = opt("pgvector_ef_search", 100, int)
         with memory.store.transaction() as db:
             if not db.execute("SELECT 1 FROM pg_ts_config WHERE cfgname = %s", (self.text_config,)).fetchone():
                 raise ConfigError(f"pgvector_text_config={self.text_config!r} is not a text search configuration")
             version = db.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+        have = tuple(int(x) for x in version.split(".")[:2])
+        if have < (0, 7):
+            raise StoreUnavailable(f"the pgvector tier needs pgvector >= 0.7 (halfvec); the database has {version}")
         # Iterative index scans (pgvector >= 0.8) keep filtered HNSW searches from coming up short.
-        self.iterative = tuple(int(x) for x in version.split(".")[:2]) >= (0, 8)
+        self.iterative = have >= (0, 8)
 
     @hookimpl
     def memplug_write(self, memory, scope, items, db):
@@ -75,7 +79,7 @@ class PgVectorTier:
         with db.cursor() as cur:
             cur.executemany(
                 "INSERT INTO pgvector_items (item_id, user_id, agent_id, session_id, embedding, tsv) "
-                "VALUES (%s, %s, %s, %s, %s, to_tsvector(%s::regconfig, %s))",
+                "VALUES (%s, %s, %s, %s, %s::halfvec, to_tsvector(%s::regconfig, %s))",
                 [(it.id, u, a, s, np.asarray(v, dtype=np.float32), self.text_config, it.text)
                  for it, v in zip(knowledge, vectors, strict=True)],
             )
@@ -92,12 +96,12 @@ class PgVectorTier:
         ctes, searches = [], []
         if self.mode in ("hybrid", "vector"):
             params["vec"] = memory.embedder.encode([query])[0]
-            db.execute(f"SET LOCAL hnsw.ef_search = {max(40, n)}")
+            db.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, n)}")
             if self.iterative:
                 db.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
             searches.append(f"""
                 SELECT item_id, row_number() OVER (ORDER BY d) AS r FROM (
-                    SELECT p.item_id, p.embedding <=> %(vec)s::vector AS d FROM pgvector_items p
+                    SELECT p.item_id, p.embedding <=> %(vec)s::halfvec AS d FROM pgvector_items p
                     WHERE {where} ORDER BY d LIMIT %(n)s) v""")
         if self.mode in ("hybrid", "text"):
             # Each query word draws up to `postings` matching items of the scope; how

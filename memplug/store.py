@@ -136,23 +136,14 @@ class Store:
     def transaction(self) -> Iterator[psycopg.Connection]:
         """One transaction on a pooled connection: committed on success, rolled back on error."""
         try:
-            conn_cm = self.pool.connection()
-            conn = conn_cm.__enter__()
-        except (PoolTimeout, psycopg.OperationalError) as e:
-            raise StoreUnavailable(f"Postgres at {self.safe_dsn} is unavailable: {_reason(e, self.dsn)}") from None
-        exc_info: tuple = (None, None, None)
-        try:
-            with conn.transaction():
+            with self.pool.connection() as conn, conn.transaction():
                 yield conn
-        except BaseException as e:
-            exc_info = (type(e), e, e.__traceback__)
-            if isinstance(e, psycopg.OperationalError):
-                raise StoreUnavailable(
-                    f"lost the connection to Postgres at {self.safe_dsn}: {_reason(e, self.dsn)}"
-                ) from e
-            raise
-        finally:
-            conn_cm.__exit__(*exc_info)
+        except PoolTimeout:
+            raise StoreUnavailable(f"no connection to Postgres at {self.safe_dsn} became free in time") from None
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable(
+                f"lost the connection to Postgres at {self.safe_dsn}: {_reason(e, self.dsn)}"
+            ) from e
 
     def close(self) -> None:
         self.pool.close()

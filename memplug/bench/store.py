@@ -32,7 +32,7 @@ import numpy as np
 
 from ..memory import Memory
 from ..types import Budget, Scope
-from .facts import generate, haystack
+from .facts import Fact, generate, haystack
 
 NEEDLES = 100
 BATCH = 500
@@ -61,6 +61,24 @@ class PrecomputedEmbedder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return np.stack([self.vectors[t] for t in texts])
+
+
+def _name_key(entity: str) -> tuple[str, str]:
+    parts = entity.split()
+    return parts[0], parts[-1]
+
+
+def distinct_needles(n: int, seed: int, hay: Sequence[Fact]) -> list[Fact]:
+    """Needles about people with no namesake (same first and last name) in the haystack.
+
+    A needle is a unique fact; telling apart two people who differ only by a
+    middle initial is another test.
+    """
+    taken = {_name_key(f.entity) for f in hay}
+    out = [f for f in generate(n * 4, seed=seed) if _name_key(f.entity) not in taken][:n]
+    if len(out) < n:
+        raise RuntimeError(f"only {len(out)} needles without a namesake in the haystack")
+    return out
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -134,8 +152,9 @@ class StoreBench:
 
     def one_scope(self, size: int, real_max: int) -> dict[str, Any]:
         scope = Scope(f"bench-{size}")
-        needles = generate(NEEDLES, seed=self.seed + size)
-        hay = [f.statement for f in haystack(size - NEEDLES, seed=self.seed)]
+        hay_facts = list(haystack(size - NEEDLES, seed=self.seed))
+        needles = distinct_needles(NEEDLES, self.seed + size, hay_facts)
+        hay = [f.statement for f in hay_facts]
         real = size <= real_max
         self.log(f"one scope, {size} items ({'real' if real else 'synthetic'} haystack embeddings)")
         n, secs = self.write_batched(self.real if real else self.synthetic, scope, hay)
@@ -163,7 +182,8 @@ class StoreBench:
         per = max(1, total // n_scopes)
         self.log(f"{total} items across {n_scopes} scopes, at most {minutes} min of writing")
         deadline = time.perf_counter() + minutes * 60
-        texts = haystack(total, seed=self.seed + 1)
+        hay_facts = list(haystack(total, seed=self.seed + 1))
+        texts = iter(hay_facts)
         written, secs, scopes = 0, 0.0, []
         for k in range(n_scopes):
             if time.perf_counter() > deadline:
@@ -176,7 +196,7 @@ class StoreBench:
                 self.log(f"  {written} items in {k + 1} scopes, {written / secs:.0f} items/s")
         rng = random.Random(self.seed)
         picked = rng.sample(scopes, min(NEEDLES, len(scopes)))
-        needles = generate(len(picked), seed=self.seed + 99)
+        needles = distinct_needles(len(picked), self.seed + 99, hay_facts[:written])
         for k, f in zip(picked, needles, strict=True):
             self.real.write(Scope(f"tenant-{k:05d}"), f.statement)
         result = {

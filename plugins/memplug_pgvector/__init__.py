@@ -1,7 +1,8 @@
 """Tier ``pgvector`` (level 1): every knowledge item as an embedding and a full-text vector.
 
 Items are embedded in batches with all-MiniLM-L6-v2 and stored as ``halfvec(384)``
-(half the bytes of ``vector``, for a cosine error around 1e-3) with an HNSW index, and indexed for Postgres full-text search (tsvector + GIN). A read
+(half the bytes of ``vector``, for a cosine error around 1e-3) with an HNSW index
+in a table hash-partitioned by user, and indexed for Postgres full-text search (tsvector + GIN). A read
 runs both searches in one query, confined to the scope, and fuses the two
 rankings by reciprocal rank: exact rare words (codes, names) that the embedding
 blurs are still found.
@@ -22,22 +23,34 @@ from memplug.memory import ITEM_COLUMNS, RRF_K, item_from_row
 from memplug.scoping import visible_sql
 
 DIM = 384
+PARTITIONS = 16
 MIGRATIONS = (
+    # Hash-partitioned by user: a read names its user, so it searches one partition,
+    # whose HNSW graph other tenants' vectors crowd sixteen times less.
     f"""
     CREATE TABLE pgvector_items (
-        item_id    bigint PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
+        item_id    bigint NOT NULL REFERENCES items(id) ON DELETE CASCADE,
         user_id    text NOT NULL,
         agent_id   text NOT NULL,
         session_id text NOT NULL,
         embedding  halfvec({DIM}) NOT NULL,
-        tsv        tsvector NOT NULL
-    );
+        tsv        tsvector NOT NULL,
+        PRIMARY KEY (item_id, user_id)
+    ) PARTITION BY HASH (user_id);
+    DO $$ BEGIN
+        FOR r IN 0..{PARTITIONS - 1} LOOP
+            EXECUTE format('CREATE TABLE pgvector_items_p%s PARTITION OF pgvector_items '
+                           'FOR VALUES WITH (MODULUS {PARTITIONS}, REMAINDER %s)', r, r);
+        END LOOP;
+    END $$;
     CREATE INDEX pgvector_items_scope ON pgvector_items (user_id, agent_id, session_id);
     CREATE INDEX pgvector_items_hnsw ON pgvector_items USING hnsw (embedding halfvec_cosine_ops);
-    CREATE INDEX pgvector_items_tsv ON pgvector_items USING gin (tsv);
+    -- No pending list: searches need not scan it; the HNSW insert dominates write cost anyway.
+    CREATE INDEX pgvector_items_tsv ON pgvector_items USING gin (tsv) WITH (fastupdate = off);
     """,
 )
 MODES = ("hybrid", "vector", "text")
+MAX_QUERY_WORDS = 32
 
 
 class PgVectorTier:
@@ -104,24 +117,17 @@ class PgVectorTier:
                     SELECT p.item_id, p.embedding <=> %(vec)s::halfvec AS d FROM pgvector_items p
                     WHERE {where} ORDER BY d LIMIT %(n)s) v""")
         if self.mode in ("hybrid", "text"):
-            # Each query word draws up to `postings` matching items of the scope; how
-            # many it drew estimates its document frequency, so rare words (codes,
-            # names) outweigh words the scope uses everywhere: an IDF over capped postings.
-            params["postings"] = self.postings
-            ctes.append(f"""
-                posting AS (
-                    SELECT h.item_id, l.lexeme
-                    FROM (SELECT DISTINCT lexeme FROM unnest(to_tsvector(%(cfg)s::regconfig, %(query)s))) l
-                    CROSS JOIN LATERAL (
-                        SELECT p.item_id FROM pgvector_items p
-                        WHERE p.tsv @@ quote_literal(l.lexeme)::tsquery AND {where}
-                        LIMIT %(postings)s) h)""")
-            searches.append("""
+            text_leg = self._text_leg(db, query, where, params)
+            if text_leg:
+                ctes.append(text_leg)
+                searches.append("""
                 SELECT item_id, row_number() OVER (ORDER BY s DESC, item_id) AS r FROM (
                     SELECT h.item_id, sum(ln(1 + %(postings)s::float / d.df)) AS s
                     FROM posting h JOIN (SELECT lexeme, count(*) AS df FROM posting GROUP BY lexeme) d
                          USING (lexeme)
                     GROUP BY h.item_id ORDER BY s DESC, h.item_id LIMIT %(n)s) t""")
+        if not searches:
+            return None
         ctes.append(f"ranked AS ({' UNION ALL '.join(searches)})")
         rows = db.execute(
             f"""
@@ -131,8 +137,38 @@ class PgVectorTier:
             ORDER BY f.score DESC, i.id LIMIT %(n)s
             """,
             params,
+            # Never a generic plan: each word's bound value is what lets the planner
+            # choose between the GIN and the scope index.
+            prepare=False,
         ).fetchall()
         return [Hit(item_from_row(r[:-1]), self.name, float(r[-1])) for r in rows]
+
+    def _text_leg(self, db, query, where, params):
+        """The ``posting`` CTE: up to ``postings`` items of the scope per query word.
+
+        How many items a word drew estimates its document frequency, so rare words
+        (codes, names) outweigh words the scope uses everywhere: an IDF over capped
+        postings. Each word is its own subquery with its own bound tsquery, so the
+        planner sees its real frequency and picks the GIN index for rare words.
+        """
+        lexemes = db.execute(
+            "SELECT coalesce(array_agg(DISTINCT lexeme ORDER BY lexeme), '{}') "
+            "FROM unnest(to_tsvector(%s::regconfig, %s))",
+            (self.text_config, query),
+        ).fetchone()[0][:MAX_QUERY_WORDS]
+        if not lexemes:
+            return None
+        params["postings"] = self.postings
+        parts = []
+        for n, lexeme in enumerate(lexemes):
+            params[f"lx{n}"] = lexeme
+            # One quoted lexeme: tsquery syntax, no parsing or stemming of its own.
+            params[f"tq{n}"] = "'" + lexeme.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            parts.append(
+                f"(SELECT p.item_id, %(lx{n})s::text AS lexeme FROM pgvector_items p "
+                f"WHERE p.tsv @@ %(tq{n})s::tsquery AND {where} LIMIT %(postings)s)"
+            )
+        return "posting AS (" + " UNION ALL ".join(parts) + ")"
 
     @hookimpl
     def memplug_forget(self, memory, scope, item_ids, db):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -24,8 +23,6 @@ from .store import Store
 from .types import Budget, Hit, Item, Move, Placement, Recall, Scope
 from .usage import DEFAULT_HALF_LIFE_S, ItemUsage, record_feedback, record_reads, scope_usage
 from .validate import check_filters, check_ids, check_messages, check_metadata, check_text
-
-log = logging.getLogger("memplug")
 
 # Reciprocal rank fusion constant (Cormack et al., 2009).
 RRF_K = 60

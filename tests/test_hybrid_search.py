@@ -34,3 +34,14 @@ def test_rare_words_outweigh_common_ones(make_memory, user):
     text_only.write(s, "The project codename is Bluefin.")
     top = text_only.read(s, "project Bluefin", Budget(k=1)).hits[0]
     assert top.text == "The project codename is Bluefin."
+
+
+def test_bulk_write_leaves_partition_statistics_current(memory, user):
+    """Reads plan by word frequencies; a bulk write must not leave them an empty-table guess."""
+    items = memory.write(Scope(user), [f"Bulk fact {n} about topic {n % 7}." for n in range(150)])
+    with memory.store.transaction() as db:
+        part, analysed = db.execute(
+            "SELECT c.oid::regclass::text, c.reltuples FROM pgvector_items p JOIN pg_class c ON c.oid = p.tableoid "
+            "WHERE p.item_id = %s", (items[0].id,)).fetchone()
+        rows = db.execute(f"SELECT count(*) FROM {part}").fetchone()[0]
+    assert analysed >= 0.8 * rows

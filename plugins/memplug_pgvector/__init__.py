@@ -51,6 +51,7 @@ MIGRATIONS = (
 )
 MODES = ("hybrid", "vector", "text")
 MAX_QUERY_WORDS = 32
+ANALYZE_BATCH = 100
 
 
 class PgVectorTier:
@@ -96,7 +97,23 @@ class PgVectorTier:
                 [(it.id, u, a, s, np.asarray(v, dtype=np.float32), self.text_config, it.text)
                  for it, v in zip(knowledge, vectors, strict=True)],
             )
+        if len(knowledge) >= ANALYZE_BATCH:
+            self._refresh_statistics(db, knowledge[0].id, u, len(knowledge))
         return [Placement(self.name, self.level, [it.id for it in knowledge], "write")]
+
+    @staticmethod
+    def _refresh_statistics(db, item_id, user_id, added):
+        """ANALYZE the user's partition when a bulk write outgrows its statistics.
+
+        Reads choose between the GIN and the scope index by word frequencies; a
+        partition filled faster than autovacuum samples it would be read with an
+        empty-table guess. ANALYZE counts this transaction's own rows.
+        """
+        part, analysed = db.execute(
+            "SELECT c.oid::regclass::text, c.reltuples FROM pgvector_items p JOIN pg_class c ON c.oid = p.tableoid "
+            "WHERE p.item_id = %s AND p.user_id = %s", (item_id, user_id)).fetchone()
+        if analysed < 0 or added > 0.2 * analysed:
+            db.execute(f"ANALYZE {part}")
 
     @hookimpl
     def memplug_read(self, memory, scope, query, budget, filters, db):

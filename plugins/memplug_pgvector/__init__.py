@@ -123,29 +123,37 @@ class PgVectorTier:
             where += " AND EXISTS (SELECT 1 FROM items f WHERE f.id = p.item_id AND f.metadata @> %(filters)s)"
             params["filters"] = Jsonb(filters)
         params.update(n=n, cfg=self.text_config, query=query, rrf=RRF_K)
-        ctes, searches = [], []
+        ctes, legs = [], []
         if self.mode in ("hybrid", "vector"):
             params["vec"] = memory.embedder.encode([query])[0]
             db.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, n)}")
             if self.iterative:
                 db.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-            searches.append(f"""
+            ctes.append(f"""vec AS (
                 SELECT item_id, row_number() OVER (ORDER BY d) AS r FROM (
                     SELECT p.item_id, p.embedding <=> %(vec)s::halfvec AS d FROM pgvector_items p
-                    WHERE {where} ORDER BY d LIMIT %(n)s) v""")
+                    WHERE {where} ORDER BY d LIMIT %(n)s) v)""")
+            legs.append("SELECT item_id, r FROM vec")
         if self.mode in ("hybrid", "text"):
-            text_leg = self._text_leg(db, query, where, params)
-            if text_leg:
-                ctes.append(text_leg)
-                searches.append("""
-                SELECT item_id, row_number() OVER (ORDER BY s DESC, item_id) AS r FROM (
-                    SELECT h.item_id, sum(ln(1 + %(postings)s::float / d.df)) AS s
-                    FROM posting h JOIN (SELECT lexeme, count(*) AS df FROM posting GROUP BY lexeme) d
-                         USING (lexeme)
-                    GROUP BY h.item_id ORDER BY s DESC, h.item_id LIMIT %(n)s) t""")
-        if not searches:
+            posting = self._postings(db, query, where, params)
+            if posting:
+                # Every candidate (from the postings or the vector leg) is scored on every
+                # query word it contains, so an item matching several moderately common
+                # words is credited even when no capped posting list drew it.
+                candidates = "SELECT item_id FROM posting" + (" UNION SELECT item_id FROM vec" if legs else "")
+                ctes += [posting,
+                         "df AS (SELECT lexeme, tq, count(*) AS df FROM posting GROUP BY lexeme, tq)",
+                         f"""txt AS (
+                    SELECT item_id, row_number() OVER (ORDER BY s DESC, item_id) AS r FROM (
+                        SELECT c.item_id, sum(ln(1 + %(postings)s::float / df.df)) AS s
+                        FROM ({candidates}) c
+                        JOIN pgvector_items p ON p.item_id = c.item_id AND p.user_id = %(scope_user)s
+                        JOIN df ON p.tsv @@ df.tq
+                        GROUP BY c.item_id ORDER BY s DESC, c.item_id LIMIT %(n)s) t)"""]
+                legs.append("SELECT item_id, r FROM txt")
+        if not legs:
             return None
-        ctes.append(f"ranked AS ({' UNION ALL '.join(searches)})")
+        ctes.append(f"ranked AS ({' UNION ALL '.join(legs)})")
         rows = db.execute(
             f"""
             WITH {', '.join(ctes)},
@@ -160,7 +168,7 @@ class PgVectorTier:
         ).fetchall()
         return [Hit(item_from_row(r[:-1]), self.name, float(r[-1])) for r in rows]
 
-    def _text_leg(self, db, query, where, params):
+    def _postings(self, db, query, where, params):
         """The ``posting`` CTE: up to ``postings`` items of the scope per query word.
 
         How many items a word drew estimates its document frequency, so rare words
@@ -182,7 +190,7 @@ class PgVectorTier:
             # One quoted lexeme: tsquery syntax, no parsing or stemming of its own.
             params[f"tq{n}"] = "'" + lexeme.replace("\\", "\\\\").replace("'", "\\'") + "'"
             parts.append(
-                f"(SELECT p.item_id, %(lx{n})s::text AS lexeme FROM pgvector_items p "
+                f"(SELECT p.item_id, %(lx{n})s::text AS lexeme, %(tq{n})s::tsquery AS tq FROM pgvector_items p "
                 f"WHERE p.tsv @@ %(tq{n})s::tsquery AND {where} LIMIT %(postings)s)"
             )
         return "posting AS (" + " UNION ALL ".join(parts) + ")"

@@ -127,6 +127,26 @@ class StoreBench:
             n += len(chunk)
         return n, time.perf_counter() - t0
 
+    def settle(self, limit_s: float = 300.0) -> float:
+        """Wait until autovacuum has finished with what the writes left, then checkpoint."""
+        t0 = time.perf_counter()
+        with self.real.store.connect(autocommit=True) as conn:
+            while time.perf_counter() - t0 < limit_s:
+                busy = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'").fetchone()[0]
+                if not busy:
+                    break
+                time.sleep(2)
+            conn.execute("CHECKPOINT")
+        return round(time.perf_counter() - t0, 1)
+
+    def reads_now_and_settled(self, pairs: Sequence[tuple[Scope, str, str]]) -> dict[str, Any]:
+        """Reads right after the load (autovacuum and checkpoints still busy), then at rest."""
+        now = self.reads(pairs)
+        waited = self.settle()
+        settled = self.reads(pairs)
+        return {**now, "settle_seconds": waited, **{f"{k}_settled": v for k, v in settled.items() if k != "needles"}}
+
     def reads(self, pairs: Sequence[tuple[Scope, str, str]]) -> dict[str, Any]:
         """Time reads of (scope, question, needle text), with and without the query embedding."""
         for scope, q, _ in pairs[:5]:  # warm caches and the model
@@ -174,7 +194,7 @@ class StoreBench:
             "write_batched_real_embeddings_items_per_s": round(NEEDLES / needle_s, 1),
             "write_single": _ms(singles),
         }
-        result.update(self.reads([(scope, f.paraphrase, f.statement) for f in needles]))
+        result.update(self.reads_now_and_settled([(scope, f.paraphrase, f.statement) for f in needles]))
         self.log(f"  {json.dumps(result)}")
         return result
 
@@ -206,7 +226,7 @@ class StoreBench:
             "write_batched_items_per_s": round(written / secs, 1) if secs else None,
         }
         pairs = [(Scope(f"tenant-{k:05d}"), f.paraphrase, f.statement) for k, f in zip(picked, needles, strict=True)]
-        result.update(self.reads(pairs))
+        result.update(self.reads_now_and_settled(pairs))
         self.log(f"  {json.dumps(result)}")
         return result
 
@@ -256,8 +276,10 @@ def _targets(r: dict[str, Any]) -> dict[str, Any]:
     if runs:
         checks["batched_write_ge_300_per_s"] = min(x["write_batched_items_per_s"] for x in runs) >= 300
         checks["single_write_p95_le_40ms"] = max(x["write_single"]["p95_ms"] for x in runs) <= 40
-        checks[f"read_p95_le_30ms_at_{largest['items']}_with_embedding"] = (
-            largest["read_with_query_embedding"]["p95_ms"] <= 30)
+        for suffix in ("", "_settled"):
+            key = f"read_with_query_embedding{suffix}"
+            if key in largest:
+                checks[f"read_p95_le_30ms_at_{largest['items']}_with_embedding{suffix}"] = largest[key]["p95_ms"] <= 30
         checks["needle_recall_at_10_ge_0.95"] = min(x["needle_recall_at_10"] for x in runs) >= 0.95
     return checks
 
@@ -278,8 +300,10 @@ def _plot(r: dict[str, Any], path: Path) -> None:
     xs = np.arange(len(rows))
     for off, key, label in [(-0.3, "read_with_query_embedding", "with query embedding"),
                             (0.0, "read_without_query_embedding", "store only")]:
-        ax1.bar(xs + off, [x[key]["p50_ms"] for _, x in rows], 0.28, label=f"p50 {label}")
-        ax1.scatter(xs + off, [x[key]["p95_ms"] for _, x in rows], marker="_", s=400, c="k")
+        # At rest when measured (after autovacuum and a checkpoint), else right after the load.
+        stats = [x.get(f"{key}_settled", x[key]) for _, x in rows]
+        ax1.bar(xs + off, [v["p50_ms"] for v in stats], 0.28, label=f"p50 {label}")
+        ax1.scatter(xs + off, [v["p95_ms"] for v in stats], marker="_", s=400, c="k")
     ax1.axhline(30, ls="--", c="r", lw=1, label="p95 target 30 ms")
     ax1.set_xticks(xs, [n for n, _ in rows])
     ax1.set_ylabel("read latency, ms (bar p50, tick p95)")

@@ -216,7 +216,8 @@ class StoreBench:
                 self.log(f"  {written} items in {k + 1} scopes, {written / secs:.0f} items/s")
         rng = random.Random(self.seed)
         picked = rng.sample(scopes, min(NEEDLES, len(scopes)))
-        needles = distinct_needles(len(picked), self.seed + 99, hay_facts[:written])
+        # A read sees only its own scope: a needle needs no namesake there, not everywhere.
+        needles = [distinct_needles(1, self.seed + 99 + k, hay_facts[k * per:(k + 1) * per])[0] for k in picked]
         for k, f in zip(picked, needles, strict=True):
             self.real.write(Scope(f"tenant-{k:05d}"), f.statement)
         result = {
@@ -251,8 +252,11 @@ def run(sizes: Sequence[int] = (10_000, 100_000), scopes_total: int = 1_000_000,
                                    "settings": {"read_budget": {"tokens": 4096, "k": 10}, "batch": BATCH,
                                                 "needles": NEEDLES, "real_max": real_max, "mode": "hybrid"},
                                    "one_scope": [], "many_scopes": None}
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         for size in sizes:
             results["one_scope"].append(bench.one_scope(size, real_max))
+            (out / "store.json").write_text(json.dumps(results, indent=2))  # keep what is done
         if scopes_total:
             results["many_scopes"] = bench.many_scopes(scopes_total, n_scopes, minutes)
         results["seconds"] = round(time.time() - started, 1)
@@ -261,8 +265,6 @@ def run(sizes: Sequence[int] = (10_000, 100_000), scopes_total: int = 1_000_000,
         bench.close()
         if dsn is None:
             shutil.rmtree(home, ignore_errors=True)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "store.json").write_text(json.dumps(results, indent=2))
     _plot(results, out / "store.png")
     log(f"wrote {out / 'store.json'}")

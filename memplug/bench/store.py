@@ -183,7 +183,7 @@ class StoreBench:
         needle_s = time.perf_counter() - t
         # Single writes: one item per call, real embedding, into the full scope.
         singles = []
-        for f in list(haystack(size + 200, seed=self.seed))[size:size + 200]:
+        for f in generate(200, seed=self.seed + size + 1):
             t = time.perf_counter()
             self.real.write(scope, f.statement + " (single)")
             singles.append(time.perf_counter() - t)

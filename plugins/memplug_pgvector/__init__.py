@@ -122,7 +122,7 @@ class PgVectorTier:
         if filters:
             where += " AND EXISTS (SELECT 1 FROM items f WHERE f.id = p.item_id AND f.metadata @> %(filters)s)"
             params["filters"] = Jsonb(filters)
-        params.update(n=n, cfg=self.text_config, query=query, rrf=RRF_K)
+        params.update(n=n, rrf=RRF_K)
         ctes, legs = [], []
         if self.mode in ("hybrid", "vector"):
             params["vec"] = memory.embedder.encode([query])[0]

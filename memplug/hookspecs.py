@@ -52,9 +52,11 @@ def memplug_read(memory, scope, query, budget, filters, db):
     """Contribute to a read: return this tier's hits for ``query``, best first.
 
     ``filters`` is a mapping that every returned item's metadata must contain
-    (or None). Return a list of :class:`~memplug.Hit` (may be empty) or None.
-    The host fuses all tiers' lists by reciprocal rank, drops duplicates,
-    applies ``budget`` and records usage of every item it returns.
+    (or None). Return a list of :class:`~memplug.Hit` (may be empty) or None; a
+    tier of explicit memory puts one :class:`~memplug.KVPrefix` in the list.
+    The host fuses all tiers' lists by reciprocal rank, drops duplicates (an
+    item in the KV prefix is not repeated as text), applies ``budget`` and
+    records usage of every item it returns.
     """
 
 

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import hashlib
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, overload
@@ -20,7 +20,7 @@ from .plugins import PluginRegistry
 from .scoping import subtree_sql, visible_sql
 from .settings import Settings
 from .store import Store
-from .types import Budget, Hit, Item, Move, Placement, Recall, Scope
+from .types import Budget, Hit, Item, KVPrefix, Move, Placement, Recall, Scope
 from .usage import DEFAULT_HALF_LIFE_S, ItemUsage, record_feedback, record_reads, scope_usage
 from .validate import check_filters, check_ids, check_messages, check_metadata, check_text
 
@@ -71,6 +71,7 @@ class Memory:
         self.settings = replace(settings, **changes)
         self._embedder = embedder
         self._token_counter = None
+        self._artifacts = None
         self.half_life_s = self.settings.option("heat_half_life_s", DEFAULT_HALF_LIFE_S, float)
         self.max_text_chars = self.settings.max_text_chars
         self.max_metadata_bytes = self.settings.max_metadata_bytes
@@ -114,6 +115,28 @@ class Memory:
 
             self._token_counter = load_token_counter(self.settings.home, self.settings.model)
         return self._token_counter
+
+    @property
+    def model(self):
+        """The local causal LM (:class:`memplug.runtime.chat.LocalModel`), loaded on first use."""
+        from .runtime.model import load_model
+
+        return load_model(self.settings.home, self.settings.model)
+
+    @property
+    def model_fingerprint(self) -> str:
+        """The local model's fingerprint (loads the model on first use)."""
+        return self.model.fingerprint
+
+    @property
+    def artifacts(self):
+        """Where tiers keep derived artifacts: ``MEMPLUG_ARTIFACTS``, or ``$MEMPLUG_HOME/artifacts``."""
+        if self._artifacts is None:
+            from .artifacts import ArtifactStore
+
+            root = self.settings.option("artifacts", None, str) or self.settings.home / "artifacts"
+            self._artifacts = ArtifactStore(root)
+        return self._artifacts
 
     def close(self) -> None:
         self.store.close()
@@ -243,19 +266,30 @@ class Memory:
             lists = self.hook.memplug_read(
                 memory=self, scope=scope, query=query, budget=budget, filters=filters, db=db
             )
-            hits, tokens = self._fuse(lists or [], budget)
-            record_reads(db, [h.item.id for h in hits], self.half_life_s)
-        return Recall(scope=scope, query=query, hits=tuple(hits), tokens=tokens)
+            kv, hits, tokens = self._fuse(lists or [], budget)
+            record_reads(db, [it.id for it in (kv.items if kv else ())] + [h.item.id for h in hits],
+                         self.half_life_s)
+        return Recall(scope=scope, query=query, hits=tuple(hits), tokens=tokens, kv=kv)
 
     @staticmethod
-    def _fuse(lists: Iterable[Iterable[Hit] | None], budget: Budget) -> tuple[list[Hit], int]:
+    def _fuse(lists: Iterable[Iterable[Hit | KVPrefix] | None], budget: Budget
+              ) -> tuple[KVPrefix | None, list[Hit], int]:
         fused: dict[int, float] = {}
         best: dict[int, Hit] = {}
         by_tier: dict[str, list[Hit]] = {}
+        prefixes: list[KVPrefix] = []
         for hit in _flatten(lists):
+            if isinstance(hit, KVPrefix):
+                prefixes.append(hit)
+                continue
             if not isinstance(hit, Hit):
                 raise InvalidInput(f"a memplug_read hook returned {type(hit).__name__}, not a memplug.Hit")
             by_tier.setdefault(hit.tier, []).append(hit)
+        # One prefix is injected (the largest); an item it carries is not repeated as text.
+        kv = max(prefixes, key=lambda p: (len(p.items), p.tier), default=None)
+        if kv is not None and not kv.items:
+            kv = None
+        served = {it.id for it in kv.items} if kv else set()
         for hits in by_tier.values():
             seen: set[int] = set()
             for rank, hit in enumerate(hits, start=1):
@@ -268,6 +302,8 @@ class Memory:
         out: list[Hit] = []
         spent = 0
         for item_id in sorted(fused, key=lambda i: (-fused[i], i)):
+            if item_id in served:
+                continue
             hit = best[item_id]
             if spent + hit.item.tokens > budget.tokens:
                 continue  # a smaller hit further down may still fit
@@ -275,7 +311,31 @@ class Memory:
             spent += hit.item.tokens
             if len(out) >= budget.k:
                 break
-        return out, spent
+        return kv, out, spent
+
+    # -- answer with the local model -------------------------------------------
+
+    def generate(self, scope: Scope | str, messages: Any, budget: Budget | None = None,
+                 filters: Mapping[str, Any] | None = None, **options: Any) -> str:
+        """Answer ``messages`` with the local model and the scope's memory.
+
+        Reads with the last user message as the query; text hits go into the
+        prompt, explicit memory is injected as KV. ``options`` go to
+        :meth:`memplug.runtime.chat.LocalModel.stream` (``max_new_tokens``, ``temperature``...).
+        """
+        return "".join(self.stream(scope, messages, budget, filters, **options))
+
+    def stream(self, scope: Scope | str, messages: Any, budget: Budget | None = None,
+               filters: Mapping[str, Any] | None = None, **options: Any) -> Iterator[str]:
+        """Like :meth:`generate`, yielding the answer piece by piece."""
+        from .runtime.chat import chat_messages
+
+        msgs = chat_messages(messages)
+        query = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), None)
+        if query is None:
+            raise InvalidInput("messages have no user message to answer")
+        recall = self.read(scope, query, budget, filters)
+        return self.model.stream(msgs, recall, **options)
 
     def feedback(self, scope: Scope | str, item_ids: Iterable[int], used: bool = True) -> None:
         """Report which returned items the answer actually used (feeds the policies)."""

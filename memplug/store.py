@@ -8,14 +8,17 @@ lives in the ``memplug`` schema so it can share a database with an application.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import psycopg
 from psycopg import conninfo as _conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import ConfigError, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "memplug"
 
@@ -98,6 +101,7 @@ class Store:
             "application_name": "memplug",
         }
         self._bootstrap()
+        self._callbacks: dict[int, tuple[list[Callable[[], None]], list[Callable[[], None]]]] = {}
         self.pool = ConnectionPool(
             dsn,
             min_size=1,
@@ -136,14 +140,36 @@ class Store:
     def transaction(self) -> Iterator[psycopg.Connection]:
         """One transaction on a pooled connection: committed on success, rolled back on error."""
         try:
-            with self.pool.connection() as conn, conn.transaction():
-                yield conn
+            with self.pool.connection() as conn:
+                try:
+                    with conn.transaction():
+                        yield conn
+                except BaseException:
+                    self._finish(conn, committed=False)
+                    raise
+                self._finish(conn, committed=True)
         except PoolTimeout:
             raise StoreUnavailable(f"no connection to Postgres at {self.safe_dsn} became free in time") from None
         except psycopg.OperationalError as e:
             raise StoreUnavailable(
                 f"lost the connection to Postgres at {self.safe_dsn}: {_reason(e, self.dsn)}"
             ) from e
+
+    def on_commit(self, db: psycopg.Connection, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after the transaction of ``db`` commits (e.g. delete a forgotten blob)."""
+        self._callbacks.setdefault(id(db), ([], []))[0].append(fn)
+
+    def on_rollback(self, db: psycopg.Connection, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if the transaction of ``db`` rolls back (e.g. remove a blob written for it)."""
+        self._callbacks.setdefault(id(db), ([], []))[1].append(fn)
+
+    def _finish(self, conn: psycopg.Connection, committed: bool) -> None:
+        after_commit, after_rollback = self._callbacks.pop(id(conn), ([], []))
+        for fn in after_commit if committed else after_rollback:
+            try:
+                fn()
+            except Exception as e:  # the transaction's outcome stands; a leftover file is only logged
+                log.warning("after-%s action failed: %s", "commit" if committed else "rollback", e)
 
     def close(self) -> None:
         self.pool.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
@@ -129,34 +129,69 @@ class Hit:
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """What one read may spend: prompt tokens of text, and at most ``k`` hits."""
+    """What one read may spend: prompt tokens of text, at most ``k`` text hits, and
+    ``kv_tokens`` positions of injected KV memory (explicit memory costs no prompt tokens)."""
 
     tokens: int = 1024
     k: int = 10
+    kv_tokens: int = 2048
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "k"):
+        for name in ("tokens", "k", "kv_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise InvalidInput(f"Budget.{name} must be a positive integer, got {v!r}")
 
 
 @dataclass(frozen=True, slots=True)
+class KVPrefix:
+    """Explicit memory ready to inject: items whose attention key/values were precomputed.
+
+    Built by a KV tier on read; consumed by :mod:`memplug.runtime`. ``tokens`` is
+    the positions the items occupy; ``fingerprint`` names the model that encoded
+    them. Immutable: ``chunks()`` decodes fresh tensors on every call, so nothing
+    a caller does to them reaches the stored blobs.
+    """
+
+    tier: str
+    items: tuple[Item, ...]
+    tokens: int
+    fingerprint: str
+    codec: str
+    loader: Callable[[], list[Any]] = field(repr=False, compare=False)
+    stored_bytes: int = 0
+
+    def chunks(self) -> list[Any]:
+        """The items' :class:`memplug.runtime.kv.KVChunk` values, in order (loads torch)."""
+        return self.loader()
+
+
+@dataclass(frozen=True, slots=True)
 class Recall:
-    """What a read returns. ``as_text()`` renders it as a memory block for any LLM prompt."""
+    """What a read returns. ``as_text()`` renders it as a memory block for any LLM prompt.
+
+    ``kv`` holds the items served as explicit memory (not repeated in ``hits``).
+    """
 
     scope: Scope
     query: str
     hits: tuple[Hit, ...] = ()
     tokens: int = 0
+    kv: KVPrefix | None = None
 
     @property
     def items(self) -> tuple[Item, ...]:
-        return tuple(h.item for h in self.hits)
+        """Every item the read returned: text hits, then explicit (KV) memory."""
+        return tuple(h.item for h in self.hits) + (self.kv.items if self.kv else ())
 
-    def as_text(self) -> str:
-        """Knowledge first, by rank; then the recent conversation in the order it happened."""
-        facts = [h for h in self.hits if h.item.role is None]
+    def as_text(self, kv_as_text: bool = True) -> str:
+        """Knowledge first, by rank; then the recent conversation in the order it happened.
+
+        Items held as KV memory are written out too (for a model that cannot take
+        them), unless ``kv_as_text`` is False because they are being injected.
+        """
+        kv_hits = [Hit(it, self.kv.tier, 0.0) for it in self.kv.items] if self.kv and kv_as_text else []
+        facts = kv_hits + [h for h in self.hits if h.item.role is None]
         turns = sorted((h for h in self.hits if h.item.role is not None), key=lambda h: h.item.id)
         parts: list[str] = []
         if facts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,8 +28,11 @@ class Embedder:
     _encode_lock = threading.Lock()
     _batch_threads: int | None = None
 
-    def __init__(self, path: str | None = None):
+    def __init__(self, path: str | None = None, query_cache: int = 256):
         self._path = path
+        # Several tiers embed the same query in one read: keep the last few single-text results.
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._recent_max = query_cache
 
     def _model(self):
         with self._lock:
@@ -63,6 +67,21 @@ class Embedder:
         """A float32 array of shape (len(texts), 384), each row of unit length."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if len(texts) == 1 and self._recent_max:
+            with self._lock:
+                hit = self._recent.get(texts[0])
+                if hit is not None:
+                    self._recent.move_to_end(texts[0])
+                    return hit.copy()
+            vec = self._encode(texts)
+            with self._lock:
+                self._recent[texts[0]] = vec.copy()
+                while len(self._recent) > self._recent_max:
+                    self._recent.popitem(last=False)
+            return vec
+        return self._encode(texts)
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
         model = self._model()

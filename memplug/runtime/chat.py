@@ -1,0 +1,338 @@
+"""LocalModel: chat generation that composes text memories, injected KV memory and (later) adapters.
+
+The prompt is laid out in three parts so that memory chunks can be encoded once
+and injected later:
+
+1. the **preamble**: the chat template up to the memory list in the system
+   message. It never changes, so its KV is computed once per model;
+2. the **memory chunks**, one per item (``"- text\\n"``). Each was encoded after
+   the preamble, and is injected at its final offset by re-rotating its keys;
+3. the **closing**: text memories, the rest of the template and the
+   conversation, run through the model on top of the cache.
+
+With one chunk and no compression this is exactly a full prefill of the same
+tokens (the unit tests hold it to 1e-3 in the logits).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInput, ModelMismatch
+from .kv import KVChunk, stack_prefix
+
+SYSTEM = "You are a helpful assistant. Answer from these memories when they are relevant.\nMemories:\n"
+PLAIN_SYSTEM = "You are a helpful assistant."
+_MARK = "\u2063MEMPLUG\u2063"
+
+
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """Normalise a str, dicts with role/content, or message objects (``.role``/``.type`` and ``.content``)."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    out = []
+    for m in messages:
+        if isinstance(m, dict):
+            role, content = m.get("role"), m.get("content")
+        else:
+            role = getattr(m, "role", None) or {"human": "user", "ai": "assistant"}.get(getattr(m, "type", ""))
+            content = getattr(m, "content", None)
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise InvalidInput(f"a message needs role system/user/assistant and str content, got {m!r:.80}")
+        out.append({"role": role, "content": content})
+    if not out:
+        raise InvalidInput("messages is empty")
+    return out
+
+
+class LocalModel:
+    """A loaded causal LM with its tokenizer; see :func:`memplug.runtime.load_model`."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, fingerprint: str, name: str, device: str, rotary: bool):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.name = name
+        self.device = device
+        self.rotary = rotary
+        cfg = model.config.get_text_config(decoder=True)
+        self.layers = cfg.num_hidden_layers
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype = next(model.parameters()).dtype
+        rotary_emb = getattr(getattr(model, "model", model), "rotary_emb", None)
+        self.inv_freq = rotary_emb.inv_freq.detach().float().cpu() if rotary_emb is not None else None
+        scaling = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
+        # Re-rotation by an offset is exact only for rotations without a magnitude factor.
+        self.can_inject = rotary and self.inv_freq is not None and abs(scaling - 1.0) < 1e-9
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
+        self._lock = threading.RLock()
+        self._preamble: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
+
+    # -- prompt layout ---------------------------------------------------------
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chunk_text(self, text: str) -> str:
+        return f"- {' '.join(text.split())}\n"
+
+    def chunk_ids(self, text: str) -> list[int]:
+        return self.ids(self.chunk_text(text))
+
+    def _render(self, system: str, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, *messages], tokenize=False, add_generation_prompt=True)
+
+    def layout(self, messages: Any, text_memories: str = "", chunks: bool = True) -> tuple[str, str]:
+        """(preamble, closing) strings for a conversation: memory chunks go between them."""
+        msgs = chat_messages(messages)
+        extra = ""
+        if msgs[0]["role"] == "system":
+            extra, msgs = msgs[0]["content"], msgs[1:]
+        if not chunks and not text_memories:
+            rendered = self._render("\n\n".join(filter(None, [PLAIN_SYSTEM, extra])), msgs)
+            return "", rendered
+        tail = "\n".join(filter(None, [text_memories.strip(), extra and "\n" + extra]))
+        rendered = self._render(SYSTEM + _MARK + tail, msgs)
+        head, _, rest = rendered.partition(_MARK)
+        if not rest and not rendered.endswith(_MARK):
+            raise InvalidInput("the model's chat template dropped the system message; memories cannot be placed")
+        return head, rest
+
+    def preamble(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Token ids, keys and values (layers, kv_heads, n, head_dim) of the fixed preamble.
+
+        Computed once; callers get the stored tensors and must not modify them
+        (:meth:`build_cache` copies).
+        """
+        with self._lock:
+            if self._preamble is None:
+                head, _ = self.layout([{"role": "user", "content": "?"}])
+                ids = self.ids(head)
+                with torch.inference_mode():
+                    out = self.model(torch.tensor([ids], device=self.device), use_cache=True)
+                k, v = _stack_cache(out.past_key_values)
+                self._preamble = (ids, k[:, 0].float().cpu(), v[:, 0].float().cpu())
+            return self._preamble
+
+    # -- encoding memory chunks -----------------------------------------------
+
+    def encode(self, texts: Sequence[str], item_ids: Sequence[int] | None = None, scores: bool = True,
+               batch_size: int = 8) -> list[KVChunk]:
+        """Each text's keys/values as encoded after the preamble, keys rotated to position 0.
+
+        With ``scores``, each token is also scored by the attention it received
+        from the chunk's later tokens (averaged over layers and heads), for
+        token selection.
+        """
+        self._check_injectable()
+        item_ids = list(item_ids) if item_ids is not None else list(range(len(texts)))
+        pre_ids, pre_k, pre_v = self.preamble()
+        p = len(pre_ids)
+        out: list[KVChunk] = []
+        with self._lock, torch.inference_mode():
+            previous = self.model.config._attn_implementation
+            if scores:
+                self.model.set_attn_implementation("eager")
+            try:
+                for start in range(0, len(texts), batch_size):
+                    rows = [self.chunk_ids(t) for t in texts[start:start + batch_size]]
+                    out += self._encode_batch(rows, item_ids[start:start + batch_size], pre_k, pre_v, p, scores)
+            finally:
+                if scores:
+                    self.model.set_attn_implementation(previous)
+        return out
+
+    def _encode_batch(self, rows, ids, pre_k, pre_v, p, scores):
+        from transformers import DynamicCache
+
+        b, n = len(rows), max(len(r) for r in rows)
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(self.layers):
+            cache.update(pre_k[layer].unsqueeze(0).expand(b, -1, -1, -1).to(self.device, self.dtype),
+                         pre_v[layer].unsqueeze(0).expand(b, -1, -1, -1).to(self.device, self.dtype), layer)
+        # Right padding: a pad comes after every real token, so causality keeps it out of their keys.
+        input_ids = torch.full((b, n), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, :len(r)] = torch.tensor(r)
+        result = self.model(input_ids.to(self.device), past_key_values=cache, use_cache=True,
+                            position_ids=torch.arange(p, p + n, device=self.device).unsqueeze(0).expand(b, -1),
+                            attention_mask=torch.ones(b, p + n, dtype=torch.long, device=self.device),
+                            output_attentions=scores)
+        keys, values = _stack_cache(result.past_key_values)
+        keys = _rotate_back(keys[:, :, :, p:].float().cpu(), p, self.inv_freq)
+        values = values[:, :, :, p:].float().cpu()
+        received = None
+        if scores:
+            # attentions: per layer (b, heads, n, p + n); token j's score is the mean
+            # attention it received from the chunk tokens that could see it.
+            att = torch.stack([a[:, :, :, p:].float().cpu() for a in result.attentions]).mean(dim=(0, 2))
+        chunks = []
+        for i, (r, item_id) in enumerate(zip(rows, ids, strict=True)):
+            m = len(r)
+            if scores:
+                received = att[i, :m, :m].sum(dim=0) / torch.arange(m, 0, -1, dtype=torch.float32)
+            chunks.append(KVChunk(int(item_id), m, keys[:, i, :, :m].contiguous(), values[:, i, :, :m].contiguous(),
+                                  received))
+        return chunks
+
+    def _check_injectable(self) -> None:
+        if not self.can_inject:
+            raise ModelMismatch(
+                f"{self.name} has no plain rotary attention (model type "
+                f"{getattr(self.model.config, 'model_type', '?')!r}); the kv tier supports Llama-family models")
+
+    # -- assembling and generating ---------------------------------------------
+
+    def build_cache(self, chunks: Sequence[KVChunk], batch: int = 1) -> tuple[Any, int, int]:
+        """A fresh transformers cache: preamble, then each chunk at its offset.
+
+        Returns (cache, next position, stored tokens). The cache owns new
+        tensors; the chunks and the preamble are never modified.
+        """
+        from transformers import DynamicCache
+
+        pre_ids, pre_k, pre_v = self.preamble()
+        parts = [(pre_k, pre_v, len(pre_ids))] + [(c.keys, c.values, c.span) for c in chunks]
+        for c in chunks:
+            if tuple(c.keys.shape[::3]) != (self.layers, self.head_dim) or c.keys.shape[1] != self.kv_heads:
+                raise ModelMismatch(f"KV of item {c.item_id} has shape {tuple(c.keys.shape)}; "
+                                    f"{self.name} needs ({self.layers}, {self.kv_heads}, n, {self.head_dim})")
+        keys, values, position = stack_prefix(parts, self.inv_freq, self.dtype, self.device)
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(self.layers):
+            cache.update(keys[layer].unsqueeze(0).expand(batch, -1, -1, -1).contiguous(),
+                         values[layer].unsqueeze(0).expand(batch, -1, -1, -1).contiguous(), layer)
+        return cache, position, int(keys.shape[2])
+
+    def generate(self, messages: Any, recall: Any = None, **kwargs: Any) -> str:
+        """The model's reply to ``messages``, with the memories of ``recall`` (a :class:`memplug.Recall`)."""
+        return "".join(self.stream(messages, recall, **kwargs))
+
+    def stream(self, messages: Any, recall: Any = None, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+        """Like :meth:`generate`, yielding the reply piece by piece as tokens are produced.
+
+        KV memory is injected when ``recall.kv`` was encoded by this model; if not
+        (another model, or a non-rotary architecture) those items are given as text.
+        """
+        chunks = self.recall_chunks(recall)
+        text = recall.as_text(kv_as_text=chunks is None) if recall is not None else ""
+        head, closing = self.layout(messages, text, chunks=bool(chunks))
+        if chunks or head:
+            pre_ids = self.preamble()[0]
+            if head and self.ids(head) != pre_ids:
+                raise ModelMismatch("the chat template's preamble depends on the conversation; "
+                                    "this model cannot take injected memory")
+        rows = [self.ids(closing)]
+        yield from self._stream_rows(chunks or [], rows, max_new_tokens, temperature, top_p, seed,
+                                     with_preamble=bool(head))
+
+    def recall_chunks(self, recall: Any) -> list[KVChunk] | None:
+        """The KV chunks of ``recall`` if they can be injected here, else None (served as text)."""
+        kv = getattr(recall, "kv", None)
+        if kv is None or not kv.items or not self.can_inject or kv.fingerprint != self.fingerprint:
+            return None
+        return kv.chunks()
+
+    def _stream_rows(self, chunks, rows, max_new_tokens, temperature, top_p, seed, with_preamble=True):
+        tokens: list[int] = []
+        emitted = ""
+        for step in self.decode(chunks, rows, max_new_tokens, temperature, top_p, seed, with_preamble):
+            token = int(step[0])
+            if token in self.stop_ids:
+                break
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # half a multi-byte character: wait for the rest
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+
+    def decode(self, chunks: Sequence[KVChunk], rows: Sequence[Sequence[int]], max_new_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               with_preamble: bool = True, stop: Callable[[int, list[int]], bool] | None = None,
+               ) -> Iterable[torch.Tensor]:
+        """Run ``rows`` (closing token ids, one row per conversation) on one shared memory prefix.
+
+        Yields the next token of every row per step, until every row stopped
+        (a stop token, or ``stop(row, tokens)`` true) or ``max_new_tokens``.
+        """
+        b = len(rows)
+        if with_preamble:
+            cache, position, stored = self.build_cache(chunks, batch=b)
+        else:
+            cache, position, stored = None, 0, 0
+        n = max(len(r) for r in rows)
+        # Left padding inside the closing segment, masked out; positions continue the prefix per row.
+        input_ids = torch.full((b, n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(b, stored + n, dtype=torch.long)
+        mask[:, :stored] = 1
+        pos = torch.zeros(b, n, dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, n - len(r):] = torch.tensor(list(r))
+            mask[i, stored + n - len(r):] = 1
+            pos[i, n - len(r):] = torch.arange(position, position + len(r))
+        next_pos = pos[:, -1] + 1
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        done = torch.zeros(b, dtype=torch.bool)
+        produced: list[list[int]] = [[] for _ in range(b)]
+        with self._lock, torch.inference_mode():
+            logits, cache = self._forward(input_ids, cache, mask, pos)
+            for _ in range(max_new_tokens):
+                token = _pick(logits, temperature, top_p, generator)
+                token = torch.where(done, torch.full_like(token, self.pad_id), token)
+                yield token
+                for i in range(b):
+                    if done[i]:
+                        continue
+                    t = int(token[i])
+                    produced[i].append(t)
+                    if t in self.stop_ids or (stop is not None and stop(i, produced[i])):
+                        done[i] = True
+                if bool(done.all()):
+                    return
+                mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
+                logits, cache = self._forward(token.unsqueeze(1), cache, mask, next_pos.unsqueeze(1))
+                next_pos = next_pos + 1
+
+    def _forward(self, input_ids, cache, mask, pos):
+        dev = self.device
+        out = self.model(input_ids.to(dev), past_key_values=cache, attention_mask=mask.to(dev),
+                         position_ids=pos.to(dev), use_cache=True)
+        return out.logits[:, -1].float().cpu(), out.past_key_values
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cut = sorted_p.cumsum(dim=-1) - sorted_p > top_p
+        sorted_p[cut] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _stack_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layers, batch, kv_heads, tokens, head_dim) keys and values of a transformers cache."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return torch.stack([layer.keys for layer in layers]), torch.stack([layer.values for layer in layers])
+    return torch.stack([k for k, _ in cache]), torch.stack([v for _, v in cache])
+
+
+def _rotate_back(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    from .kv import rotate
+
+    return rotate(keys, -offset, inv_freq)

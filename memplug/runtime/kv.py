@@ -1,0 +1,95 @@
+"""Attention key/values of memory chunks: exact rotary re-rotation and token selection.
+
+A chunk's keys are stored "at position 0": token ``i`` of the chunk carries the
+rotation of position ``i``. Rotary embeddings compose (R(a)·R(b) = R(a+b)), so
+placing the chunk at offset ``o`` is one rotation of every key by ``o``, and a
+chunk whose tokens were thinned out keeps each survivor's own rotation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVChunk:
+    """One memory item's keys and values, for every layer: tensors of shape
+    (layers, kv_heads, stored_tokens, head_dim), keys rotated to position 0.
+
+    ``span`` is how many positions the item occupies in the prompt; it exceeds
+    ``stored_tokens`` when token selection dropped some of them.
+    """
+
+    item_id: int
+    span: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor | None = None  # per token: attention it received while encoded
+
+    @property
+    def stored_tokens(self) -> int:
+        return int(self.keys.shape[2])
+
+
+def rotate(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate rotary-embedded keys (..., head_dim) by ``offset`` positions ("rotate half" layout).
+
+    Angles are computed in float64 so that rotating away and back is exact to
+    the precision of the keys' dtype.
+    """
+    if offset == 0:
+        return keys.clone()
+    angles = offset * inv_freq.to(dtype=torch.float64, device=keys.device)
+    angles = torch.cat([angles, angles])
+    cos = angles.cos().to(keys.dtype)
+    sin = angles.sin().to(keys.dtype)
+    half = keys.shape[-1] // 2
+    rotated_half = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
+    return keys * cos + rotated_half * sin
+
+
+def select_tokens(scores: torch.Tensor, keep: float, protect_first: int = 1, protect_last: int = 1) -> torch.Tensor:
+    """Indices (sorted) of the tokens to keep: the highest-scoring ``keep`` fraction.
+
+    The first and last tokens of a chunk are always kept: the first is where
+    attention pools when the chunk is read (an attention sink), the last is the
+    separator the next chunk follows.
+    """
+    n = int(scores.shape[0])
+    want = max(1, min(n, round(n * keep)))
+    protected = set(range(min(protect_first, n))) | set(range(max(0, n - protect_last), n))
+    ranked = [int(i) for i in torch.argsort(scores, descending=True, stable=True)]
+    chosen = list(protected)
+    for i in ranked:
+        if len(chosen) >= max(want, len(protected)):
+            break
+        if i not in protected:
+            chosen.append(i)
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def thin(chunk: KVChunk, keep: float) -> KVChunk:
+    """The chunk with only its highest-scoring ``keep`` fraction of tokens (span unchanged)."""
+    if keep >= 1.0 or chunk.scores is None:
+        return chunk
+    idx = select_tokens(chunk.scores, keep)
+    return KVChunk(chunk.item_id, chunk.span, chunk.keys[:, :, idx].contiguous(),
+                   chunk.values[:, :, idx].contiguous(), chunk.scores[idx])
+
+
+def stack_prefix(parts: list[tuple[torch.Tensor, torch.Tensor, int]], inv_freq: torch.Tensor,
+                 dtype: torch.dtype, device: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Concatenate (keys, values, span) parts in order, each key rotated to its offset.
+
+    Returns new tensors (never views of the inputs) and the next free position.
+    """
+    keys, values, offset = [], [], 0
+    for k, v, span in parts:
+        k = k.to(device=device, dtype=torch.float32)
+        keys.append(rotate(k, offset, inv_freq).to(dtype))
+        values.append(v.to(device=device, dtype=dtype))
+        offset += span
+    return torch.cat(keys, dim=2), torch.cat(values, dim=2), offset

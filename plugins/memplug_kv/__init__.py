@@ -1,0 +1,280 @@
+"""Tier ``kv`` (level 2): explicit memory, the precomputed attention key/values of hot items.
+
+When consolidation promotes an item to level 2, the local model reads a fixed
+preamble followed by the item; the item's keys and values (every layer) are kept,
+its keys rotated back to position 0, compressed (int4 by default, see
+:mod:`memplug_kv.codec`) and written as a safetensors blob to the artifact
+store. Postgres keeps the index: item, scope, embedding, positions, bytes,
+model fingerprint and blob key.
+
+On read, the scope's level-2 items closest to the query (cosine, above
+``kv_min_similarity``) are offered as one :class:`memplug.KVPrefix`, up to
+``Budget.kv_tokens`` positions and ``kv_max_items`` items. The host then leaves
+them out of the text hits; :mod:`memplug.runtime` injects them into attention.
+A blob whose fingerprint is not the loaded model's is never offered, and the
+next consolidation re-encodes it.
+
+Options: ``kv_codec`` (fp16, bf16, int8, int4), ``kv_group`` (channels per
+scale, 32), ``kv_keep`` (fraction of tokens kept, 1.0), ``kv_max_items`` (16),
+``kv_min_similarity`` (0.1), ``kv_max_item_tokens`` (512), ``kv_cache_mb``
+(blob bytes kept in memory, 256).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections import OrderedDict
+
+import numpy as np
+from psycopg.types.json import Jsonb
+
+from memplug import ArtifactCorrupt, KVPrefix, ModelMismatch, Move, Placement, hookimpl
+from memplug.memory import ITEM_COLUMNS, item_from_row
+from memplug.scoping import subtree_sql, visible_sql
+
+from .codec import Codec, decode, encode
+
+log = logging.getLogger(__name__)
+DIM = 384
+MIGRATIONS = (
+    f"""
+    CREATE TABLE kv_items (
+        item_id       bigint PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
+        user_id       text NOT NULL,
+        agent_id      text NOT NULL,
+        session_id    text NOT NULL,
+        embedding     halfvec({DIM}) NOT NULL,
+        span          integer NOT NULL,
+        stored_tokens integer NOT NULL,
+        bytes         integer NOT NULL,
+        fingerprint   text NOT NULL,
+        codec         text NOT NULL,
+        artifact      text NOT NULL,
+        encoded_at    timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX kv_items_scope ON kv_items (user_id, agent_id, session_id);
+    """,
+)
+
+
+class KVTier:
+    """Explicit memory: compressed attention key/values, injected into the local model."""
+
+    name = "kv"
+    level = 2
+
+    @hookimpl
+    def memplug_configure(self, memory):
+        memory.store.migrate("kv", MIGRATIONS)
+        opt = memory.settings.option
+        self.codec = Codec(opt("kv_codec", "int4", str), opt("kv_group", 32, int), opt("kv_keep", 1.0, float))
+        self.max_items = opt("kv_max_items", 16, int)
+        self.min_similarity = opt("kv_min_similarity", 0.1, float)
+        self.max_item_tokens = opt("kv_max_item_tokens", 512, int)
+        self._blobs = _BlobCache(opt("kv_cache_mb", 256, int) << 20)
+        self._damaged: set[int] = set()
+
+    # -- consolidation --------------------------------------------------------
+
+    @hookimpl
+    def memplug_plan(self, memory, scope, usage):
+        """Re-encode blobs made by another model, or found damaged on load."""
+        where, params = subtree_sql(scope, "k")
+        with memory.store.transaction() as db:
+            if not db.execute(f"SELECT EXISTS (SELECT 1 FROM kv_items k WHERE {where})", params).fetchone()[0]:
+                return None
+            params["fp"] = _fingerprint(memory)
+            params["damaged"] = sorted(self._damaged)
+            ids = [r[0] for r in db.execute(
+                f"SELECT k.item_id FROM kv_items k WHERE {where} "
+                f"AND (k.fingerprint <> %(fp)s OR k.item_id = ANY(%(damaged)s::bigint[])) ORDER BY k.item_id",
+                params).fetchall()]
+        return [Move(tuple(ids), 1, self.level, "re-encode for the loaded model")] if ids else None
+
+    @hookimpl
+    def memplug_consolidate(self, memory, scope, moves, db):
+        up = sorted({i for m in moves if m.dst_level == self.level for i in m.item_ids})
+        down = sorted({i for m in moves if m.src_level == self.level and m.dst_level < self.level
+                       for i in m.item_ids})
+        done = []
+        if up:
+            encoded = self._encode(memory, db, up)
+            if encoded:
+                done.append(Placement(self.name, self.level, encoded, "encoded"))
+        if down:
+            self._drop(memory, db, down)
+            done.append(Placement(self.name, self.level, down, "demoted", held=False))
+        return done
+
+    def _encode(self, memory, db, ids):
+        rows = db.execute(f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.id = ANY(%s::bigint[]) ORDER BY i.id",
+                          (ids,)).fetchall()
+        items = [item_from_row(r) for r in rows]
+        model = memory.model
+        fits = [it for it in items if len(model.chunk_ids(it.text)) <= self.max_item_tokens]
+        if len(fits) < len(items):
+            log.info("kv: %d item(s) longer than kv_max_item_tokens=%d stay text-only",
+                     len(items) - len(fits), self.max_item_tokens)
+        if not fits:
+            return []
+        from memplug.runtime.kv import thin
+
+        chunks = model.encode([it.text for it in fits], [it.id for it in fits], scores=self.codec.keep < 1.0)
+        vectors = memory.embedder.encode([it.text for it in fits])
+        layout = _layout(model)
+        old = dict(db.execute("SELECT item_id, artifact FROM kv_items WHERE item_id = ANY(%s::bigint[])",
+                              ([it.id for it in fits],)).fetchall())
+        for it, chunk, vec in zip(fits, chunks, vectors, strict=True):
+            chunk = thin(chunk, self.codec.keep)
+            blob = encode(chunk, self.codec, model.fingerprint, layout)
+            key = _artifact_key(model.fingerprint, it)
+            memory.artifacts.put(key, blob)
+            memory.store.on_rollback(db, functools.partial(memory.artifacts.delete, key))
+            if old.get(it.id) not in (None, key):
+                memory.store.on_commit(db, functools.partial(memory.artifacts.delete, old[it.id]))
+            self._blobs.drop(key)
+            u, a, s = it.scope.key
+            db.execute(
+                """
+                INSERT INTO kv_items (item_id, user_id, agent_id, session_id, embedding, span, stored_tokens,
+                                      bytes, fingerprint, codec, artifact)
+                VALUES (%s, %s, %s, %s, %s::halfvec, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (item_id) DO UPDATE SET embedding = EXCLUDED.embedding, span = EXCLUDED.span,
+                    stored_tokens = EXCLUDED.stored_tokens, bytes = EXCLUDED.bytes,
+                    fingerprint = EXCLUDED.fingerprint, codec = EXCLUDED.codec, artifact = EXCLUDED.artifact,
+                    encoded_at = now()
+                """,
+                (it.id, u, a, s, np.asarray(vec, dtype=np.float32), chunk.span, chunk.stored_tokens, len(blob),
+                 model.fingerprint, self.codec.label, key),
+            )
+            self._damaged.discard(it.id)
+        return [it.id for it in fits]
+
+    def _drop(self, memory, db, ids):
+        keys = [r[0] for r in db.execute(
+            "DELETE FROM kv_items WHERE item_id = ANY(%s::bigint[]) RETURNING artifact", (ids,)).fetchall()]
+        for key in keys:
+            self._blobs.drop(key)
+            memory.store.on_commit(db, functools.partial(memory.artifacts.delete, key))
+
+    # -- read -------------------------------------------------------------------
+
+    @hookimpl
+    def memplug_read(self, memory, scope, query, budget, filters, db):
+        where, params = visible_sql(scope, "k")
+        if not db.execute(f"SELECT EXISTS (SELECT 1 FROM kv_items k WHERE {where})", params).fetchone()[0]:
+            return None
+        if filters:
+            where += " AND i.metadata @> %(filters)s"
+            params["filters"] = Jsonb(filters)
+        params.update(vec=memory.embedder.encode([query])[0], n=self.max_items, floor=self.min_similarity)
+        rows = db.execute(
+            f"""
+            SELECT {ITEM_COLUMNS}, k.span, k.artifact, k.fingerprint, k.codec, k.bytes,
+                   1 - (k.embedding <=> %(vec)s::halfvec) AS similarity
+            FROM kv_items k JOIN items i ON i.id = k.item_id
+            WHERE {where} AND 1 - (k.embedding <=> %(vec)s::halfvec) >= %(floor)s
+            ORDER BY k.embedding <=> %(vec)s::halfvec, k.item_id LIMIT %(n)s
+            """,
+            params,
+        ).fetchall()
+        if not rows:
+            return None
+        fingerprint = _fingerprint(memory)
+        chosen, spent = [], 0
+        for r in rows:
+            span, key, fp, codec, size = r[9:14]
+            if fp != fingerprint:
+                log.warning("kv: item %s was encoded by another model (%s); served as text until re-encoded",
+                            r[0], fp)
+                continue
+            if spent + span > budget.kv_tokens:
+                continue
+            chosen.append((item_from_row(r[:9]), key, codec, size))
+            spent += span
+        if not chosen:
+            return None
+        items = tuple(c[0] for c in chosen)
+        codecs = sorted({c[2] for c in chosen})
+        loader = functools.partial(self._load, memory, tuple((c[0].id, c[1]) for c in chosen), fingerprint)
+        return [KVPrefix(self.name, items, spent, fingerprint, "+".join(codecs), loader,
+                         sum(c[3] for c in chosen))]
+
+    def _load(self, memory, entries, fingerprint):
+        model = memory.model
+        if model.fingerprint != fingerprint:
+            raise ModelMismatch(f"this KV prefix was built for model {fingerprint}, "
+                                f"the loaded model is {model.fingerprint}")
+        layout = _layout(model)
+        chunks = []
+        for item_id, key in entries:
+            try:
+                data = self._blobs.get(key, memory.artifacts.get)
+                chunk = decode(data, fingerprint=fingerprint, layout=layout,
+                               where=f"{memory.artifacts.uri(key)} (item {item_id})")
+            except (ArtifactCorrupt, ModelMismatch):
+                self._damaged.add(item_id)
+                self._blobs.drop(key)
+                raise
+            if chunk.item_id != item_id:
+                self._damaged.add(item_id)
+                raise ArtifactCorrupt(f"KV blob {memory.artifacts.uri(key)} holds item {chunk.item_id}, "
+                                      f"not {item_id}; the next consolidation re-encodes it")
+            chunks.append(chunk)
+        return chunks
+
+    # -- forget -----------------------------------------------------------------
+
+    @hookimpl
+    def memplug_forget(self, memory, scope, item_ids, db):
+        self._drop(memory, db, list(item_ids))
+
+
+def _fingerprint(memory) -> str:
+    from memplug.runtime.model import known_fingerprint
+
+    return known_fingerprint(memory.settings.home, memory.settings.model) or memory.model.fingerprint
+
+
+def _layout(model) -> dict[str, int]:
+    return {"layers": model.layers, "kv_heads": model.kv_heads, "head_dim": model.head_dim}
+
+
+def _artifact_key(fingerprint: str, item) -> str:
+    u, a, s = item.scope.key
+    return f"kv/{fingerprint[:16]}/{u}/{a or '_'}/{s or '_'}/{item.id}.safetensors"
+
+
+class _BlobCache:
+    """Recently read blob bytes, up to a size. Bytes are immutable: a reader can't alter the cache."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key, fetch):
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+                return data
+        data = fetch(key)
+        if len(data) <= self.max_bytes:
+            with self._lock:
+                if key not in self._data:
+                    self._data[key] = data
+                    self._size += len(data)
+                while self._size > self.max_bytes:
+                    _, old = self._data.popitem(last=False)
+                    self._size -= len(old)
+        return data
+
+    def drop(self, key):
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._size -= len(old)

@@ -1,0 +1,164 @@
+"""The explicit-memory machinery on a tiny Llama built from a config: positions, rotation, codecs.
+
+Only shapes and arithmetic matter here, so random weights do; the real model is
+exercised in test_kv_tier.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from memplug_kv.codec import Codec, decode, encode
+
+from memplug import ArtifactCorrupt, ConfigError, ModelMismatch
+from memplug.runtime.chat import LocalModel
+from memplug.runtime.kv import KVChunk, rotate, select_tokens, thin
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+FACTS = ["Alice Brown lives in Oslo and keeps three cats.", "The code word for the vault is parrot."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from memplug.runtime.tokenizer import load_token_counter
+    from memplug.settings import Settings
+
+    counter = load_token_counter(Settings().home)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(counter.path), eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>")
+    tok.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(config).eval()
+    return LocalModel(model, tok, fingerprint="tiny", name="tiny-llama", device="cpu", rotary=True)
+
+
+def full_prefill_logits(lm, token_ids):
+    with torch.inference_mode():
+        return lm.model(torch.tensor([token_ids])).logits[0, -1]
+
+
+def injected_logits(lm, chunks, closing_ids):
+    cache, position, stored = lm.build_cache(chunks)
+    n = len(closing_ids)
+    with torch.inference_mode():
+        out = lm.model(torch.tensor([closing_ids]), past_key_values=cache,
+                       position_ids=torch.arange(position, position + n)[None],
+                       attention_mask=torch.ones(1, stored + n, dtype=torch.long))
+    return out.logits[0, -1]
+
+
+def test_injected_kv_matches_full_prefill(tiny):
+    chunk = tiny.encode([FACTS[0]], [7])[0]
+    closing = tiny.ids(tiny.layout("Where does Alice live?")[1])
+    reference = full_prefill_logits(tiny, tiny.preamble()[0] + tiny.chunk_ids(FACTS[0]) + closing)
+    assert (injected_logits(tiny, [chunk], closing) - reference).abs().max() <= 1e-3
+
+
+def test_second_chunk_lands_at_its_offset(tiny):
+    # The second chunk was encoded right after the preamble; injected after the first,
+    # its keys must equal a prefill's up to the context it did not see, so its
+    # *rotation* is checked directly: rotating back by its offset restores the stored keys.
+    a, b = tiny.encode(FACTS, [1, 2])
+    cache, position, stored = tiny.build_cache([a, b])
+    p = len(tiny.preamble()[0])
+    assert position == p + a.span + b.span and stored == position
+    layer0 = cache.layers[0].keys[0]
+    placed = layer0[:, p + a.span:]
+    assert torch.allclose(rotate(placed, -(p + a.span), tiny.inv_freq), b.keys[0], atol=1e-5)
+
+
+def test_rotation_round_trip_is_exact():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    keys = torch.randn(2, 3, 5, 64)
+    assert torch.allclose(rotate(rotate(keys, 1234, inv_freq), -1234, inv_freq), keys, atol=1e-5)
+
+
+def test_building_a_cache_leaves_the_chunks_alone(tiny):
+    chunk = tiny.encode([FACTS[1]], [3])[0]
+    before = chunk.keys.clone()
+    cache, _, _ = tiny.build_cache([chunk])
+    cache.layers[0].keys.zero_()
+    assert torch.equal(chunk.keys, before)
+    assert not torch.equal(tiny.preamble()[1][0], torch.zeros_like(tiny.preamble()[1][0]))
+
+
+def test_decode_batches_rows_of_different_lengths_like_single_rows(tiny):
+    chunk = tiny.encode([FACTS[0]], [1])[0]
+    rows = [tiny.ids(tiny.layout(q)[1]) for q in ("Where?", "Where does Alice Brown live, and with whom?")]
+    batched = [t.tolist() for t in tiny.decode([chunk], rows, max_new_tokens=4)]
+    for i, row in enumerate(rows):
+        single = [int(t[0]) for t in tiny.decode([chunk], [row], max_new_tokens=4)]
+        assert [step[i] for step in batched][:len(single)] == single
+
+
+@pytest.mark.parametrize("name,bits,tolerance", [("fp16", 16, 2e-3), ("bf16", 16, 2e-2), ("int8", 8, 0.02),
+                                                  ("int4", 4, 0.25)])
+def test_codecs_round_trip_within_their_precision(tiny, name, bits, tolerance):
+    chunk = tiny.encode([FACTS[0]], [11])[0]
+    layout = {"layers": tiny.layers, "kv_heads": tiny.kv_heads, "head_dim": tiny.head_dim}
+    codec = Codec(name, group=8)
+    blob = encode(chunk, codec, "tiny", layout)
+    back = decode(blob, fingerprint="tiny", layout=layout, where="test")
+    assert back.item_id == 11 and back.span == chunk.span
+    scale = chunk.keys.abs().max()
+    assert (back.keys - chunk.keys).abs().max() <= tolerance * scale
+    fp16_bytes = chunk.keys.numel() * 2 * 2
+    if bits < 16:
+        payload = len(blob) - len(encode(KVChunk(11, chunk.span, chunk.keys[:, :, :0], chunk.values[:, :, :0]),
+                                         codec, "tiny", layout))
+        assert payload < fp16_bytes * (bits / 16 + 0.3)
+
+
+def test_blob_from_another_model_is_refused(tiny):
+    chunk = tiny.encode([FACTS[0]], [1])[0]
+    layout = {"layers": tiny.layers, "kv_heads": tiny.kv_heads, "head_dim": tiny.head_dim}
+    blob = encode(chunk, Codec("int8"), "other-model", layout)
+    with pytest.raises(ModelMismatch, match="other-model"):
+        decode(blob, fingerprint="tiny", layout=layout, where="item 1")
+    with pytest.raises(ModelMismatch, match="layers"):
+        decode(encode(chunk, Codec("int8"), "tiny", layout), fingerprint="tiny",
+               layout={**layout, "layers": 30}, where="item 1")
+
+
+def test_truncated_or_altered_blob_is_a_clear_error(tiny):
+    chunk = tiny.encode([FACTS[0]], [1])[0]
+    layout = {"layers": tiny.layers, "kv_heads": tiny.kv_heads, "head_dim": tiny.head_dim}
+    blob = encode(chunk, Codec("int4"), "tiny", layout)
+    for bad in (blob[: len(blob) // 2], blob[:5], b"", b"x" * 100):
+        with pytest.raises(ArtifactCorrupt, match="item 9"):
+            decode(bad, fingerprint="tiny", layout=layout, where="item 9")
+    flipped = bytearray(blob)
+    flipped[-3] ^= 0xFF
+    with pytest.raises(ArtifactCorrupt, match="checksum"):
+        decode(bytes(flipped), fingerprint="tiny", layout=layout, where="item 9")
+
+
+def test_token_selection_keeps_the_protected_and_the_best():
+    scores = torch.tensor([0.0, 5.0, 1.0, 4.0, 0.5, 0.1])
+    # Half of six is three: the protected first and last tokens, then the best of the rest.
+    assert select_tokens(scores, 0.5).tolist() == [0, 1, 5]
+    assert select_tokens(scores, 0.67).tolist() == [0, 1, 3, 5]
+    assert select_tokens(scores, 1.0).tolist() == list(range(6))
+    chunk = KVChunk(1, 6, torch.randn(2, 1, 6, 4), torch.randn(2, 1, 6, 4), scores)
+    kept = thin(chunk, 0.5)
+    assert kept.span == 6 and kept.stored_tokens == 3
+    assert torch.equal(kept.keys[:, :, 1], chunk.keys[:, :, 1])
+
+
+def test_selected_tokens_keep_their_positions(tiny):
+    chunk = tiny.encode([FACTS[0]], [1])[0]
+    kept = thin(chunk, 0.5)
+    cache, position, stored = tiny.build_cache([kept])
+    assert position == len(tiny.preamble()[0]) + chunk.span
+    assert stored == len(tiny.preamble()[0]) + kept.stored_tokens
+
+
+@pytest.mark.parametrize("kwargs", [{"name": "int3"}, {"group": 3}, {"keep": 0.0}, {"keep": 1.5}])
+def test_bad_codec_settings_are_refused(kwargs):
+    with pytest.raises(ConfigError):
+        Codec(**kwargs)

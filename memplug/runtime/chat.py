@@ -28,6 +28,8 @@ from .kv import KVChunk, stack_prefix
 SYSTEM = "You are a helpful assistant. Answer from these memories when they are relevant.\nMemories:\n"
 PLAIN_SYSTEM = "You are a helpful assistant."
 _MARK = "\u2063MEMPLUG\u2063"
+# The observation window that scores a chunk's tokens for selection: what a reader will ask.
+PROBE = "What do these memories say about the person, and what is the answer?"
 
 
 def chat_messages(messages: Any) -> list[dict[str, str]]:
@@ -129,9 +131,11 @@ class LocalModel:
                batch_size: int = 8) -> list[KVChunk]:
         """Each text's keys/values as encoded after the preamble, keys rotated to position 0.
 
-        With ``scores``, each token is also scored by the attention it received
-        from the chunk's later tokens (averaged over layers and heads), for
-        token selection.
+        With ``scores``, each token is also scored for token selection, by the
+        attention it receives from an observation window placed after the chunk
+        (the closing template and a generic question, as in SnapKV), averaged over
+        layers, heads and window tokens. The window only reads the chunk: it
+        changes none of the chunk's keys or values.
         """
         self._check_injectable()
         item_ids = list(item_ids) if item_ids is not None else list(range(len(texts)))
@@ -143,18 +147,20 @@ class LocalModel:
             if scores:
                 self.model.set_attn_implementation("eager")
             try:
+                probe = self.ids(self.layout(PROBE)[1]) if scores else []
                 for start in range(0, len(texts), batch_size):
                     rows = [self.chunk_ids(t) for t in texts[start:start + batch_size]]
-                    out += self._encode_batch(rows, item_ids[start:start + batch_size], pre_k, pre_v, p, scores)
+                    out += self._encode_batch(rows, item_ids[start:start + batch_size], pre_k, pre_v, p, probe)
             finally:
                 if scores:
                     self.model.set_attn_implementation(previous)
         return out
 
-    def _encode_batch(self, rows, ids, pre_k, pre_v, p, scores):
+    def _encode_batch(self, rows, ids, pre_k, pre_v, p, probe):
         from transformers import DynamicCache
 
-        b, n = len(rows), max(len(r) for r in rows)
+        scores = bool(probe)
+        b, n = len(rows), max(len(r) + len(probe) for r in rows)
         cache = DynamicCache(config=self.model.config)
         for layer in range(self.layers):
             cache.update(pre_k[layer].unsqueeze(0).expand(b, -1, -1, -1).to(self.device, self.dtype),
@@ -162,7 +168,7 @@ class LocalModel:
         # Right padding: a pad comes after every real token, so causality keeps it out of their keys.
         input_ids = torch.full((b, n), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
-            input_ids[i, :len(r)] = torch.tensor(r)
+            input_ids[i, :len(r) + len(probe)] = torch.tensor(r + probe)
         result = self.model(input_ids.to(self.device), past_key_values=cache, use_cache=True,
                             position_ids=torch.arange(p, p + n, device=self.device).unsqueeze(0).expand(b, -1),
                             attention_mask=torch.ones(b, p + n, dtype=torch.long, device=self.device),
@@ -172,14 +178,13 @@ class LocalModel:
         values = values[:, :, :, p:].float().cpu()
         received = None
         if scores:
-            # attentions: per layer (b, heads, n, p + n); token j's score is the mean
-            # attention it received from the chunk tokens that could see it.
+            # attentions: per layer (b, heads, n, p + n), averaged over layers and heads.
             att = torch.stack([a[:, :, :, p:].float().cpu() for a in result.attentions]).mean(dim=(0, 2))
         chunks = []
         for i, (r, item_id) in enumerate(zip(rows, ids, strict=True)):
             m = len(r)
             if scores:
-                received = att[i, :m, :m].sum(dim=0) / torch.arange(m, 0, -1, dtype=torch.float32)
+                received = att[i, m:m + len(probe), :m].mean(dim=0)
             chunks.append(KVChunk(int(item_id), m, keys[:, i, :, :m].contiguous(), values[:, i, :, :m].contiguous(),
                                   received))
         return chunks
@@ -198,20 +203,50 @@ class LocalModel:
         Returns (cache, next position, stored tokens). The cache owns new
         tensors; the chunks and the preamble are never modified.
         """
-        from transformers import DynamicCache
+        cache, positions, mask = self.build_batch_cache([chunks] * batch if batch > 1 else [chunks])
+        return cache, int(positions[0]), int(mask.shape[1])
+
+    def build_batch_cache(self, per_row: Sequence[Sequence[KVChunk]]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """One cache for a batch whose rows carry different memory chunks.
+
+        Shorter rows are padded at the end of the prefix and masked out. Returns
+        (cache, next position per row, attention mask of the prefix).
+        """
 
         pre_ids, pre_k, pre_v = self.preamble()
-        parts = [(pre_k, pre_v, len(pre_ids))] + [(c.keys, c.values, c.span) for c in chunks]
-        for c in chunks:
-            if tuple(c.keys.shape[::3]) != (self.layers, self.head_dim) or c.keys.shape[1] != self.kv_heads:
-                raise ModelMismatch(f"KV of item {c.item_id} has shape {tuple(c.keys.shape)}; "
-                                    f"{self.name} needs ({self.layers}, {self.kv_heads}, n, {self.head_dim})")
-        keys, values, position = stack_prefix(parts, self.inv_freq, self.dtype, self.device)
-        cache = DynamicCache(config=self.model.config)
-        for layer in range(self.layers):
-            cache.update(keys[layer].unsqueeze(0).expand(batch, -1, -1, -1).contiguous(),
-                         values[layer].unsqueeze(0).expand(batch, -1, -1, -1).contiguous(), layer)
-        return cache, position, int(keys.shape[2])
+        built: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        rows = []
+        for chunks in per_row:
+            key = id(chunks)
+            if key not in built:  # rows sharing one chunk list share its tensors
+                for c in chunks:
+                    if (c.keys.shape[0], c.keys.shape[1], c.keys.shape[3]) != (self.layers, self.kv_heads,
+                                                                                self.head_dim):
+                        raise ModelMismatch(f"KV of item {c.item_id} has shape {tuple(c.keys.shape)}; {self.name} "
+                                            f"needs ({self.layers}, {self.kv_heads}, n, {self.head_dim})")
+                parts = [(pre_k, pre_v, len(pre_ids))] + [(c.keys, c.values, c.span) for c in chunks]
+                built[key] = stack_prefix(parts, self.inv_freq, self.dtype, self.device)
+            rows.append(built[key])
+        longest = max(k.shape[2] for k, _, _ in rows)
+        b = len(rows)
+        if len(built) == 1:  # one prefix for every row: no padding, no copy
+            k, v, position = rows[0]
+            keys = k.unsqueeze(1).expand(-1, b, -1, -1, -1)
+            values = v.unsqueeze(1).expand(-1, b, -1, -1, -1)
+            mask = torch.ones(b, longest, dtype=torch.long)
+            return _cache_of(self.model.config, keys, values), torch.full((b,), position), mask
+        shape = (self.layers, b, self.kv_heads, longest, self.head_dim)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        mask = torch.zeros(b, longest, dtype=torch.long)
+        positions = torch.zeros(b, dtype=torch.long)
+        for i, (k, v, position) in enumerate(rows):
+            n = k.shape[2]
+            keys[:, i, :, :n] = k
+            values[:, i, :, :n] = v
+            mask[i, :n] = 1
+            positions[i] = position
+        return _cache_of(self.model.config, keys, values), positions, mask
 
     def generate(self, messages: Any, recall: Any = None, **kwargs: Any) -> str:
         """The model's reply to ``messages``, with the memories of ``recall`` (a :class:`memplug.Recall`)."""
@@ -261,27 +296,31 @@ class LocalModel:
     def decode(self, chunks: Sequence[KVChunk], rows: Sequence[Sequence[int]], max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                with_preamble: bool = True, stop: Callable[[int, list[int]], bool] | None = None,
-               ) -> Iterable[torch.Tensor]:
-        """Run ``rows`` (closing token ids, one row per conversation) on one shared memory prefix.
+               per_row_chunks: Sequence[Sequence[KVChunk]] | None = None) -> Iterable[torch.Tensor]:
+        """Run ``rows`` (closing token ids, one row per conversation) on one shared memory prefix
+        (``chunks``), or on a prefix per row (``per_row_chunks``).
 
         Yields the next token of every row per step, until every row stopped
         (a stop token, or ``stop(row, tokens)`` true) or ``max_new_tokens``.
         """
         b = len(rows)
+        if per_row_chunks is not None and len(per_row_chunks) != b:
+            raise InvalidInput(f"{len(per_row_chunks)} chunk lists for {b} rows")
         if with_preamble:
-            cache, position, stored = self.build_cache(chunks, batch=b)
+            cache, starts, prefix_mask = self.build_batch_cache(per_row_chunks or [chunks] * b)
         else:
-            cache, position, stored = None, 0, 0
+            cache, starts, prefix_mask = None, torch.zeros(b, dtype=torch.long), torch.zeros(b, 0, dtype=torch.long)
+        stored = prefix_mask.shape[1]
         n = max(len(r) for r in rows)
-        # Left padding inside the closing segment, masked out; positions continue the prefix per row.
+        # Left padding inside the closing segment, masked out; positions continue each row's prefix.
         input_ids = torch.full((b, n), self.pad_id, dtype=torch.long)
         mask = torch.zeros(b, stored + n, dtype=torch.long)
-        mask[:, :stored] = 1
+        mask[:, :stored] = prefix_mask
         pos = torch.zeros(b, n, dtype=torch.long)
         for i, r in enumerate(rows):
             input_ids[i, n - len(r):] = torch.tensor(list(r))
             mask[i, stored + n - len(r):] = 1
-            pos[i, n - len(r):] = torch.arange(position, position + len(r))
+            pos[i, n - len(r):] = torch.arange(int(starts[i]), int(starts[i]) + len(r))
         next_pos = pos[:, -1] + 1
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         done = torch.zeros(b, dtype=torch.bool)
@@ -322,6 +361,20 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
         sorted_p[cut] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _cache_of(config: Any, keys: torch.Tensor, values: torch.Tensor) -> Any:
+    """A DynamicCache holding (layers, batch, heads, tokens, head_dim) keys and values.
+
+    The first update of a layer concatenates onto an empty tensor, which copies:
+    the cache never aliases ``keys`` or ``values``.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for layer in range(keys.shape[0]):
+        cache.update(keys[layer], values[layer], layer)
+    return cache
 
 
 def _stack_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:

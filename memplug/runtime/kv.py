@@ -34,16 +34,18 @@ class KVChunk:
         return int(self.keys.shape[2])
 
 
-def rotate(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate rotary-embedded keys (..., head_dim) by ``offset`` positions ("rotate half" layout).
+def rotate(keys: torch.Tensor, offset: int | torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate rotary-embedded keys (..., tokens, head_dim) by ``offset`` positions ("rotate half" layout).
 
-    Angles are computed in float64 so that rotating away and back is exact to
-    the precision of the keys' dtype.
+    ``offset`` is one int, or a tensor with one offset per token. Angles are
+    computed in float64 so that rotating away and back is exact to the
+    precision of the keys' dtype.
     """
-    if offset == 0:
+    if isinstance(offset, int) and offset == 0:
         return keys.clone()
-    angles = offset * inv_freq.to(dtype=torch.float64, device=keys.device)
-    angles = torch.cat([angles, angles])
+    offsets = torch.as_tensor(offset, dtype=torch.float64, device=keys.device).reshape(-1, 1)
+    angles = offsets * inv_freq.to(dtype=torch.float64, device=keys.device)  # (tokens or 1, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)
     cos = angles.cos().to(keys.dtype)
     sin = angles.sin().to(keys.dtype)
     half = keys.shape[-1] // 2
@@ -85,11 +87,13 @@ def stack_prefix(parts: list[tuple[torch.Tensor, torch.Tensor, int]], inv_freq: 
     """Concatenate (keys, values, span) parts in order, each key rotated to its offset.
 
     Returns new tensors (never views of the inputs) and the next free position.
+    All parts are rotated in one vectorised pass, with one offset per token.
     """
-    keys, values, offset = [], [], 0
-    for k, v, span in parts:
-        k = k.to(device=device, dtype=torch.float32)
-        keys.append(rotate(k, offset, inv_freq).to(dtype))
-        values.append(v.to(device=device, dtype=dtype))
-        offset += span
-    return torch.cat(keys, dim=2), torch.cat(values, dim=2), offset
+    offsets, start = [], 0
+    for k, _, span in parts:
+        offsets.append(torch.full((k.shape[2],), start, dtype=torch.float64))
+        start += span
+    keys = torch.cat([k for k, _, _ in parts], dim=2).to(device=device, dtype=torch.float32)
+    keys = rotate(keys, torch.cat(offsets).to(device), inv_freq).to(dtype)
+    values = torch.cat([v for _, v, _ in parts], dim=2).to(device=device, dtype=dtype)
+    return keys, values, start

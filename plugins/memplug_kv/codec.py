@@ -3,9 +3,9 @@
 Codecs:
 
 - ``fp16`` / ``bf16``: a plain cast (half the bytes of fp32);
-- ``int8`` / ``int4``: asymmetric integer quantization, one fp16 scale and
-  minimum per ``group`` consecutive channels of one token of one head
-  (int4 packs two values per byte);
+- ``int8``, ``int4``, ``int3``, ``int2``: asymmetric integer quantization, one
+  fp16 scale and minimum per ``group`` consecutive channels of one token of one
+  head; every 8 values are packed into ``bits`` bytes;
 - any of them after token selection (``keep`` < 1): only the highest-scoring
   fraction of the item's tokens is stored, each with its own rotation.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from memplug import ArtifactCorrupt, ConfigError, ModelMismatch
 
 FORMAT = "memplug-kv/1"
-CODECS = ("fp16", "bf16", "int8", "int4")
+CODECS = ("fp16", "bf16", "int8", "int4", "int3", "int2")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Codec:
 
     @property
     def bits(self) -> int:
-        return {"fp16": 16, "bf16": 16, "int8": 8, "int4": 4}[self.name]
+        return {"fp16": 16, "bf16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}[self.name]
 
 
 def encode(chunk, codec: Codec, fingerprint: str, layout: dict[str, int]) -> bytes:
@@ -117,11 +117,13 @@ def _header(data: bytes) -> dict[str, str]:
 
 
 def _digest(tensors) -> str:
+    import torch
+
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        h.update(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
@@ -144,8 +146,7 @@ def _compress(x, codec: Codec) -> dict:
     lo, scale = lo.to(torch.float16), scale.to(torch.float16)
     safe = torch.where(scale.float() > 0, scale.float(), torch.ones_like(scale.float()))
     q = ((groups - lo.float()) / safe).round().clamp(0, levels).to(torch.uint8).reshape(*lead, d)
-    if codec.bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    q = _pack(q, codec.bits)
     return {"q": q.contiguous(), "scale": scale.squeeze(-1).contiguous(), "min": lo.squeeze(-1).contiguous()}
 
 
@@ -155,9 +156,33 @@ def _decompress(parts: dict, codec: Codec):
     if codec.name in ("fp16", "bf16"):
         return parts["data"].float()
     q, scale, lo = parts["q"], parts["scale"].float(), parts["min"].float()
-    if codec.bits == 4:
-        q = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(*q.shape[:-1], q.shape[-1] * 2)
+    q = _unpack(q, codec.bits)
     *lead, d = q.shape
     groups = scale.shape[-1]
     x = q.float().reshape(*lead, groups, d // groups) * scale.unsqueeze(-1) + lo.unsqueeze(-1)
     return x.reshape(*lead, d)
+
+
+def _pack(q, bits: int):
+    """Pack values below ``2**bits`` (last dimension a multiple of 8): 8 values into ``bits`` bytes."""
+    import torch
+
+    if bits == 8:
+        return q
+    *lead, d = q.shape
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    words = (q.reshape(*lead, d // 8, 8).to(torch.int64) << shifts).sum(dim=-1)
+    out = torch.stack([(words >> (8 * i)) & 0xFF for i in range(bits)], dim=-1)
+    return out.to(torch.uint8).reshape(*lead, d // 8 * bits)
+
+
+def _unpack(packed, bits: int):
+    import torch
+
+    if bits == 8:
+        return packed
+    *lead, n = packed.shape
+    parts = packed.reshape(*lead, n // bits, bits).to(torch.int64)
+    words = (parts << (torch.arange(bits, dtype=torch.int64) * 8)).sum(dim=-1)
+    q = (words.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    return q.to(torch.uint8).reshape(*lead, n // bits * 8)

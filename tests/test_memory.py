@@ -125,3 +125,25 @@ def test_items_and_get(memory, user):
     written = memory.write(s, ["one fact", "two facts", "three facts"])
     assert [i.text for i in memory.items(s)] == ["one fact", "two facts", "three facts"]
     assert memory.get(s, [written[1].id])[0].text == "two facts"
+
+
+def test_items_in_a_kv_prefix_are_not_repeated_as_text(make_memory, user):
+    from memplug import KVPrefix, hookimpl
+
+    class FakeExplicitTier:
+        name, level = "fake-kv", 2
+
+        @hookimpl
+        def memplug_read(self, memory, scope, query, budget, filters, db):
+            [item] = memory.get(scope, [held.id])
+            return [KVPrefix(self.name, (item,), 9, "fp", "int4", lambda: [])]
+
+    mem = make_memory()
+    held, other = mem.write(user, ["Ada keeps bees on the roof.", "Ada's bees make heather honey."])
+    mem.register(FakeExplicitTier())
+    recall = mem.read(user, "Ada bees")
+    assert [it.id for it in recall.kv.items] == [held.id]
+    assert [h.item.id for h in recall.hits] == [other.id]
+    assert {it.id for it in recall.items} == {held.id, other.id}
+    assert "roof" in recall.as_text() and "roof" not in recall.as_text(kv_as_text=False)
+    assert {u.item_id: u.reads for u in mem.usage(user)} == {held.id: 1, other.id: 1}

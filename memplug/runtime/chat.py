@@ -112,9 +112,12 @@ class LocalModel:
     def preamble(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Token ids, keys and values (layers, kv_heads, n, head_dim) of the fixed preamble.
 
-        Computed once; callers get the stored tensors and must not modify them
-        (:meth:`build_cache` copies).
+        Computed once per process; every call returns copies.
         """
+        ids, k, v = self._stored_preamble()
+        return list(ids), k.clone(), v.clone()
+
+    def _stored_preamble(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         with self._lock:
             if self._preamble is None:
                 head, _ = self.layout([{"role": "user", "content": "?"}])
@@ -139,7 +142,7 @@ class LocalModel:
         """
         self._check_injectable()
         item_ids = list(item_ids) if item_ids is not None else list(range(len(texts)))
-        pre_ids, pre_k, pre_v = self.preamble()
+        pre_ids, pre_k, pre_v = self._stored_preamble()
         p = len(pre_ids)
         out: list[KVChunk] = []
         with self._lock, torch.inference_mode():
@@ -213,7 +216,7 @@ class LocalModel:
         (cache, next position per row, attention mask of the prefix).
         """
 
-        pre_ids, pre_k, pre_v = self.preamble()
+        pre_ids, pre_k, pre_v = self._stored_preamble()
         built: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         rows = []
         for chunks in per_row:
@@ -263,7 +266,7 @@ class LocalModel:
         text = recall.as_text(kv_as_text=chunks is None) if recall is not None else ""
         head, closing = self.layout(messages, text, chunks=bool(chunks))
         if chunks or head:
-            pre_ids = self.preamble()[0]
+            pre_ids = self._stored_preamble()[0]
             if head and self.ids(head) != pre_ids:
                 raise ModelMismatch("the chat template's preamble depends on the conversation; "
                                     "this model cannot take injected memory")

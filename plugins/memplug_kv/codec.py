@@ -151,7 +151,6 @@ def _compress(x, codec: Codec) -> dict:
 
 
 def _decompress(parts: dict, codec: Codec):
-    import torch
 
     if codec.name in ("fp16", "bf16"):
         return parts["data"].float()

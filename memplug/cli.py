@@ -234,16 +234,17 @@ def bench_store(sizes: str, scopes_total: int, scopes: int, minutes: float, out:
 @click.option("--methods", default=",".join(["none", "text", "fp16", "int8", "int4", "int4-keep50", "int4-keep25"]),
               show_default=True, help="memory methods to compare")
 @click.option("--ttft", default="256,1024,4096", show_default=True, help="memory sizes (tokens) for time to first token")
+@click.option("--ttft-method", default="int4", show_default=True, help="codec of the KV side of the TTFT runs")
 @click.option("--seed", default=7, show_default=True)
 @click.option("--out", default="benchmarks/results", show_default=True)
 @_fail_cleanly
-def bench_kv(n_facts: int, compose: str, methods: str, ttft: str, seed: int, out: str) -> None:
+def bench_kv(n_facts: int, compose: str, methods: str, ttft: str, ttft_method: str, seed: int, out: str) -> None:
     """Accuracy, bytes per token and time to first token of explicit (KV) memory against text."""
     from .bench.kv import run
 
     run(n_facts=n_facts, seed=seed, compositions=[int(c) for c in compose.split(",") if c],
         methods=[m for m in methods.split(",") if m], ttft_tokens=[int(t) for t in ttft.split(",") if t],
-        out_dir=out, console=console)
+        out_dir=out, console=console, ttft_method=ttft_method)
 
 
 if __name__ == "__main__":  # pragma: no cover

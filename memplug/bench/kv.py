@@ -28,15 +28,24 @@ METHODS = ["none", "text", "fp16", "int8", "int4", "int4-keep50", "int4-keep25"]
 
 
 def codec_for(method: str):
+    """``int4``, ``int3-g64``, ``int4-keep50``...: codec name, then optional group and kept percentage."""
     from memplug_kv.codec import Codec
 
-    name, _, keep = method.partition("-keep")
-    return Codec(name, 32, int(keep) / 100 if keep else 1.0)
+    name, *options = method.split("-")
+    group, keep = 32, 1.0
+    for option in options:
+        if option.startswith("g") and option[1:].isdigit():
+            group = int(option[1:])
+        elif option.startswith("keep") and option[4:].isdigit():
+            keep = int(option[4:]) / 100
+        else:
+            raise ValueError(f"unknown method option {option!r} in {method!r}")
+    return Codec(name, group, keep)
 
 
 def run(n_facts: int = 200, seed: int = 7, compositions=(1, 8, 32), methods=METHODS,
         ttft_tokens=(256, 1024, 4096), out_dir: str | Path = "benchmarks/results", home: Path | None = None,
-        console: Any = None) -> dict[str, Any]:
+        console: Any = None, ttft_method: str = "int4") -> dict[str, Any]:
     import torch
 
     from memplug.runtime.model import load_model
@@ -82,7 +91,7 @@ def run(n_facts: int = 200, seed: int = 7, compositions=(1, 8, 32), methods=METH
                 f"({time.perf_counter() - t:.0f} s)")
             _save(result, out_dir)
 
-    codec = codec_for("int4")
+    codec = codec_for(ttft_method)
     for n_tokens in ttft_tokens:
         result["ttft"][str(n_tokens)] = _ttft(lm, n_tokens, seed, codec)
         r = result["ttft"][str(n_tokens)]

@@ -103,14 +103,21 @@ def read(scope: str, query: str, tokens: int, k: int, filters: tuple[str, ...], 
         recall = mem.read(Scope.parse(scope), query, Budget(tokens=tokens, k=k), filters=_pairs(filters, "--filter"))
         ms = (time.perf_counter() - t0) * 1000
     if as_json:
+        kv = recall.kv
         _emit_json({"query": query, "scope": scope, "tokens": recall.tokens, "ms": round(ms, 2),
-                    "hits": [{**_item_dict(h.item), "tier": h.tier, "score": h.score} for h in recall.hits]})
+                    "hits": [{**_item_dict(h.item), "tier": h.tier, "score": h.score} for h in recall.hits],
+                    "kv": None if kv is None else {
+                        "tier": kv.tier, "tokens": kv.tokens, "codec": kv.codec, "fingerprint": kv.fingerprint,
+                        "bytes": kv.stored_bytes, "items": [_item_dict(it) for it in kv.items]}})
         return
     table = Table(title=f"{query!r} in {scope} — {len(recall.hits)} hits, {recall.tokens} tokens, {ms:.1f} ms")
     for col in ("#", "tier", "score", "text"):
         table.add_column(col, overflow="fold")
     for h in recall.hits:
         table.add_row(str(h.item.id), h.tier, f"{h.score:.4f}", (f"{h.item.role}: " if h.item.role else "") + h.text)
+    if recall.kv is not None:
+        for it in recall.kv.items:
+            table.add_row(str(it.id), f"{recall.kv.tier} ({recall.kv.codec})", "", it.text)
     console.print(table)
 
 

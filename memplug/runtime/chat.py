@@ -369,14 +369,21 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
 def _cache_of(config: Any, keys: torch.Tensor, values: torch.Tensor) -> Any:
     """A DynamicCache holding (layers, batch, heads, tokens, head_dim) keys and values.
 
-    The first update of a layer concatenates onto an empty tensor, which copies:
-    the cache never aliases ``keys`` or ``values``.
+    ``keys`` and ``values`` must be tensors the caller just built (they become the
+    cache's own); expanded views are materialised.
     """
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
     for layer in range(keys.shape[0]):
-        cache.update(keys[layer], values[layer], layer)
+        k, v = keys[layer], values[layer]
+        slot = cache.layers[layer] if len(getattr(cache, "layers", ())) > layer else None
+        if slot is not None and hasattr(slot, "keys") and type(slot).__name__ == "DynamicLayer":
+            # Hand the tensors over instead of concatenating them onto an empty one (a copy).
+            cache.update(k[:, :, :0], v[:, :, :0], layer)
+            slot.keys, slot.values = k.contiguous(), v.contiguous()
+        else:
+            cache.update(k, v, layer)
     return cache
 
 

@@ -45,12 +45,17 @@ def rotate(keys: torch.Tensor, offset: int | torch.Tensor, inv_freq: torch.Tenso
         return keys.clone()
     offsets = torch.as_tensor(offset, dtype=torch.float64, device=keys.device).reshape(-1, 1)
     angles = offsets * inv_freq.to(dtype=torch.float64, device=keys.device)  # (tokens or 1, head_dim / 2)
-    angles = torch.cat([angles, angles], dim=-1)
     cos = angles.cos().to(keys.dtype)
     sin = angles.sin().to(keys.dtype)
     half = keys.shape[-1] // 2
-    rotated_half = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
-    return keys * cos + rotated_half * sin
+    first, second = keys[..., :half], keys[..., half:]
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written in place into one new tensor.
+    out = torch.empty_like(keys)
+    torch.mul(first, cos, out=out[..., :half])
+    out[..., :half].addcmul_(second, sin, value=-1)
+    torch.mul(second, cos, out=out[..., half:])
+    out[..., half:].addcmul_(first, sin)
+    return out
 
 
 def select_tokens(scores: torch.Tensor, keep: float, protect_first: int = 1, protect_last: int = 1) -> torch.Tensor:

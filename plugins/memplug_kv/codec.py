@@ -168,6 +168,8 @@ def _pack(q, bits: int):
 
     if bits == 8:
         return q
+    if bits == 4:  # the default: nibbles, without widening to int64
+        return q[..., 0::2] | (q[..., 1::2] << 4)
     *lead, d = q.shape
     shifts = torch.arange(8, dtype=torch.int64) * bits
     words = (q.reshape(*lead, d // 8, 8).to(torch.int64) << shifts).sum(dim=-1)
@@ -180,6 +182,8 @@ def _unpack(packed, bits: int):
 
     if bits == 8:
         return packed
+    if bits == 4:
+        return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
     *lead, n = packed.shape
     parts = packed.reshape(*lead, n // bits, bits).to(torch.int64)
     words = (parts << (torch.arange(bits, dtype=torch.int64) * 8)).sum(dim=-1)

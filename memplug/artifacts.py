@@ -16,6 +16,20 @@ from pathlib import Path
 from .errors import ArtifactCorrupt, ConfigError, InvalidInput, StoreUnavailable
 
 
+def write_atomic(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` via a temporary file and a rename: a concurrent
+    reader sees the old file or the whole new one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class ArtifactStore:
     """Blobs under one root: ``put``, ``get``, ``delete`` by relative key."""
 
@@ -51,16 +65,7 @@ class ArtifactStore:
         key = self._key(key)
         try:
             if self.local:
-                target = self.root / key
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-                try:
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(data)
-                    os.replace(tmp, target)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
+                write_atomic(self.root / key, data)
             else:
                 self.fs.pipe_file(f"{self.root}/{key}", data)
         except OSError as e:

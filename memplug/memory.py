@@ -124,11 +124,6 @@ class Memory:
         return load_model(self.settings.home, self.settings.model)
 
     @property
-    def model_fingerprint(self) -> str:
-        """The local model's fingerprint (loads the model on first use)."""
-        return self.model.fingerprint
-
-    @property
     def artifacts(self):
         """Where tiers keep derived artifacts: ``MEMPLUG_ARTIFACTS``, or ``$MEMPLUG_HOME/artifacts``."""
         if self._artifacts is None:

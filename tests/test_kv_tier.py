@@ -132,3 +132,21 @@ def test_memory_generate_streams_an_answer(kv_memory, user):
     pieces = list(kv_memory.stream(user, [{"role": "user", "content": "Where does Zorbul Quenti live?"}],
                                    max_new_tokens=24))
     assert len(pieces) > 1 and "Marrak" in "".join(pieces)
+
+
+def test_blobs_of_a_consolidation_that_rolls_back_are_removed(kv_memory, user):
+    from memplug import PluginError, hookimpl
+
+    class FailsAfterKV:
+        @hookimpl(trylast=True)  # runs after the kv tier has written its blobs
+        def memplug_consolidate(self, moves):
+            raise PluginError("refused")
+
+    items = kv_memory.write(user, FACTS)
+    kv_memory.register(FailsAfterKV())
+    with pytest.raises(PluginError):
+        promote(kv_memory, user, items)
+    assert not (kv_memory.artifacts.root / "kv").exists() or \
+        list((kv_memory.artifacts.root / "kv").rglob("*.safetensors")) == []
+    with kv_memory.store.transaction() as db:
+        assert db.execute("SELECT count(*) FROM kv_items WHERE user_id = %s", (user,)).fetchone()[0] == 0

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInput, ModelMismatch
-from .kv import KVChunk, stack_prefix
+from .kv import KVChunk, rotate, stack_prefix
 
 SYSTEM = "You are a helpful assistant. Answer from these memories when they are relevant.\nMemories:\n"
 PLAIN_SYSTEM = "You are a helpful assistant."
@@ -160,14 +160,11 @@ class LocalModel:
         return out
 
     def _encode_batch(self, rows, ids, pre_k, pre_v, p, probe):
-        from transformers import DynamicCache
-
         scores = bool(probe)
         b, n = len(rows), max(len(r) + len(probe) for r in rows)
-        cache = DynamicCache(config=self.model.config)
-        for layer in range(self.layers):
-            cache.update(pre_k[layer].unsqueeze(0).expand(b, -1, -1, -1).to(self.device, self.dtype),
-                         pre_v[layer].unsqueeze(0).expand(b, -1, -1, -1).to(self.device, self.dtype), layer)
+        # repeat() copies: the forward pass never touches the stored preamble.
+        cache = _cache_of(self.model.config, pre_k.unsqueeze(1).repeat(1, b, 1, 1, 1).to(self.device, self.dtype),
+                          pre_v.unsqueeze(1).repeat(1, b, 1, 1, 1).to(self.device, self.dtype))
         # Right padding: a pad comes after every real token, so causality keeps it out of their keys.
         input_ids = torch.full((b, n), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -177,7 +174,7 @@ class LocalModel:
                             attention_mask=torch.ones(b, p + n, dtype=torch.long, device=self.device),
                             output_attentions=scores)
         keys, values = _stack_cache(result.past_key_values)
-        keys = _rotate_back(keys[:, :, :, p:].float().cpu(), p, self.inv_freq)
+        keys = rotate(keys[:, :, :, p:].float().cpu(), -p, self.inv_freq)
         values = values[:, :, :, p:].float().cpu()
         received = None
         if scores:
@@ -393,9 +390,3 @@ def _stack_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if layers is not None:
         return torch.stack([layer.keys for layer in layers]), torch.stack([layer.values for layer in layers])
     return torch.stack([k for k, _ in cache]), torch.stack([v for _, v in cache])
-
-
-def _rotate_back(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    from .kv import rotate
-
-    return rotate(keys, -offset, inv_freq)

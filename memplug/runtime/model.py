@@ -18,10 +18,10 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..artifacts import write_atomic
 from ..errors import ModelUnavailable
 from .model_files import cache_dir, packaged_gguf
 
@@ -33,20 +33,6 @@ FINGERPRINT = "fingerprint.json"
 # Families whose attention applies rotary embeddings in the "rotate half" layout
 # to every head dimension: the layout the kv tier re-rotates exactly.
 ROTARY_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "smollm3"}
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    """What a KV blob must match: layers, KV heads, head size and rotary setup."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    rope_theta: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-                "rope_theta": self.rope_theta}
 
 
 _loaded: dict[tuple[str, str | None, str], LocalModel] = {}
@@ -191,11 +177,7 @@ def _fingerprint(folder: Path, lm: Any, model: str | None) -> str:
     except (OSError, ValueError):
         pass
     value = fingerprint_of(lm)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fingerprint-")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"fingerprint": value, "stamp": stamp}, f)
-    os.replace(tmp, marker)
+    write_atomic(marker, json.dumps({"fingerprint": value, "stamp": stamp}).encode())
     return value
 
 

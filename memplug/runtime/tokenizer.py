@@ -9,10 +9,10 @@ never touch torch.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..artifacts import write_atomic
 from ..errors import ModelUnavailable
 from .model_files import cache_dir, packaged_gguf
 
@@ -43,7 +43,7 @@ def load_token_counter(home: Path, model: str | None = None) -> TokenCounter:
 def _convert(target: Path, model: str | None) -> None:
     if model and (Path(model) / "tokenizer.json").is_file():
         source = Path(model) / "tokenizer.json"
-        _atomic_copy(source.read_bytes(), target)
+        write_atomic(target, source.read_bytes())
         return
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,17 +61,4 @@ def _convert(target: Path, model: str | None) -> None:
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     if backend is None:
         raise ModelUnavailable(f"the tokenizer of {model!r} has no fast (tokenizers) backend")
-    _atomic_copy(backend.to_str().encode(), target)
-
-
-def _atomic_copy(data: bytes, target: Path) -> None:
-    # Write-then-rename: a concurrent process sees the old state or the whole file.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tokenizer-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, backend.to_str().encode())

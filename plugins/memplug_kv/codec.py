@@ -70,7 +70,6 @@ def encode(chunk, codec: Codec, fingerprint: str, layout: dict[str, int]) -> byt
 
 def decode(data: bytes, *, fingerprint: str, layout: dict[str, int], where: str):
     """The :class:`KVChunk` in a blob, as float32 tensors. ``where`` names the blob in errors."""
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -102,7 +101,7 @@ def decode(data: bytes, *, fingerprint: str, layout: dict[str, int], where: str)
         raise ArtifactCorrupt(f"KV blob {where} is malformed ({e})") from None
     if keys.shape != values.shape or keys.shape[2] > span:
         raise ArtifactCorrupt(f"KV blob {where} has keys {tuple(keys.shape)} and values {tuple(values.shape)}")
-    return KVChunk(item_id, span, keys.to(torch.float32), values.to(torch.float32))
+    return KVChunk(item_id, span, keys, values)
 
 
 def _header(data: bytes) -> dict[str, str]:

@@ -144,6 +144,65 @@ def forget(scope: str, ids: tuple[int, ...], everything: bool, yes: bool, as_jso
 
 
 @main.command()
+@click.argument("scope")
+@click.option("--to", "level", type=int, default=None,
+              help="move items to this level (3 trains the scope's LoRA adapter); without it the policies decide")
+@click.option("--id", "ids", multiple=True, type=int, help="item id to move (repeatable); default: every item")
+@click.option("--from", "src", type=int, default=1, show_default=True, help="the level the items leave")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def consolidate(scope: str, level: int | None, ids: tuple[int, ...], src: int, as_json: bool) -> None:
+    """Consolidate SCOPE: apply the policies' moves, or move items to --to LEVEL."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from .types import Move
+
+    parsed = Scope.parse(scope)
+    if ids and level is None:
+        raise click.UsageError("--id needs --to LEVEL")
+    with _memory() as mem:
+        moves = None
+        if level is not None:
+            chosen = list(ids) or [it.id for it in _all_items(mem, parsed) if it.role is None]
+            if not chosen:
+                raise InvalidInput(f"scope {parsed} has no knowledge items to move")
+            moves = [Move(tuple(chosen), src, level, "requested on the command line")]
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console,
+                       disable=as_json)
+        tasks: dict[str, Any] = {}
+
+        def progress(task: str, done: int, total: int, info: dict[str, Any]) -> None:
+            shown = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
+                              if k in ("loss", "held_out_recall", "epoch"))
+            if task not in tasks:
+                tasks[task] = bar.add_task(task, total=total or None, info="")
+            bar.update(tasks[task], completed=done, total=total or None, info=shown)
+
+        with bar:
+            placed = mem.consolidate(parsed, moves, progress=progress)
+    if as_json:
+        _emit_json([{"tier": p.tier, "level": p.level, "items": list(p.item_ids), "reason": p.reason,
+                     "held": p.held} for p in placed])
+        return
+    if not placed:
+        console.print("nothing to consolidate", highlight=False)
+    for p in placed:
+        verb = "holds" if p.held else "gave up"
+        console.print(f"{p.tier} (level {p.level}) {verb} {len(p.item_ids)} item(s): {p.reason}", highlight=False)
+
+
+def _all_items(mem: Any, scope: Scope) -> list[Any]:
+    out, offset = [], 0
+    while True:
+        page = mem.items(scope, limit=500, offset=offset)
+        out += [it for it in page if it.scope == scope]
+        if len(page) < 500:
+            return out
+        offset += 500
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
 def plugins(as_json: bool) -> None:
@@ -252,6 +311,29 @@ def bench_kv(n_facts: int, compose: str, methods: str, ttft: str, ttft_method: s
     run(n_facts=n_facts, seed=seed, compositions=[int(c) for c in compose.split(",") if c],
         methods=[m for m in methods.split(",") if m], ttft_tokens=[int(t) for t in ttft.split(",") if t],
         out_dir=out, console=console, ttft_method=ttft_method)
+
+
+@bench.command("lora")
+@click.option("--facts", "sizes", default="20,50,100", show_default=True, help="facts per user, per run")
+@click.option("--setting", "settings", multiple=True,
+              help="a training setting to try, as name:key=value,key=value (repeatable; default: the defaults)")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--out", default="benchmarks/results", show_default=True)
+@_fail_cleanly
+def bench_lora(sizes: str, settings: tuple[str, ...], seed: int, out: str) -> None:
+    """Closed-book recall, forgetting, training time and switch time of per-user LoRA adapters."""
+    from .bench.lora import SETTINGS, run
+
+    chosen = dict(_setting(s) for s in settings) if settings else SETTINGS
+    run(sizes=[int(n) for n in sizes.split(",") if n], settings=chosen, seed=seed, out_dir=out, console=console)
+
+
+def _setting(spec: str) -> tuple[str, dict[str, Any]]:
+    name, _, rest = spec.partition(":")
+    values = _pairs(tuple(p for p in rest.split(",") if p), "setting") if rest else {}
+    if "targets" in values:
+        values["targets"] = tuple(str(values["targets"]).split("+"))
+    return name or "custom", values
 
 
 if __name__ == "__main__":  # pragma: no cover

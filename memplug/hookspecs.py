@@ -74,11 +74,13 @@ def memplug_plan(memory, scope, usage):
 
 
 @hookspec
-def memplug_consolidate(memory, scope, moves, db):
+def memplug_consolidate(memory, scope, moves, db, progress):
     """Carry out the ``moves`` that concern this tier (as source or destination).
 
-    Return the moves this tier completed, or None. The host records the new
-    placements of moved items that still exist.
+    Return the :class:`~memplug.Placement` values of what this tier now holds
+    or gave up, or None. The host records the new placements of moved items
+    that still exist. ``progress`` is a callable ``progress(task, done, total,
+    info)`` for long work (training), or None.
     """
 
 

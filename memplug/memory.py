@@ -6,7 +6,7 @@ import asyncio
 import functools
 import hashlib
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, overload
@@ -20,7 +20,7 @@ from .plugins import PluginRegistry
 from .scoping import subtree_sql, visible_sql
 from .settings import Settings
 from .store import Store
-from .types import Budget, Hit, Item, KVPrefix, Move, Placement, Recall, Scope
+from .types import AdapterRef, Budget, Hit, Item, KVPrefix, Move, Placement, Recall, Scope
 from .usage import DEFAULT_HALF_LIFE_S, ItemUsage, record_feedback, record_reads, scope_usage
 from .validate import check_filters, check_ids, check_messages, check_metadata, check_text
 
@@ -122,6 +122,13 @@ class Memory:
         from .runtime.model import load_model
 
         return load_model(self.settings.home, self.settings.model)
+
+    @property
+    def model_fingerprint(self) -> str:
+        """The local model's fingerprint, read from its cache without loading it when possible."""
+        from .runtime.model import known_fingerprint
+
+        return known_fingerprint(self.settings.home, self.settings.model) or self.model.fingerprint
 
     @property
     def artifacts(self):
@@ -261,29 +268,35 @@ class Memory:
             lists = self.hook.memplug_read(
                 memory=self, scope=scope, query=query, budget=budget, filters=filters, db=db
             )
-            kv, hits, tokens = self._fuse(lists or [], budget)
-            record_reads(db, [it.id for it in (kv.items if kv else ())] + [h.item.id for h in hits],
-                         self.half_life_s)
-        return Recall(scope=scope, query=query, hits=tuple(hits), tokens=tokens, kv=kv)
+            recall = self._fuse(scope, query, lists or [], budget)
+            record_reads(db, [it.id for it in recall.items], self.half_life_s)
+        return recall
 
     @staticmethod
-    def _fuse(lists: Iterable[Iterable[Hit | KVPrefix] | None], budget: Budget
-              ) -> tuple[KVPrefix | None, list[Hit], int]:
+    def _fuse(scope: Scope, query: str, lists: Iterable[Iterable[Hit | KVPrefix | AdapterRef] | None],
+              budget: Budget) -> Recall:
         fused: dict[int, float] = {}
         best: dict[int, Hit] = {}
         by_tier: dict[str, list[Hit]] = {}
         prefixes: list[KVPrefix] = []
+        adapters: list[AdapterRef] = []
         for hit in _flatten(lists):
             if isinstance(hit, KVPrefix):
                 prefixes.append(hit)
                 continue
+            if isinstance(hit, AdapterRef):
+                adapters.append(hit)
+                continue
             if not isinstance(hit, Hit):
                 raise InvalidInput(f"a memplug_read hook returned {type(hit).__name__}, not a memplug.Hit")
             by_tier.setdefault(hit.tier, []).append(hit)
+        # One adapter is applied (the one holding most items): what it holds is not repeated.
+        adapter = max(adapters, key=lambda a: (len(a.items), a.tier), default=None)
+        held = {it.id for it in adapter.items} if adapter else set()
         # One prefix is injected (the largest); an item it carries is not repeated as text.
         kv = max(prefixes, key=lambda p: (len(p.items), p.tier), default=None)
-        if kv is not None and not kv.items:
-            kv = None
+        if kv is not None:
+            kv = kv.without(held) if kv.items else None
         served = {it.id for it in kv.items} if kv else set()
         for hits in by_tier.values():
             seen: set[int] = set()
@@ -295,18 +308,23 @@ class Memory:
                 if hit.item.id not in best or hit.score > best[hit.item.id].score:
                     best[hit.item.id] = hit
         out: list[Hit] = []
+        covered: list[Hit] = []
         spent = 0
         for item_id in sorted(fused, key=lambda i: (-fused[i], i)):
             if item_id in served:
                 continue
             hit = best[item_id]
-            if spent + hit.item.tokens > budget.tokens:
-                continue  # a smaller hit further down may still fit
-            out.append(hit)
-            spent += hit.item.tokens
-            if len(out) >= budget.k:
+            if item_id in held:
+                # Held in the weights: no prompt tokens; kept for a model that needs them as text.
+                if len(covered) < budget.k:
+                    covered.append(hit)
+            elif len(out) < budget.k and spent + hit.item.tokens <= budget.tokens:
+                out.append(hit)  # a smaller hit further down may still fit after a skip
+                spent += hit.item.tokens
+            if len(out) >= budget.k and (not held or len(covered) >= budget.k):
                 break
-        return kv, out, spent
+        return Recall(scope=scope, query=query, hits=tuple(out), tokens=spent, kv=kv, adapter=adapter,
+                      covered=tuple(covered))
 
     # -- answer with the local model -------------------------------------------
 
@@ -352,11 +370,13 @@ class Memory:
         with self.store.transaction() as db:
             return scope_usage(db, where, params, self.half_life_s)
 
-    def consolidate(self, scope: Scope | str, moves: Iterable[Move] | None = None) -> list[Placement]:
+    def consolidate(self, scope: Scope | str, moves: Iterable[Move] | None = None,
+                    progress: Callable[[str, int, int, Mapping[str, Any]], None] | None = None) -> list[Placement]:
         """Ask the policies for moves (or carry out the given ``moves``) and apply them.
 
         Covers the items of ``scope`` and every scope under it. Returns the
         placements the tiers reported. The moves are applied in one transaction.
+        ``progress(task, done, total, info)`` hears about long work (training an adapter).
         """
         scope = Scope.of(scope)
         if moves is None:
@@ -371,7 +391,8 @@ class Memory:
             return []
         with self.store.transaction() as db:
             self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
-            placed = _flatten(self.hook.memplug_consolidate(memory=self, scope=scope, moves=moves, db=db))
+            placed = _flatten(self.hook.memplug_consolidate(memory=self, scope=scope, moves=moves, db=db,
+                                                            progress=progress))
             self._apply_placements(db, placed)
         return placed
 

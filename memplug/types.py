@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
@@ -158,11 +158,64 @@ class KVPrefix:
     tokens: int
     fingerprint: str
     codec: str
-    loader: Callable[[], list[Any]] = field(repr=False, compare=False)
+    loader: Callable[[tuple[int, ...]], list[Any]] = field(repr=False, compare=False)
     stored_bytes: int = 0
+    spans: tuple[int, ...] = ()  # positions per item, when known
+    sizes: tuple[int, ...] = ()  # stored bytes per item, when known
 
     def chunks(self) -> list[Any]:
-        """The items' :class:`memplug.runtime.kv.KVChunk` values, in order (loads torch)."""
+        """The items' :class:`memplug.runtime.kv.KVChunk` values, in order (loads torch).
+
+        ``loader`` is called with the ids of the items to load.
+        """
+        return self.loader(tuple(it.id for it in self.items))
+
+    def without(self, item_ids: Collection[int]) -> KVPrefix | None:
+        """This prefix less ``item_ids`` (None if nothing is left)."""
+        keep = [k for k, it in enumerate(self.items) if it.id not in item_ids]
+        if len(keep) == len(self.items):
+            return self
+        if not keep:
+            return None
+        pick = lambda values, total: (tuple(values[k] for k in keep), sum(values[k] for k in keep)) \
+            if len(values) == len(self.items) else (values, total)  # noqa: E731
+        spans, tokens = pick(self.spans, self.tokens)
+        sizes, stored = pick(self.sizes, self.stored_bytes)
+        return replace(self, items=tuple(self.items[k] for k in keep), tokens=tokens, stored_bytes=stored,
+                       spans=spans, sizes=sizes)
+
+
+def adapter_name(tier: str, version: int, fingerprint: str) -> str:
+    """The name an adapter version is loaded under (a valid PEFT adapter name)."""
+    return f"memplug_{re.sub(r'[^A-Za-z0-9_]', '_', tier)}_{int(version)}_{fingerprint[:12]}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """A scope's trained LoRA adapter, ready for :mod:`memplug.runtime` to apply.
+
+    Built by a weights tier on read. ``items`` are the items the adapter holds
+    (their held-out recall passed the tier's threshold): the host does not
+    repeat them as text when the adapter is applied. ``fingerprint`` names the
+    base model it was trained on; ``name`` is unique per trained version.
+    ``load()`` returns the checked PEFT state dict and config.
+    """
+
+    tier: str
+    scope: Scope
+    version: int
+    fingerprint: str
+    items: tuple[Item, ...]
+    uri: str
+    stored_bytes: int
+    loader: Callable[[], tuple[dict[str, Any], dict[str, Any]]] = field(repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        """The adapter's name in the model: unique per tier, version and base model."""
+        return adapter_name(self.tier, self.version, self.fingerprint)
+
+    def load(self) -> tuple[dict[str, Any], dict[str, Any]]:
         return self.loader()
 
 
@@ -178,20 +231,25 @@ class Recall:
     hits: tuple[Hit, ...] = ()
     tokens: int = 0
     kv: KVPrefix | None = None
+    adapter: AdapterRef | None = None
+    covered: tuple[Hit, ...] = ()  # hits left out of ``hits`` because ``adapter`` holds them
 
     @property
     def items(self) -> tuple[Item, ...]:
-        """Every item the read returned: text hits, then explicit (KV) memory."""
-        return tuple(h.item for h in self.hits) + (self.kv.items if self.kv else ())
+        """Every item the read returned: text hits, explicit (KV) memory, then hits the adapter holds."""
+        return (tuple(h.item for h in self.hits) + (self.kv.items if self.kv else ())
+                + tuple(h.item for h in self.covered))
 
-    def as_text(self, kv_as_text: bool = True) -> str:
+    def as_text(self, kv_as_text: bool = True, adapter_as_text: bool = True) -> str:
         """Knowledge first, by rank; then the recent conversation in the order it happened.
 
-        Items held as KV memory are written out too (for a model that cannot take
-        them), unless ``kv_as_text`` is False because they are being injected.
+        Items held as KV memory or by the adapter are written out too (for a
+        model that cannot take them), unless ``kv_as_text`` / ``adapter_as_text``
+        is False because they are being injected or applied.
         """
         kv_hits = [Hit(it, self.kv.tier, 0.0) for it in self.kv.items] if self.kv and kv_as_text else []
-        facts = kv_hits + [h for h in self.hits if h.item.role is None]
+        weight_hits = list(self.covered) if adapter_as_text else []
+        facts = weight_hits + kv_hits + [h for h in self.hits if h.item.role is None]
         turns = sorted((h for h in self.hits if h.item.role is not None), key=lambda h: h.item.id)
         parts: list[str] = []
         if facts:

@@ -136,7 +136,7 @@ def test_items_in_a_kv_prefix_are_not_repeated_as_text(make_memory, user):
         @hookimpl
         def memplug_read(self, memory, scope, query, budget, filters, db):
             [item] = memory.get(scope, [held.id])
-            return [KVPrefix(self.name, (item,), 9, "fp", "int4", lambda: [])]
+            return [KVPrefix(self.name, (item,), 9, "fp", "int4", lambda ids: [])]
 
     mem = make_memory()
     held, other = mem.write(user, ["Ada keeps bees on the roof.", "Ada's bees make heather honey."])

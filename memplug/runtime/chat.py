@@ -17,6 +17,7 @@ tokens (the unit tests hold it to 1e-3 in the logits).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ PLAIN_SYSTEM = "You are a helpful assistant."
 _MARK = "\u2063MEMPLUG\u2063"
 # The observation window that scores a chunk's tokens for selection: what a reader will ask.
 PROBE = "What do these memories say about the person, and what is the answer?"
+_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform", "bias",
+                "fan_in_fan_out", "use_rslora", "task_type")
 
 
 def chat_messages(messages: Any) -> list[dict[str, str]]:
@@ -76,7 +79,16 @@ class LocalModel:
         self.stop_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self._lock = threading.RLock()
-        self._preamble: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
+        # Preamble key/values per adapter (None: the base model), and shared prefixes (few-shot prompts).
+        self._preambles: dict[str | None, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+        self._prefixes: OrderedDict[tuple[str | None, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = (
+            OrderedDict())
+        # LoRA adapters loaded into the model: name -> bytes, least recently used first.
+        self._resident: OrderedDict[str, int] = OrderedDict()
+        self._active: str | None = None
+        self._tuner_layers: list[Any] = []
+        self.max_adapters = 8
+        self.max_adapter_bytes = 256 << 20
 
     # -- prompt layout ---------------------------------------------------------
 
@@ -118,15 +130,111 @@ class LocalModel:
         return list(ids), k.clone(), v.clone()
 
     def _stored_preamble(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """The preamble as the model reads it now (with the active adapter, if any)."""
         with self._lock:
-            if self._preamble is None:
+            found = self._preambles.get(self._active)
+            if found is None:
                 head, _ = self.layout([{"role": "user", "content": "?"}])
                 ids = self.ids(head)
-                with torch.inference_mode():
-                    out = self.model(torch.tensor([ids], device=self.device), use_cache=True)
-                k, v = _stack_cache(out.past_key_values)
-                self._preamble = (ids, k[:, 0].float().cpu(), v[:, 0].float().cpu())
-            return self._preamble
+                k, v = self._kv_of(ids)
+                found = self._preambles[self._active] = (ids, k, v)
+            return found
+
+    def _kv_of(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            out = self.model(torch.tensor([list(ids)], device=self.device), use_cache=True)
+        k, v = _stack_cache(out.past_key_values)
+        return k[:, 0].float().cpu(), v[:, 0].float().cpu()
+
+    def _prefix_kv(self, ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key/values of a shared prefix, in the model's dtype and device (a few kept)."""
+        key = (self._active, ids)
+        found = self._prefixes.get(key)
+        if found is None:
+            k, v = self._kv_of(ids)
+            found = self._prefixes[key] = (k.to(self.device, self.dtype), v.to(self.device, self.dtype))
+            while len(self._prefixes) > 4:
+                self._prefixes.popitem(last=False)
+        self._prefixes.move_to_end(key)
+        return found
+
+    # -- adapters ----------------------------------------------------------------
+
+    def load_adapter(self, ref: Any) -> str:
+        """Make ``ref`` (a :class:`memplug.AdapterRef`) resident; return its adapter name.
+
+        Refused with :class:`~memplug.ModelMismatch` when it was trained on another
+        model. Resident adapters are bounded by ``max_adapters`` and
+        ``max_adapter_bytes``; the least recently used is unloaded first.
+        """
+        if ref.fingerprint != self.fingerprint:
+            raise ModelMismatch(f"adapter {ref.name} was trained on model {ref.fingerprint}; "
+                                f"{self.name} is {self.fingerprint}")
+        with self._lock:
+            if ref.name in self._resident:
+                self._resident.move_to_end(ref.name)
+                return ref.name
+            state, config = ref.load()
+            try:
+                from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+            except ImportError as e:
+                raise ModelMismatch("applying adapters needs peft: pip install 'memplug[lora]'") from e
+            peft_config = LoraConfig(**{k: v for k, v in config.items() if k in _LORA_FIELDS})
+            peft_config.inference_mode = True
+            size = sum(t.numel() * t.element_size() for t in state.values())
+            while self._resident and (len(self._resident) >= self.max_adapters
+                                      or sum(self._resident.values()) + size > self.max_adapter_bytes):
+                self.drop_adapter(next(iter(self._resident)))
+            inject_adapter_in_model(peft_config, self.model, adapter_name=ref.name)
+            try:
+                state = {k.removeprefix("base_model.model."): v.to(self.device, self.dtype) for k, v in state.items()}
+                result = set_peft_model_state_dict(self.model, state, adapter_name=ref.name)
+                missing = [k for k in result.missing_keys if f".{ref.name}." in k or k.endswith(f".{ref.name}")]
+                if result.unexpected_keys or missing:
+                    raise ModelMismatch(f"adapter {ref.name} does not fit {self.name}: "
+                                        f"{len(missing)} missing and {len(result.unexpected_keys)} unexpected tensors")
+            except BaseException:
+                self._unload(ref.name)
+                raise
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+            self._resident[ref.name] = size
+            if self._active != ref.name:
+                self._switch(self._active)  # injection may have changed which adapter is active
+            return ref.name
+
+    def drop_adapter(self, name: str) -> None:
+        """Unload a resident adapter (no effect if it is not loaded)."""
+        with self._lock:
+            if name in self._resident:
+                del self._resident[name]
+                self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        if self._active == name:
+            self._switch(None)
+        for m in self._tuner_layers or [m for m in self.model.modules() if hasattr(m, "delete_adapter")]:
+            if name in getattr(m, "lora_A", {}):
+                m.delete_adapter(name)
+        self._preambles.pop(name, None)
+        for key in [k for k in self._prefixes if k[0] == name]:
+            del self._prefixes[key]
+
+    def _use_adapter(self, ref: Any) -> None:
+        """Apply ``ref`` (or the base model, for None) to the following forward passes. Call under the lock."""
+        name = self.load_adapter(ref) if ref is not None else None
+        if name != self._active:
+            self._switch(name)
+
+    def _switch(self, name: str | None) -> None:
+        for m in self._tuner_layers:
+            if name is None:
+                m.enable_adapters(False)
+            else:
+                m.set_adapter(name, inference_mode=True)
+                m._disable_adapters = False
+        self._active = name
 
     # -- encoding memory chunks -----------------------------------------------
 
@@ -142,10 +250,11 @@ class LocalModel:
         """
         self._check_injectable()
         item_ids = list(item_ids) if item_ids is not None else list(range(len(texts)))
-        pre_ids, pre_k, pre_v = self._stored_preamble()
-        p = len(pre_ids)
         out: list[KVChunk] = []
         with self._lock, torch.inference_mode():
+            self._use_adapter(None)  # explicit memory is the base model's
+            pre_ids, pre_k, pre_v = self._stored_preamble()
+            p = len(pre_ids)
             previous = self.model.config._attn_implementation
             if scores:
                 self.model.set_attn_implementation("eager")
@@ -260,7 +369,9 @@ class LocalModel:
         (another model, or a non-rotary architecture) those items are given as text.
         """
         chunks = self.recall_chunks(recall)
-        text = recall.as_text(kv_as_text=chunks is None) if recall is not None else ""
+        adapter = self.recall_adapter(recall)
+        text = (recall.as_text(kv_as_text=chunks is None, adapter_as_text=adapter is None)
+                if recall is not None else "")
         head, closing = self.layout(messages, text, chunks=bool(chunks))
         if chunks or head:
             pre_ids = self._stored_preamble()[0]
@@ -269,7 +380,7 @@ class LocalModel:
                                     "this model cannot take injected memory")
         rows = [self.ids(closing)]
         yield from self._stream_rows(chunks or [], rows, max_new_tokens, temperature, top_p, seed,
-                                     with_preamble=bool(head))
+                                     with_preamble=bool(head), adapter=adapter)
 
     def recall_chunks(self, recall: Any) -> list[KVChunk] | None:
         """The KV chunks of ``recall`` if they can be injected here, else None (served as text)."""
@@ -278,10 +389,19 @@ class LocalModel:
             return None
         return kv.chunks()
 
-    def _stream_rows(self, chunks, rows, max_new_tokens, temperature, top_p, seed, with_preamble=True):
+    def recall_adapter(self, recall: Any) -> Any:
+        """The adapter of ``recall`` if it can be applied here (trained on this model), else None."""
+        ref = getattr(recall, "adapter", None)
+        if ref is None or ref.fingerprint != self.fingerprint:
+            return None
+        return ref
+
+    def _stream_rows(self, chunks, rows, max_new_tokens, temperature, top_p, seed, with_preamble=True,
+                     adapter=None):
         tokens: list[int] = []
         emitted = ""
-        for step in self.decode(chunks, rows, max_new_tokens, temperature, top_p, seed, with_preamble):
+        for step in self.decode(chunks, rows, max_new_tokens, temperature, top_p, seed, with_preamble,
+                                adapter=adapter):
             token = int(step[0])
             if token in self.stop_ids:
                 break
@@ -296,9 +416,14 @@ class LocalModel:
     def decode(self, chunks: Sequence[KVChunk], rows: Sequence[Sequence[int]], max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                with_preamble: bool = True, stop: Callable[[int, list[int]], bool] | None = None,
-               per_row_chunks: Sequence[Sequence[KVChunk]] | None = None) -> Iterable[torch.Tensor]:
+               per_row_chunks: Sequence[Sequence[KVChunk]] | None = None, adapter: Any = None,
+               shared_prefix: Sequence[int] | None = None) -> Iterable[torch.Tensor]:
         """Run ``rows`` (closing token ids, one row per conversation) on one shared memory prefix
         (``chunks``), or on a prefix per row (``per_row_chunks``).
+
+        ``adapter`` (a :class:`memplug.AdapterRef`) is applied for the whole run.
+        ``shared_prefix`` replaces the memory preamble with any token ids that
+        every row continues (a few-shot prompt): computed once, shared by the rows.
 
         Yields the next token of every row per step, until every row stopped
         (a stop token, or ``stop(row, tokens)`` true) or ``max_new_tokens``.
@@ -306,10 +431,19 @@ class LocalModel:
         b = len(rows)
         if per_row_chunks is not None and len(per_row_chunks) != b:
             raise InvalidInput(f"{len(per_row_chunks)} chunk lists for {b} rows")
-        if with_preamble:
-            cache, starts, prefix_mask = self.build_batch_cache(per_row_chunks or [chunks] * b)
-        else:
-            cache, starts, prefix_mask = None, torch.zeros(b, dtype=torch.long), torch.zeros(b, 0, dtype=torch.long)
+        with self._lock:
+            self._use_adapter(adapter)
+            if shared_prefix:
+                k, v = self._prefix_kv(tuple(shared_prefix))
+                cache = _cache_of(self.model.config, k.unsqueeze(1).expand(-1, b, -1, -1, -1),
+                                  v.unsqueeze(1).expand(-1, b, -1, -1, -1))
+                starts = torch.full((b,), len(shared_prefix))
+                prefix_mask = torch.ones(b, len(shared_prefix), dtype=torch.long)
+            elif with_preamble:
+                cache, starts, prefix_mask = self.build_batch_cache(per_row_chunks or [chunks] * b)
+            else:
+                cache, starts = None, torch.zeros(b, dtype=torch.long)
+                prefix_mask = torch.zeros(b, 0, dtype=torch.long)
         stored = prefix_mask.shape[1]
         n = max(len(r) for r in rows)
         # Left padding inside the closing segment, masked out; positions continue each row's prefix.
@@ -326,6 +460,7 @@ class LocalModel:
         done = torch.zeros(b, dtype=torch.bool)
         produced: list[list[int]] = [[] for _ in range(b)]
         with self._lock, torch.inference_mode():
+            self._use_adapter(adapter)
             logits, cache = self._forward(input_ids, cache, mask, pos)
             for _ in range(max_new_tokens):
                 token = _pick(logits, temperature, top_p, generator)

@@ -51,6 +51,22 @@ def load_model(home: Path, model: str | None = None, device: str | None = None) 
         return found
 
 
+def loaded(home: Path, model: str | None = None, device: str | None = None) -> LocalModel | None:
+    """The local model if this process has loaded it already, else None (never loads)."""
+    device = device or os.environ.get("MEMPLUG_DEVICE")
+    key_home = str(Path(home).resolve())
+    with _load_lock:
+        for (h, m, d), lm in _loaded.items():
+            if h == key_home and m == model and (device is None or d == device):
+                return lm
+    return None
+
+
+def fresh_model(home: Path, model: str | None = None, device: str | None = None) -> LocalModel:
+    """A private, uncached copy of the local model: for work that changes it (training an adapter)."""
+    return _load(Path(home), model, device or _default_device())
+
+
 def _default_device() -> str:
     wanted = os.environ.get("MEMPLUG_DEVICE")
     if wanted:

@@ -85,7 +85,7 @@ class KVTier:
         with memory.store.transaction() as db:
             if not db.execute(f"SELECT EXISTS (SELECT 1 FROM kv_items k WHERE {where})", params).fetchone()[0]:
                 return None
-            params["fp"] = _fingerprint(memory)
+            params["fp"] = memory.model_fingerprint
             params["damaged"] = sorted(self._damaged)
             ids = [r[0] for r in db.execute(
                 f"SELECT k.item_id FROM kv_items k WHERE {where} "
@@ -182,7 +182,7 @@ class KVTier:
         ).fetchall()
         if not rows:
             return None
-        fingerprint = _fingerprint(memory)
+        fingerprint = memory.model_fingerprint
         chosen, spent = [], 0
         for r in rows:
             span, key, fp, codec, size = r[9:14]
@@ -192,17 +192,19 @@ class KVTier:
                 continue
             if spent + span > budget.kv_tokens:
                 continue
-            chosen.append((item_from_row(r[:9]), key, codec, size))
+            chosen.append((item_from_row(r[:9]), key, codec, size, span))
             spent += span
         if not chosen:
             return None
         items = tuple(c[0] for c in chosen)
         codecs = sorted({c[2] for c in chosen})
-        loader = functools.partial(self._load, memory, tuple((c[0].id, c[1]) for c in chosen), fingerprint)
+        loader = functools.partial(self._load, memory, {c[0].id: c[1] for c in chosen}, fingerprint)
         return [KVPrefix(self.name, items, spent, fingerprint, "+".join(codecs), loader,
-                         sum(c[3] for c in chosen))]
+                         sum(c[3] for c in chosen), spans=tuple(c[4] for c in chosen),
+                         sizes=tuple(c[3] for c in chosen))]
 
-    def _load(self, memory, entries, fingerprint):
+    def _load(self, memory, keys, fingerprint, item_ids):
+        entries = [(i, keys[i]) for i in item_ids]
         model = memory.model
         if model.fingerprint != fingerprint:
             raise ModelMismatch(f"this KV prefix was built for model {fingerprint}, "
@@ -232,10 +234,6 @@ class KVTier:
         self._drop(memory, db, list(item_ids))
 
 
-def _fingerprint(memory) -> str:
-    from memplug.runtime.model import known_fingerprint
-
-    return known_fingerprint(memory.settings.home, memory.settings.model) or memory.model.fingerprint
 
 
 def _layout(model) -> dict[str, int]:

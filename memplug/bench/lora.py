@@ -1,0 +1,227 @@
+"""Weights-tier benchmark: closed-book recall of per-user LoRA adapters, and what they cost the model.
+
+For 20, 50 and 100 facts (the kv benchmark's generator) and each training
+setting, an adapter is trained exactly as the lora tier trains one, then:
+
+- **closed-book accuracy**: the adapted model answers the direct and the
+  paraphrased question of every fact with no memory in the prompt, against
+  the base model and against the fact as text in the prompt;
+- **forgetting**: perplexity on held-out general text
+  (``memplug/bench/data/heldout_text.txt``), and accuracy on the general
+  questions the base model answers correctly
+  (``memplug/bench/data/general_questions.json``);
+- training time (synthesis included), adapter bytes, and the time to switch
+  to the adapter when resident and to load it cold.
+
+The paraphrased questions are never seen in training: the tier writes its own
+questions from the statements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .facts import generate
+from .kv import _accuracy, _machine, _median_time
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "default": {},
+}
+
+
+def general_questions() -> list[dict[str, Any]]:
+    return json.loads(resources.files("memplug.bench").joinpath("data/general_questions.json").read_text())
+
+
+def heldout_text() -> list[str]:
+    text = resources.files("memplug.bench").joinpath("data/heldout_text.txt").read_text()
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def perplexity(lm: Any, paragraphs: list[str], batch_size: int = 10) -> float:
+    """Token-level perplexity of ``lm`` on raw paragraphs (no chat template)."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(paragraphs), batch_size):
+            rows = [lm.ids(p) for p in paragraphs[start:start + batch_size]]
+            n = max(len(r) for r in rows)
+            ids = torch.full((len(rows), n), lm.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(rows), n, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = torch.tensor(r)
+                mask[i, :len(r)] = 1
+            logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float().cpu()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            keep = mask[:, 1:].bool()
+            total -= float(logp[keep].sum())
+            count += int(keep.sum())
+    return math.exp(total / count)
+
+
+def general_answers(lm: Any, questions: list[dict[str, Any]], max_new_tokens: int = 20) -> list[bool]:
+    """Whether ``lm`` answers each general question right (any accepted answer in its reply)."""
+    rows = [lm.ids(lm.layout(q["question"], "", chunks=False)[1]) for q in questions]
+    answers = [q["answers"] for q in questions]
+    out: list[bool] = []
+    for start in range(0, len(rows), 48):
+        part = answers[start:start + 48]
+        produced: list[list[int]] = [[] for _ in part]
+
+        def stop(i: int, tokens: list[int], part=part) -> bool:
+            text = lm.tokenizer.decode(tokens, skip_special_tokens=True).lower()
+            return any(a in text for a in part[i]) or "\n" in text.strip()
+
+        for step in lm.decode([], rows[start:start + 48], max_new_tokens=max_new_tokens, with_preamble=False,
+                              stop=stop):
+            for i, t in enumerate(step.tolist()):
+                produced[i].append(t)
+        for accepted, p in zip(part, produced, strict=True):
+            text = lm.tokenizer.decode([t for t in p if t not in lm.stop_ids and t != lm.pad_id],
+                                       skip_special_tokens=True).lower()
+            out.append(any(a in text for a in accepted))
+    return out
+
+
+def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, seed: int = 7,
+        out_dir: str | Path = "benchmarks/results", home: Path | None = None, console: Any = None,
+        name: str = "lora") -> dict[str, Any]:
+    from memplug.runtime import lora
+    from memplug.runtime.model import cache_dir, fresh_model, load_model
+    from memplug.settings import Settings
+
+    say = console.print if console is not None else print
+    settings = settings or SETTINGS
+    config = Settings()
+    home = Path(home or config.home)
+    base = load_model(home, config.model)
+    paragraphs = heldout_text()
+    questions = general_questions()
+    t = time.perf_counter()
+    base_right = general_answers(base, questions)
+    known = [q for q, ok in zip(questions, base_right, strict=True) if ok]
+    base_ppl = perplexity(base, paragraphs)
+    say(f"base model: perplexity {base_ppl:.2f}, answers {len(known)}/{len(questions)} general questions "
+        f"({time.perf_counter() - t:.0f} s)")
+    result: dict[str, Any] = {"machine": _machine(), "model": base.name, "fingerprint": base.fingerprint,
+                              "seed": seed, "base": {"perplexity": base_ppl, "general_known": len(known),
+                                                     "general_total": len(questions)},
+                              "runs": {}}
+    for n in sizes:
+        facts = generate(n, seed)
+        none = _accuracy(base, facts, None, "none", 1)
+        text = _accuracy(base, facts, None, "text", 1)
+        say(f"{n} facts: base closed-book {none['direct']:.2f}/{none['paraphrase']:.2f}, "
+            f"text in prompt {text['direct']:.2f}/{text['paraphrase']:.2f} (direct/paraphrased)")
+        for label, overrides in settings.items():
+            cfg = lora.TrainConfig(**{**overrides, "seed": seed})
+            lm = fresh_model(home, config.model)
+            t0 = time.perf_counter()
+            data = lora.make_data(lm, [f.statement for f in facts], list(range(n)), cfg)
+            synth_s = time.perf_counter() - t0
+            replay = lora.replay_pairs(lm, cache_dir(home, config.model))
+            trained = lora.train(lm, data, replay, cfg)
+            train_s = time.perf_counter() - t0
+            closed = _accuracy(lm, facts, None, "none", 1)
+            ppl = perplexity(lm, paragraphs)
+            still = sum(general_answers(lm, known)) / max(1, len(known))
+            weights, peft_config = lora.pack(trained, base.fingerprint, {"bench": True})
+            switch = _switch_times(base, weights, peft_config, trained)
+            run = {
+                "facts": n, "setting": label, "config": trained.metrics["config"],
+                "closed_book": {"direct": closed["direct"], "paraphrase": closed["paraphrase"]},
+                "base_closed_book": {"direct": none["direct"], "paraphrase": none["paraphrase"]},
+                "text_in_prompt": {"direct": text["direct"], "paraphrase": text["paraphrase"]},
+                "paraphrase_vs_text": closed["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
+                "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1,
+                "general_accuracy_drop_points": 100 * (1 - still),
+                "self_measured_recall": trained.metrics["held_out_recall"],
+                "items_passed": len(trained.passed(cfg.min_recall)),
+                "synthesis_s": synth_s, "train_s": train_s, "examples": trained.metrics["examples"],
+                "steps": trained.metrics["steps"], "stopped": trained.metrics["stopped"],
+                "adapter_bytes": len(weights) + len(peft_config), **switch,
+            }
+            result["runs"][f"{n}/{label}"] = run
+            say(f"  {label:>12}: closed-book {closed['direct']:.2f}/{closed['paraphrase']:.2f} "
+                f"({run['paraphrase_vs_text']:.2f} of text), perplexity {ppl:.2f} "
+                f"({100 * run['perplexity_change']:+.1f}%), general -{run['general_accuracy_drop_points']:.1f} pts, "
+                f"{train_s:.0f} s, {run['adapter_bytes'] / 1e6:.2f} MB, switch {1000 * switch['switch_s']:.2f} ms, "
+                f"cold {1000 * switch['cold_load_s']:.0f} ms")
+            _save(result, out_dir, name)
+            del lm
+    _plot(result, out_dir, name)
+    return result
+
+
+def _switch_times(base: Any, weights: bytes, peft_config: bytes, trained: Any) -> dict[str, float]:
+    """Cold load and resident switch of the adapter on the serving model, and back to the base model."""
+    from memplug.runtime import lora
+    from memplug.types import AdapterRef, Scope
+
+    def ref(version: int) -> AdapterRef:
+        return AdapterRef("bench", Scope("bench"), version, base.fingerprint, (), "memory", len(weights),
+                          lambda: lora.unpack(weights, peft_config, base.fingerprint, "bench adapter"))
+
+    a, b = ref(1_000_001), ref(1_000_002)
+    cold = []
+    for _ in range(3):
+        base.drop_adapter(a.name)
+        t = time.perf_counter()
+        with base._lock:
+            base._use_adapter(a)
+        cold.append(time.perf_counter() - t)
+    with base._lock:
+        base._use_adapter(b)
+
+    def switch() -> None:
+        with base._lock:
+            base._use_adapter(a)
+            base._use_adapter(b)
+
+    switch_s = _median_time(switch, 20) / 2
+
+    def off() -> None:
+        with base._lock:
+            base._use_adapter(None)
+            base._use_adapter(a)
+
+    off_s = _median_time(off, 20) / 2
+    base.drop_adapter(a.name)
+    base.drop_adapter(b.name)
+    return {"cold_load_s": statistics.median(cold), "switch_s": switch_s, "base_switch_s": off_s}
+
+
+def _save(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+
+
+def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, run in result["runs"].items():
+        x = 100 * run["perplexity_change"]
+        y = run["closed_book"]["paraphrase"]
+        ax.scatter(x, y, s=20 + run["facts"])
+        ax.annotate(key, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axvline(10, color="grey", ls=":", label="perplexity target (+10%)")
+    ax.set_xlabel("held-out perplexity change (%)")
+    ax.set_ylabel("closed-book accuracy, paraphrased questions")
+    ax.set_title(f"LoRA memory on {result['model']}: recall vs forgetting")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / f"{name}.png", dpi=120)

@@ -1,0 +1,391 @@
+"""LoRA adapters for the weights tier: train from synthetic data, measure recall, pack and unpack.
+
+Training runs on a private copy of the local model (see
+:func:`memplug.runtime.model.fresh_model`), so the model that serves reads is
+never touched until a finished adapter is loaded into it.
+
+What keeps an adapter from breaking the model (measured in
+``benchmarks/results/lora.json``):
+
+- the loss is taken on answer tokens only;
+- **replay**: the base model's own answers to neutral prompts are mixed into
+  every batch, so the adapter is trained to leave general behaviour as it was;
+- a small rank on the MLP projections only, a short schedule with warm-up and
+  linear decay, and **early stopping** on held-out recall.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import write_atomic
+from ..errors import ArtifactCorrupt, InvalidInput, ModelMismatch, ModelUnavailable
+from .synth import ItemData, answer_key, contains_word, synthesize
+
+log = logging.getLogger(__name__)
+FORMAT = "memplug-lora/1"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+Progress = Callable[[str, int, int, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How an adapter is trained. The defaults are the benchmark's best trade-off."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    lr: float = 1e-3
+    epochs: int = 4
+    batch_size: int = 8
+    replay: float = 0.125  # replay examples per item example, in every epoch
+    min_recall: float = 0.5  # an item counts as held by the adapter at this held-out recall
+    max_seconds: float = 600.0
+    min_steps: int = 24  # few items still get this many optimizer steps (more epochs)
+    samples: int = 3  # model-written questions per item
+    paraphrases: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {"rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": 0 < self.lr < 1,
+                  "epochs": self.epochs >= 1, "min_steps": self.min_steps >= 0, "batch_size": self.batch_size >= 1, "replay": self.replay >= 0,
+                  "min_recall": 0 <= self.min_recall <= 1, "max_seconds": self.max_seconds > 0,
+                  "targets": bool(self.targets), "samples": self.samples >= 0, "paraphrases": self.paraphrases >= 0}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise InvalidInput("invalid LoRA training setting(s): " + ", ".join(
+                f"{k}={getattr(self, k)!r}" for k in bad))
+
+
+@dataclass
+class TrainResult:
+    """A trained adapter: its PEFT state and config, per-item recall, and how training went."""
+
+    state: dict[str, Any]
+    peft_config: dict[str, Any]
+    recall: dict[int, float]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def passed(self, threshold: float) -> list[int]:
+        return sorted(i for i, r in self.recall.items() if r >= threshold)
+
+
+# -- synthetic data -------------------------------------------------------------
+
+
+def make_data(lm: Any, statements: Sequence[str], item_ids: Sequence[int], cfg: TrainConfig) -> list[ItemData]:
+    """Questions, paraphrases and held-out questions for each statement, written with ``lm``'s help."""
+    def complete(prefix: str, tails: list[str], temperature: float, seed: int) -> list[str]:
+        return complete_lines(lm, prefix, tails, temperature, seed)
+
+    return synthesize(statements, item_ids, complete, seed=cfg.seed, samples=cfg.samples,
+                      paraphrases=cfg.paraphrases)
+
+
+def complete_lines(lm: Any, prefix: str, tails: Sequence[str], temperature: float = 0.0, seed: int = 0,
+                   max_new_tokens: int = 28, batch_size: int = 64) -> list[str]:
+    """The first line ``lm`` writes after ``prefix + tail``, for each tail (raw text, no chat template).
+
+    The prefix's key/values are computed once and shared by every row.
+    """
+    shared = lm.ids(prefix)
+    out: list[str] = []
+    for start in range(0, len(tails), batch_size):
+        rows = [lm.ids(t) for t in tails[start:start + batch_size]]
+        out += _generate(lm, rows, max_new_tokens, temperature, seed,
+                         stop=lambda text: "\n" in text.lstrip("\n"), shared_prefix=shared)
+    return [text.strip().split("\n")[0].strip() for text in out]
+
+
+def _generate(lm: Any, rows: list[list[int]], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+              stop: Callable[[str], bool] | None = None, shared_prefix: list[int] | None = None) -> list[str]:
+    produced: list[list[int]] = [[] for _ in rows]
+
+    def should_stop(i: int, tokens: list[int]) -> bool:
+        return stop is not None and stop(lm.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    for step in lm.decode([], rows, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                          with_preamble=False, stop=should_stop if stop is not None else None,
+                          shared_prefix=shared_prefix):
+        for i, t in enumerate(step.tolist()):
+            produced[i].append(t)
+    return [lm.tokenizer.decode([t for t in p if t not in lm.stop_ids and t != lm.pad_id], skip_special_tokens=True)
+            for p in produced]
+
+
+def replay_prompts() -> list[str]:
+    return json.loads(resources.files("memplug.runtime").joinpath("replay_prompts.json").read_text())
+
+
+def replay_pairs(lm: Any, cache: Path | None = None, max_new_tokens: int = 48) -> list[tuple[str, str, bool]]:
+    """The base model's own greedy answers to neutral prompts: ``(prompt, answer, finished)``.
+
+    Computed once per model and kept in ``cache`` (a folder) under the model's fingerprint.
+    """
+    path = cache / f"replay-{lm.fingerprint[:16]}.json" if cache is not None else None
+    if path is not None and path.is_file():
+        try:
+            return [tuple(x) for x in json.loads(path.read_text())]
+        except (ValueError, TypeError):
+            log.warning("lora: replay cache %s is unreadable; recomputing it", path)
+    prompts = replay_prompts()
+    rows = [lm.ids(lm.layout(p, "", chunks=False)[1]) for p in prompts]
+    answers = []
+    for start in range(0, len(rows), 36):
+        answers += _generate_finished(lm, rows[start:start + 36], max_new_tokens)
+    pairs = [(p, a, done) for p, (a, done) in zip(prompts, answers, strict=True) if a.strip()]
+    if path is not None:
+        write_atomic(path, json.dumps(pairs).encode())
+    return pairs
+
+
+def _generate_finished(lm: Any, rows: list[list[int]], max_new_tokens: int) -> list[tuple[str, bool]]:
+    produced: list[list[int]] = [[] for _ in rows]
+    for step in lm.decode([], rows, max_new_tokens=max_new_tokens, with_preamble=False):
+        for i, t in enumerate(step.tolist()):
+            produced[i].append(t)
+    out = []
+    for p in produced:
+        finished = any(t in lm.stop_ids for t in p)
+        kept = p[:next((k for k, t in enumerate(p) if t in lm.stop_ids), len(p))]
+        out.append((lm.tokenizer.decode(kept, skip_special_tokens=True), finished))
+    return out
+
+
+# -- training ---------------------------------------------------------------------
+
+
+def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bool]], cfg: TrainConfig,
+          progress: Progress | None = None) -> TrainResult:
+    """Train a LoRA on ``lm`` (a private copy: its model is changed in place) and measure recall.
+
+    Stops early when every item's held-out recall reaches ``cfg.min_recall`` or
+    recall stops improving; keeps the adapter state of the best evaluation.
+    """
+    import torch
+
+    try:
+        from peft import (
+            LoraConfig,
+            get_peft_model,
+            get_peft_model_state_dict,
+            set_peft_model_state_dict,
+        )
+    except ImportError as e:
+        raise ModelUnavailable("the lora tier needs peft: pip install 'memplug[lora]'") from e
+    if not data:
+        raise InvalidInput("nothing to train on: no items")
+    t0 = time.perf_counter()
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    end = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
+    facts = [_example(lm, q, a, end) for d in data for q, a in d.train]
+    n_replay = min(len(replay), math.ceil(cfg.replay * len(facts))) if replay else 0
+    peft_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none",
+                             target_modules=list(cfg.targets), task_type="CAUSAL_LM")
+    model = get_peft_model(lm.model, peft_config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    per_epoch = len(facts) + n_replay
+    steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    total = steps_per_epoch * epochs
+    warmup = max(1, total // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / total))
+
+    history: list[dict[str, Any]] = []
+    best: tuple[float, int, dict[str, Any], dict[int, float]] | None = None
+    step = 0
+    stopped = "epochs"
+    for epoch in range(epochs):
+        model.train()
+        examples = facts + [_example(lm, p, a, end if done else []) for p, a, done in
+                            rng.sample(list(replay), n_replay)]
+        rng.shuffle(examples)
+        losses = []
+        for start in range(0, len(examples), cfg.batch_size):
+            batch = examples[start:start + cfg.batch_size]
+            loss = _loss(model, batch, lm.pad_id, lm.device)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            step += 1
+            if progress is not None:
+                progress("train", step, total, {"loss": losses[-1], "epoch": epoch + 1})
+            if time.perf_counter() - t0 > cfg.max_seconds:
+                stopped = "time"
+                break
+        model.eval()
+        recall = evaluate(lm, data)
+        mean = sum(recall.values()) / len(recall)
+        history.append({"epoch": epoch + 1, "step": step, "loss": sum(losses) / max(1, len(losses)),
+                        "held_out_recall": mean, "seconds": time.perf_counter() - t0})
+        log.info("lora: epoch %d, loss %.3f, held-out recall %.2f", epoch + 1, history[-1]["loss"], mean)
+        if progress is not None:
+            progress("evaluate", epoch + 1, epochs, history[-1])
+        if best is None or mean > best[0]:
+            state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            best = (mean, epoch + 1, state, recall)
+        if stopped == "time":
+            break
+        if all(r >= cfg.min_recall for r in recall.values()) and epoch >= 1:
+            stopped = "recall"
+            break
+        if len(history) >= 3 and mean <= history[-2]["held_out_recall"] <= history[-3]["held_out_recall"]:
+            stopped = "plateau"
+            break
+    assert best is not None
+    mean, epoch, state, recall = best
+    if epoch != len(history):  # leave the model as the adapter that is returned
+        set_peft_model_state_dict(model, state)
+    config = peft_config.to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    metrics = {"seconds": time.perf_counter() - t0, "steps": step, "epochs_run": len(history),
+               "best_epoch": epoch, "stopped": stopped, "examples": len(facts), "replay_per_epoch": n_replay,
+               "held_out_recall": mean, "history": history, "config": asdict(cfg)}
+    return TrainResult(state, config, recall, metrics)
+
+
+def _example(lm: Any, prompt: str, answer: str, end: list[int]) -> tuple[list[int], list[int]]:
+    return lm.ids(lm.layout(prompt, "", chunks=False)[1]), lm.ids(answer) + end
+
+
+def _loss(model: Any, batch: Sequence[tuple[list[int], list[int]]], pad_id: int, device: str) -> Any:
+    import torch
+
+    n = max(len(p) + len(a) for p, a in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros(len(batch), n, dtype=torch.long)
+    for i, (p, a) in enumerate(batch):
+        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+        mask[i, :len(p) + len(a)] = 1
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    # The vocabulary projection is a fifth of the model's work: run it on answer positions only.
+    causal_lm = model.get_base_model()
+    hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    picked = targets != -100
+    logits = causal_lm.lm_head(hidden[:, :-1][picked]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[picked])
+
+
+def evaluate(lm: Any, data: Sequence[ItemData], max_new_tokens: int = 32) -> dict[int, float]:
+    """Each item's recall: the share of its held-out questions answered with its key word."""
+    rows, owners, keys = [], [], []
+    for d in data:
+        for q in d.held_out:
+            key = answer_key(d.statement, q)
+            if key is None:
+                continue
+            rows.append(lm.ids(lm.layout(q, "", chunks=False)[1]))
+            owners.append(d.item_id)
+            keys.append(key)
+    answers = answer_rows(lm, rows, keys, max_new_tokens)
+    got: dict[int, list[bool]] = {d.item_id: [] for d in data}
+    for owner, key, text in zip(owners, keys, answers, strict=True):
+        got[owner].append(contains_word(text, key))
+    return {i: (sum(v) / len(v) if v else 0.0) for i, v in got.items()}
+
+
+def answer_rows(lm: Any, rows: list[list[int]], keys: Sequence[str | None], max_new_tokens: int = 32,
+                batch_size: int = 48) -> list[str]:
+    """Greedy answers to templated rows; a row stops once its key appears or a line ends."""
+    out: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        part_keys = keys[start:start + batch_size]
+        produced: list[list[int]] = [[] for _ in part_keys]
+
+        def stop(i: int, tokens: list[int], part_keys=part_keys) -> bool:
+            text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+            key = part_keys[i]
+            return (key is not None and contains_word(text, key)) or "\n" in text.strip()
+
+        for step in lm.decode([], rows[start:start + batch_size], max_new_tokens=max_new_tokens,
+                              with_preamble=False, stop=stop):
+            for i, t in enumerate(step.tolist()):
+                produced[i].append(t)
+        out += [lm.tokenizer.decode([t for t in p if t not in lm.stop_ids and t != lm.pad_id],
+                                    skip_special_tokens=True) for p in produced]
+    return out
+
+
+# -- packing --------------------------------------------------------------------
+
+
+def pack(result: TrainResult, fingerprint: str, meta: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The adapter in PEFT's file format: (``adapter_model.safetensors``, ``adapter_config.json``) bytes.
+
+    The safetensors header also carries the base model's fingerprint and a
+    BLAKE2b digest of the tensors, so a damaged or foreign file is refused on load.
+    """
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous().cpu() for k, v in result.state.items()}
+    header = {"format": "pt", "memplug": FORMAT, "fingerprint": fingerprint, "digest": _digest(state),
+              "config_digest": _config_digest(result.peft_config),
+              "meta": json.dumps(meta, sort_keys=True)}
+    return save(state, metadata=header), json.dumps(result.peft_config, indent=1, sort_keys=True).encode()
+
+
+def unpack(weights: bytes, config: bytes, fingerprint: str, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check and read a packed adapter: (state dict, PEFT config). Raises ArtifactCorrupt or ModelMismatch."""
+    from safetensors.torch import load
+
+    try:
+        header = _header(weights)
+        state = load(weights)
+        peft_config = json.loads(config)
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file is damaged
+        raise ArtifactCorrupt(f"adapter {where} is unreadable ({type(e).__name__}: {e}); "
+                              "the next consolidation retrains it") from e
+    if header.get("memplug") != FORMAT:
+        raise ArtifactCorrupt(f"adapter {where} is not a memplug adapter (format {header.get('memplug')!r})")
+    if header.get("fingerprint") != fingerprint:
+        raise ModelMismatch(f"adapter {where} was trained on model {header.get('fingerprint')}, "
+                            f"the loaded model is {fingerprint}; it is not applied")
+    if header.get("digest") != _digest(state) or header.get("config_digest") != _config_digest(peft_config):
+        raise ArtifactCorrupt(f"adapter {where} failed its integrity check; the next consolidation retrains it")
+    return state, peft_config
+
+
+def _header(weights: bytes) -> dict[str, str]:
+    if len(weights) < 8:
+        raise ValueError("file too short")
+    n = int.from_bytes(weights[:8], "little")
+    if n <= 0 or 8 + n > len(weights):
+        raise ValueError("bad header length")
+    return json.loads(weights[8:8 + n]).get("__metadata__") or {}
+
+
+def _digest(state: dict[str, Any]) -> str:
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(state):
+        t = state[k].detach().contiguous().cpu()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _config_digest(config: dict[str, Any]) -> str:
+    return hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=16).hexdigest()

@@ -1,0 +1,217 @@
+"""Synthetic training data for the weights tier: questions, paraphrases and answers made from items.
+
+A few items are too little to train on, and an item trained on in one phrasing
+is recalled in that phrasing only. So for each item this module writes:
+
+- **questions** that the item answers, by the local model itself (few-shot, sampled)
+  and by templates around the item's anchor (its leading proper name, or its
+  first words);
+- **paraphrases** of the statement, by the local model;
+- a **cloze** prompt: the statement up to its key word, to be completed.
+
+Every answer is the statement itself or a paraphrase that still contains the
+item's anchor and key word, and no question may contain the key word (it would
+give the answer away). One model-written question per item is held out to
+measure the item's recall after training. None of this imports torch.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+_WORD = re.compile(r"[A-Za-z0-9][\w'\u2019\-]*")
+STOPWORDS = frozenset("""
+a an the and or but if of in on at to for from by with about as into onto over under than then that this these
+those there here is are was were be been being am has have had do does did done not no yes it its it's they
+them their he him his she her we us our you your i me my mine who whom whose what which when where why how
+can could will would shall should may might must also very just so such too up down out off one ones some any
+all each every both either neither s t called named name lives live living works work working likes like
+""".split())  # noqa: SIM905 - a word list reads best as text
+
+QUESTION_SHOTS = (
+    ("Maria's cat is called Luna.", "What is the name of Maria's cat?"),
+    ("The team meeting is every Tuesday at 10 am.", "When is the team meeting?"),
+    ("Tom is allergic to peanuts.", "What is Tom allergic to?"),
+    ("Our wifi password is blue-heron-42.", "What is the wifi password?"),
+)
+PARAPHRASE_SHOTS = (
+    ("Maria's cat is called Luna.", "Luna is the name of Maria's cat."),
+    ("The team meeting is every Tuesday at 10 am.", "Every Tuesday at 10 am, the team meets."),
+    ("Tom is allergic to peanuts.", "Peanuts give Tom an allergic reaction."),
+)
+TEMPLATE_QUESTIONS = (
+    "What do you know about {a}?",
+    "Tell me about {a}.",
+    "What should I remember about {a}?",
+    "Remind me of what you know about {a}.",
+    "Do you know anything about {a}?",
+)
+CLOZE = "Complete this sentence: {prefix}"
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def _stem(word: str) -> str:
+    return word.lower().replace("\u2019", "'").removesuffix("'s")[:5]
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in words(text) if w.lower() not in STOPWORDS and len(w) > 1 or w.isdigit()]
+
+
+def answer_key(statement: str, question: str = "") -> str | None:
+    """The word an answer must contain: the statement's last content word that the question lacks.
+
+    English puts new information at the end of a sentence, so the last content
+    word not already in the question is the one an answer has to supply
+    ("X lives in Kyoto" asked "Where does X live?" gives "Kyoto").
+    """
+    asked = {_stem(w) for w in words(question)}
+    for word in reversed(content_words(statement)):
+        if _stem(word) not in asked:
+            return word
+    return None
+
+
+def anchor(statement: str) -> str:
+    """What the statement is about: its first run of capitalised words (a name), else its first three words."""
+    tokens = statement.split()
+    best: list[str] = []
+    run: list[str] = []
+    for n, tok in enumerate(tokens):
+        bare = tok.strip(",;:!?\"()")
+        if bare.endswith(".") and len(bare) > 2:  # keep the dot of an initial ("T.")
+            bare = bare[:-1]
+        is_name = bool(bare) and bare[0].isupper() and not (n == 0 and bare.lower() in STOPWORDS)
+        if is_name and not (bare.endswith("'s") or bare.endswith("\u2019s")):
+            run.append(bare)
+            continue
+        if is_name:  # a possessive ends the name: "Ana B. Kov's dog"
+            run.append(bare)
+        if len(run) > len(best) and any(len(r.rstrip(".")) > 1 for r in run):
+            best = run
+        run = []
+        if best:
+            break
+    if len(run) > len(best):
+        best = run
+    if best:
+        name = " ".join(best)
+        return re.sub(r"(['\u2019]s)$", "", name)
+    return " ".join(statement.split()[:3]).rstrip(".,;:!?")
+
+
+def contains_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<![\w]){re.escape(word.lower())}(?![\w])", text.lower()) is not None
+
+
+def recalled(statement: str, question: str, answer: str) -> bool:
+    """Whether ``answer`` to ``question`` supplies the statement's key word."""
+    key = answer_key(statement, question)
+    return key is not None and contains_word(answer, key)
+
+
+@dataclass
+class ItemData:
+    """Training pairs and held-out questions for one item."""
+
+    item_id: int
+    statement: str
+    anchor: str
+    train: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer)
+    held_out: list[str] = field(default_factory=list)
+
+
+# complete(shared_prefix, tails, temperature, seed): the model's first line after prefix + each tail.
+Complete = Callable[[str, list[str], float, int], list[str]]
+
+
+def synthesize(statements: Sequence[str], item_ids: Sequence[int], complete: Complete | None,
+               seed: int = 0, samples: int = 3, paraphrases: int = 2) -> list[ItemData]:
+    """Training pairs and held-out questions for every statement.
+
+    ``complete(prompts, temperature, seed)`` runs the local model on raw
+    few-shot prompts (None: templates only). ``samples`` model questions and
+    ``paraphrases`` model paraphrases are asked for per item; those that fail
+    the filters are dropped.
+    """
+    rng = random.Random(seed)
+    out = [ItemData(int(i), " ".join(s.split()), anchor(s)) for s, i in zip(statements, item_ids, strict=True)]
+    questions: list[list[str]] = [[] for _ in out]
+    rewrites: list[list[str]] = [[] for _ in out]
+    if complete is not None and out:
+        tails = [_tail(d.statement, "Question") for d in out]
+        p_tails = [_tail(d.statement, "Same meaning") for d in out]
+        # One greedy completion each, then sampled ones for variety.
+        runs = []
+        for k in range(max(samples, paraphrases, 1)):
+            temperature = 0.0 if k == 0 else 0.8
+            runs.append((complete(_shots(QUESTION_SHOTS, "Question"), tails, temperature, seed + k),
+                         complete(_shots(PARAPHRASE_SHOTS, "Same meaning"), p_tails, temperature, seed + k)))
+        for q_run, p_run in runs:
+            for k, d in enumerate(out):
+                q, p = q_run[k].strip(), p_run[k].strip()
+                if _good_question(d, q) and q not in questions[k] and len(questions[k]) < samples:
+                    questions[k].append(q)
+                if _good_paraphrase(d, p) and p not in rewrites[k] and len(rewrites[k]) < paraphrases:
+                    rewrites[k].append(p)
+    for k, d in enumerate(out):
+        qs = questions[k]
+        if len(qs) >= 2:
+            d.held_out.append(qs.pop())
+        answers = [d.statement] + rewrites[k]
+        for q in qs:
+            d.train.append((q, d.statement))
+        for t in rng.sample(TEMPLATE_QUESTIONS, 3):
+            d.train.append((t.format(a=d.anchor), rng.choice(answers)))
+        prefix = _cloze_prefix(d.statement)
+        if prefix:
+            d.train.append((CLOZE.format(prefix=prefix), d.statement))
+        for p in rewrites[k]:
+            d.train.append((TEMPLATE_QUESTIONS[0].format(a=d.anchor), p))
+        if not d.held_out:
+            d.held_out.append(f"What can you tell me about {d.anchor}?")
+    return out
+
+
+def _shots(shots: Sequence[tuple[str, str]], label: str) -> str:
+    """The few-shot examples, shared by every item's prompt (its KV is computed once)."""
+    return "\n\n".join(f"Sentence: {s}\n{label}: {t}" for s, t in shots) + "\n\nSentence:"
+
+
+def _tail(statement: str, label: str) -> str:
+    return f" {statement}\n{label}:"
+
+
+def _good_question(d: ItemData, q: str) -> bool:
+    if not q.endswith("?") or not 3 <= len(q.split()) <= 30:
+        return False
+    if any(q == shot for _, shot in QUESTION_SHOTS):
+        return False
+    key = answer_key(d.statement, q)
+    if key is None or contains_word(q, key):
+        return False
+    # It must ask about this item: share a content word with it beyond the key.
+    own = {_stem(w) for w in content_words(d.statement)}
+    return bool(own & {_stem(w) for w in content_words(q)})
+
+
+def _good_paraphrase(d: ItemData, p: str) -> bool:
+    if not p or p == d.statement or not 3 <= len(p.split()) <= 2 * len(d.statement.split()) + 8:
+        return False
+    key = answer_key(d.statement)
+    return key is not None and contains_word(p, key) and contains_word(p, d.anchor.split()[0])
+
+
+def _cloze_prefix(statement: str) -> str | None:
+    key = answer_key(statement)
+    if key is None:
+        return None
+    at = statement.lower().rfind(key.lower())
+    prefix = statement[:at].rstrip()
+    return prefix if len(prefix.split()) >= 2 else None

@@ -1,0 +1,319 @@
+"""Tier ``lora`` (level 3): knowledge in the weights, as one LoRA adapter per scope.
+
+When consolidation moves items to level 3, the tier retrains the adapter of
+each scope concerned on all of that scope's level-3 items: it writes
+questions, paraphrases and cloze prompts from the items (with the local
+model's help, see :mod:`memplug.runtime.synth`), mixes in replay of the base
+model's own answers, trains a LoRA with PEFT on a private copy of the model,
+and measures each item's recall on held-out questions
+(:mod:`memplug.runtime.lora`).
+
+The adapter is written to the artifact store in PEFT's format
+(``adapter_model.safetensors`` + ``adapter_config.json``; the safetensors
+header carries the base model's fingerprint and a digest), then registered in
+``lora_adapters`` in the consolidation's transaction: the commit is the switch,
+so a reader sees the old version or the new one, never a half-written one.
+
+On read the tier offers the scope's newest adapter for the loaded model as an
+:class:`memplug.AdapterRef`, with the items whose recall passed
+``lora_min_recall``: the host does not repeat those as text. Items that failed
+stay served by the lower tiers.
+
+Forgetting an item deletes every adapter version trained on it at once (rows,
+then files after commit, and the resident copy). The scope's other items are
+retrained at the next consolidation; with none left, nothing is retrained.
+
+Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (2e-3),
+``lora_epochs`` (4), ``lora_targets`` (comma-separated module names),
+``lora_replay`` (0.5), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
+``lora_max_items`` (200 per scope), ``lora_resident`` (adapters kept loaded, 8),
+``lora_resident_mb`` (256).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from psycopg.types.json import Jsonb
+
+from memplug import AdapterRef, ArtifactCorrupt, ModelMismatch, Move, Placement, Scope, hookimpl
+from memplug.memory import ITEM_COLUMNS, item_from_row
+from memplug.scoping import subtree_sql, visible_sql
+from memplug.types import adapter_name
+
+log = logging.getLogger(__name__)
+LEVEL = 3
+MIGRATIONS = (
+    """
+    CREATE TABLE lora_adapters (
+        id           bigserial PRIMARY KEY,
+        user_id      text NOT NULL,
+        agent_id     text NOT NULL,
+        session_id   text NOT NULL,
+        artifact     text NOT NULL,
+        bytes        integer NOT NULL,
+        fingerprint  text NOT NULL,
+        item_ids     bigint[] NOT NULL,
+        recall       real NOT NULL,
+        metrics      jsonb NOT NULL,
+        stale        boolean NOT NULL DEFAULT false,
+        created_at   timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX lora_adapters_scope ON lora_adapters (user_id, agent_id, session_id, id DESC);
+    CREATE INDEX lora_adapters_items ON lora_adapters USING gin (item_ids);
+    CREATE TABLE lora_items (
+        item_id     bigint PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
+        user_id     text NOT NULL,
+        agent_id    text NOT NULL,
+        session_id  text NOT NULL,
+        adapter_id  bigint REFERENCES lora_adapters(id) ON DELETE SET NULL,
+        recall      real,
+        passed      boolean NOT NULL DEFAULT false
+    );
+    CREATE INDEX lora_items_scope ON lora_items (user_id, agent_id, session_id);
+    CREATE INDEX lora_items_adapter ON lora_items (adapter_id);
+    """,
+)
+
+
+class LoraTier:
+    """Knowledge in the weights: a per-scope LoRA adapter, trained from synthetic data."""
+
+    name = "lora"
+    level = LEVEL
+
+    @hookimpl
+    def memplug_configure(self, memory):
+        memory.store.migrate("lora", MIGRATIONS)
+        opt = memory.settings.option
+        from memplug.runtime.lora import TrainConfig
+
+        targets = opt("lora_targets", None, str)
+        overrides = {
+            "rank": opt("lora_rank", TrainConfig.rank, int), "alpha": opt("lora_alpha", TrainConfig.alpha, float),
+            "lr": opt("lora_lr", TrainConfig.lr, float), "epochs": opt("lora_epochs", TrainConfig.epochs, int),
+            "replay": opt("lora_replay", TrainConfig.replay, float),
+            "min_recall": opt("lora_min_recall", TrainConfig.min_recall, float),
+            "max_seconds": opt("lora_max_train_s", TrainConfig.max_seconds, float),
+        }
+        if targets:
+            overrides["targets"] = tuple(t.strip() for t in targets.split(",") if t.strip())
+        self.config = TrainConfig(**overrides)
+        self.max_items = opt("lora_max_items", 200, int)
+        self.resident = opt("lora_resident", 8, int)
+        self.resident_bytes = opt("lora_resident_mb", 256, int) << 20
+        self._damaged: set[int] = set()
+
+    # -- consolidation ------------------------------------------------------------
+
+    @hookimpl
+    def memplug_plan(self, memory, scope, usage):
+        """Retrain scopes with items waiting (new, after a forget or a demotion), a damaged
+        adapter, or an adapter trained on another model."""
+        where, params = subtree_sql(scope, "l")
+        with memory.store.transaction() as db:
+            if not db.execute(f"SELECT EXISTS (SELECT 1 FROM lora_items l WHERE {where})", params).fetchone()[0]:
+                return None
+            params.update(fp=memory.model_fingerprint, damaged=sorted(self._damaged))
+            ids = [r[0] for r in db.execute(
+                f"""
+                SELECT l.item_id FROM lora_items l LEFT JOIN lora_adapters a ON a.id = l.adapter_id
+                WHERE {where} AND (a.id IS NULL OR a.stale OR a.fingerprint <> %(fp)s
+                                   OR a.id = ANY(%(damaged)s::bigint[]))
+                ORDER BY l.item_id
+                """, params).fetchall()]
+        return [Move(tuple(ids), 1, self.level, "retrain the scope's adapter")] if ids else None
+
+    @hookimpl
+    def memplug_consolidate(self, memory, scope, moves, db, progress):
+        up = sorted({i for m in moves if m.dst_level == self.level for i in m.item_ids})
+        down = sorted({i for m in moves if m.src_level == self.level and m.dst_level < self.level
+                       for i in m.item_ids})
+        done = []
+        if down:
+            scopes = db.execute(
+                "DELETE FROM lora_items WHERE item_id = ANY(%s::bigint[]) "
+                "RETURNING user_id, agent_id, session_id", (down,)).fetchall()
+            for u, a, s in set(scopes):
+                # The adapter still holds the demoted items; the next consolidation retrains without them.
+                db.execute("UPDATE lora_adapters SET stale = true WHERE user_id = %s AND agent_id = %s "
+                           "AND session_id = %s", (u, a, s))
+            done.append(Placement(self.name, self.level, down, "demoted", held=False))
+        if up:
+            db.execute(
+                """
+                INSERT INTO lora_items (item_id, user_id, agent_id, session_id)
+                SELECT i.id, i.user_id, i.agent_id, i.session_id FROM items i WHERE i.id = ANY(%s::bigint[])
+                ON CONFLICT (item_id) DO NOTHING
+                """, (up,))
+            keys = db.execute(
+                "SELECT DISTINCT user_id, agent_id, session_id FROM lora_items WHERE item_id = ANY(%s::bigint[]) "
+                "ORDER BY 1, 2, 3", (up,)).fetchall()
+            for key in keys:
+                done += self._train_scope(memory, db, tuple(key), progress)
+        return done
+
+    def _train_scope(self, memory, db, key, progress):
+        from memplug.runtime import lora
+        from memplug.runtime.model import cache_dir, fresh_model
+
+        u, a, s = key
+        rows = db.execute(
+            f"SELECT {ITEM_COLUMNS} FROM lora_items l JOIN items i ON i.id = l.item_id "
+            "WHERE l.user_id = %s AND l.agent_id = %s AND l.session_id = %s ORDER BY i.id",
+            (u, a, s)).fetchall()
+        items = [item_from_row(r) for r in rows]
+        if len(items) > self.max_items:
+            # The most recent items win; the others leave level 3 and stay with the lower tiers.
+            dropped = [it.id for it in items[:-self.max_items]]
+            db.execute("DELETE FROM lora_items WHERE item_id = ANY(%s::bigint[])", (dropped,))
+            log.info("lora: scope %s/%s/%s has %d items at level 3; the oldest %d stay text (lora_max_items=%d)",
+                     u, a, s, len(items), len(dropped), self.max_items)
+            items = items[-self.max_items:]
+        scope_label = "/".join(x for x in key if x) or u
+
+        def report(stage, done_, total, info):
+            if progress is not None:
+                progress(f"lora {scope_label}: {stage}", done_, total, info)
+
+        model = fresh_model(memory.settings.home, memory.settings.model)
+        report("synthesize", 0, len(items), {})
+        data = lora.make_data(model, [it.text for it in items], [it.id for it in items], self.config)
+        replay = lora.replay_pairs(model, cache_dir(memory.settings.home, memory.settings.model))
+        result = lora.train(model, data, replay, self.config, progress=report)
+        fingerprint = model.fingerprint
+        del model
+        passed = set(result.passed(self.config.min_recall))
+        mean = sum(result.recall.values()) / len(result.recall)
+        adapter_id = db.execute(
+            """
+            INSERT INTO lora_adapters (user_id, agent_id, session_id, artifact, bytes, fingerprint, item_ids,
+                                       recall, metrics)
+            VALUES (%s, %s, %s, '', 0, %s, %s, %s, %s) RETURNING id
+            """,
+            (u, a, s, fingerprint, [it.id for it in items], mean,
+             Jsonb(_json_safe(result.metrics))),
+        ).fetchone()[0]
+        meta = {"adapter_id": adapter_id, "scope": list(key), "item_ids": [it.id for it in items],
+                "recall": {str(k): v for k, v in result.recall.items()}, "metrics": _json_safe(result.metrics)}
+        weights, config = lora.pack(result, fingerprint, meta)
+        prefix = _artifact_prefix(fingerprint, key, adapter_id)
+        for name, data_ in ((lora.WEIGHTS_FILE, weights), (lora.CONFIG_FILE, config)):
+            memory.artifacts.put(f"{prefix}/{name}", data_)
+            memory.store.on_rollback(db, functools.partial(memory.artifacts.delete, f"{prefix}/{name}"))
+        db.execute("UPDATE lora_adapters SET artifact = %s, bytes = %s WHERE id = %s",
+                   (prefix, len(weights) + len(config), adapter_id))
+        db.execute(
+            """
+            UPDATE lora_items l SET adapter_id = %(id)s, recall = r.recall, passed = r.recall >= %(floor)s
+            FROM unnest(%(ids)s::bigint[], %(recalls)s::real[]) AS r(item_id, recall)
+            WHERE l.item_id = r.item_id
+            """,
+            {"id": adapter_id, "ids": list(result.recall), "recalls": list(result.recall.values()),
+             "floor": self.config.min_recall})
+        self._prune(memory, db, key, adapter_id)
+        log.info("lora: scope %s adapter %d: %d/%d items recalled (mean %.2f), %.0f s, %d bytes",
+                 scope_label, adapter_id, len(passed), len(items), mean, result.metrics["seconds"], len(weights))
+        failed = [it.id for it in items if it.id not in passed]
+        out = [Placement(self.name, self.level, sorted(passed), "trained")]
+        if failed:
+            out.append(Placement(self.name, self.level, failed, "not recalled: served by lower tiers", held=False))
+        return out
+
+    def _prune(self, memory, db, key, newest):
+        """Keep the newest adapter and the one before it (a reader may be loading it); drop older ones."""
+        u, a, s = key
+        old = db.execute(
+            """
+            DELETE FROM lora_adapters WHERE user_id = %s AND agent_id = %s AND session_id = %s AND id < %s
+              AND id <> coalesce((SELECT max(id) FROM lora_adapters WHERE user_id = %s AND agent_id = %s
+                                  AND session_id = %s AND id < %s), 0)
+            RETURNING id, artifact, fingerprint
+            """, (u, a, s, newest, u, a, s, newest)).fetchall()
+        self._delete(memory, db, old)
+
+    def _delete(self, memory, db, rows):
+        from memplug.runtime.lora import CONFIG_FILE, WEIGHTS_FILE
+        from memplug.runtime.model import loaded
+
+        resident = loaded(memory.settings.home, memory.settings.model)
+        for adapter_id, prefix, fingerprint in rows:
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                if prefix:
+                    memory.store.on_commit(db, functools.partial(memory.artifacts.delete, f"{prefix}/{name}"))
+            if resident is not None:
+                name = adapter_name(self.name, adapter_id, fingerprint)
+                memory.store.on_commit(db, functools.partial(resident.drop_adapter, name))
+
+    # -- read -----------------------------------------------------------------------
+
+    @hookimpl
+    def memplug_read(self, memory, scope, query, budget, filters, db):
+        where, params = visible_sql(scope, "a")
+        if not db.execute(f"SELECT EXISTS (SELECT 1 FROM lora_adapters a WHERE {where})", params).fetchone()[0]:
+            return None
+        params.update(fp=memory.model_fingerprint, damaged=sorted(self._damaged))
+        # The most specific scope's newest adapter for the loaded model.
+        row = db.execute(
+            f"""
+            SELECT a.id, a.user_id, a.agent_id, a.session_id, a.artifact, a.bytes, a.fingerprint
+            FROM lora_adapters a
+            WHERE {where} AND a.fingerprint = %(fp)s AND a.artifact <> '' AND NOT (a.id = ANY(%(damaged)s))
+              AND EXISTS (SELECT 1 FROM lora_items l WHERE l.adapter_id = a.id)
+            ORDER BY (a.agent_id <> '')::int + (a.session_id <> '')::int DESC, a.id DESC LIMIT 1
+            """, params).fetchone()
+        if row is None:
+            return None
+        adapter_id, u, a, s, prefix, size, fingerprint = row
+        items = tuple(item_from_row(r) for r in db.execute(
+            f"SELECT {ITEM_COLUMNS} FROM lora_items l JOIN items i ON i.id = l.item_id "
+            "WHERE l.adapter_id = %s AND l.passed ORDER BY i.id", (adapter_id,)).fetchall())
+        loader = functools.partial(self._load, memory, adapter_id, prefix, fingerprint)
+        ref = AdapterRef(self.name, Scope(u, a or None, s or None), adapter_id, fingerprint, items,
+                         memory.artifacts.uri(prefix), size, loader)
+        return [ref]
+
+    def _load(self, memory, adapter_id, prefix, fingerprint):
+        from memplug.runtime import lora
+
+        model = memory.model
+        model.max_adapters, model.max_adapter_bytes = self.resident, self.resident_bytes
+        where = f"{memory.artifacts.uri(prefix)} (adapter {adapter_id})"
+        try:
+            weights = memory.artifacts.get(f"{prefix}/{lora.WEIGHTS_FILE}")
+            config = memory.artifacts.get(f"{prefix}/{lora.CONFIG_FILE}")
+            return lora.unpack(weights, config, fingerprint, where)
+        except (ArtifactCorrupt, ModelMismatch):
+            self._damaged.add(adapter_id)
+            raise
+        except FileNotFoundError as e:
+            self._damaged.add(adapter_id)
+            raise ArtifactCorrupt(f"adapter {where} is missing a file ({e}); the next consolidation retrains it") \
+                from e
+
+    # -- forget -----------------------------------------------------------------------
+
+    @hookimpl
+    def memplug_forget(self, memory, scope, item_ids, db):
+        """Every adapter version trained on a forgotten item goes at once; the rest retrain later."""
+        rows = db.execute(
+            "DELETE FROM lora_adapters WHERE item_ids && %s::bigint[] RETURNING id, artifact, fingerprint",
+            (list(item_ids),)).fetchall()
+        self._delete(memory, db, rows)
+        db.execute("DELETE FROM lora_items WHERE item_id = ANY(%s::bigint[])", (list(item_ids),))
+
+
+def _artifact_prefix(fingerprint: str, key, adapter_id: int) -> str:
+    u, a, s = key
+    return f"lora/{fingerprint[:16]}/{u}/{a or '_'}/{s or '_'}/{adapter_id}"
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value

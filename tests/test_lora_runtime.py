@@ -1,0 +1,189 @@
+"""The weights-tier machinery on a tiny Llama built from a config: synthesis, training, packing, applying."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from memplug import AdapterRef, ArtifactCorrupt, InvalidInput, ModelMismatch, Scope
+from memplug.runtime import lora, synth
+from memplug.runtime.chat import LocalModel
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+FACTS = ["Alice Brown lives in Oslo.", "The code word for the vault is parrot.", "Rex is the name of Tom's dog."]
+FAST = lora.TrainConfig(rank=4, alpha=8, lr=5e-3, epochs=2, batch_size=4, replay=0.5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from memplug.runtime.tokenizer import load_token_counter
+    from memplug.settings import Settings
+
+    counter = load_token_counter(Settings().home)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(counter.path), eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>")
+    tok.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return LlamaForCausalLM(config).eval(), tok
+
+
+@pytest.fixture
+def make_tiny(tiny_base):
+    def make(fingerprint="tiny"):
+        model, tok = tiny_base
+        return LocalModel(copy.deepcopy(model), tok, fingerprint=fingerprint, name="tiny-llama", device="cpu",
+                          rotary=True)
+    return make
+
+
+def logits(lm, text="<|im_start|>user\nWhere does Alice Brown live?<|im_end|>\n"):
+    with torch.inference_mode():
+        return lm.model(torch.tensor([lm.ids(text)])).logits[0, -1].clone()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base):
+    model, tok = tiny_base
+    lm = LocalModel(copy.deepcopy(model), tok, fingerprint="tiny", name="tiny-llama", device="cpu", rotary=True)
+    data = synth.synthesize(FACTS, [1, 2, 3], None, seed=0)
+    replay = [("Give me a tip for sleeping.", "Keep a regular bedtime.", True)]
+    return lm, data, lora.train(lm, data, replay, FAST)
+
+
+def ref_of(result, fingerprint="tiny", version=1, tier="lora", scope="alice"):
+    weights, config = lora.pack(result, fingerprint, {"items": [1, 2, 3]})
+    return AdapterRef(tier, Scope(scope), version, fingerprint, (), "memory", len(weights),
+                      lambda: lora.unpack(weights, config, fingerprint, f"adapter {version}"))
+
+
+# -- synthesis ---------------------------------------------------------------------
+
+
+def test_answer_key_is_what_the_question_lacks():
+    assert synth.answer_key("Kara V. Pell lives in Kyoto.", "Where does Kara V. Pell live?") == "Kyoto"
+    assert synth.answer_key("Quo Folley competes in fencing at weekends.",
+                            "Which sport does Quo Folley do on weekends?") == "fencing"
+    assert synth.answer_key("Ulsha's locker code is HG-8704.") == "HG-8704"
+    assert synth.anchor("Vesne T. Strandton lives in Tallinn.") == "Vesne T. Strandton"
+    assert synth.anchor("Orine B. Ashik's favourite dish is pierogi.") == "Orine B. Ashik"
+    assert synth.recalled("Kara lives in Kyoto.", "Where does Kara live?", "She lives in Kyoto, Japan.")
+    assert not synth.recalled("Kara lives in Kyoto.", "Where does Kara live?", "She lives in Kyotoville.")
+
+
+def test_synthesized_pairs_keep_the_fact_and_never_give_it_away():
+    data = synth.synthesize(FACTS, [1, 2, 3], None, seed=0)
+    for d in data:
+        assert d.train and d.held_out
+        for question, answer in d.train:
+            key = synth.answer_key(d.statement, question)
+            assert key is not None and synth.contains_word(answer, key)
+        for question in d.held_out:
+            assert (question, d.statement) not in d.train
+
+
+def test_model_written_questions_are_filtered():
+    def complete(prefix, tails, temperature, seed):
+        if "Question" in prefix:  # a good question, one that gives the answer away, and junk
+            return ["Where does Alice Brown live?" if "Alice" in t else "What is the wifi password?"
+                    for t in tails]
+        return ["Oslo is the home of Alice Brown." if "Alice" in t else "Dogs are nice." for t in tails]
+
+    data = synth.synthesize(FACTS, [1, 2, 3], complete, seed=0, samples=2, paraphrases=1)
+    alice = data[0]
+    assert ("Where does Alice Brown live?", alice.statement) in alice.train
+    assert any(a == "Oslo is the home of Alice Brown." for _, a in alice.train)
+    for d in data[1:]:
+        assert all(q != "What is the wifi password?" for q, _ in d.train)
+        assert all(a != "Dogs are nice." for _, a in d.train)
+
+
+# -- training and packing ----------------------------------------------------------
+
+
+def test_training_changes_only_the_adapter_and_reports_recall(make_tiny, trained):
+    lm, data, result = trained
+    assert set(result.recall) == {1, 2, 3}
+    assert all(0.0 <= r <= 1.0 for r in result.recall.values())
+    assert result.state and all("lora_" in k for k in result.state)
+    assert result.metrics["steps"] > 0 and result.metrics["history"]
+    assert result.peft_config["r"] == FAST.rank
+    with pytest.raises(InvalidInput, match="nothing to train"):
+        lora.train(make_tiny(), [], [], FAST)
+    with pytest.raises(InvalidInput, match="rank"):
+        lora.TrainConfig(rank=0)
+
+
+def test_applied_adapter_reproduces_the_trained_model_and_switches_back_exactly(make_tiny, trained):
+    trainee, _, result = trained
+    want = logits(trainee)
+    serving = make_tiny()
+    base = logits(serving)
+    ref = ref_of(result)
+    with serving._lock:
+        serving._use_adapter(ref)
+        assert torch.allclose(logits(serving), want, atol=1e-5)
+        serving._use_adapter(None)
+        assert torch.equal(logits(serving), base)
+        serving._use_adapter(ref)  # resident: no second load
+        assert torch.allclose(logits(serving), want, atol=1e-5)
+    assert list(serving._resident) == [ref.name]
+
+
+def test_resident_adapters_are_bounded_least_recently_used_first(make_tiny, trained):
+    _, _, result = trained
+    serving = make_tiny()
+    serving.max_adapters = 2
+    refs = [ref_of(result, version=v) for v in (1, 2, 3)]
+    with serving._lock:
+        for r in refs[:2]:
+            serving._use_adapter(r)
+        serving._use_adapter(refs[0])  # 1 is now the most recent
+        serving._use_adapter(refs[2])
+    assert list(serving._resident) == [refs[0].name, refs[2].name]
+    serving.drop_adapter(refs[2].name)
+    assert serving._active is None and list(serving._resident) == [refs[0].name]
+
+
+def test_adapter_of_another_model_is_refused(make_tiny, trained):
+    _, _, result = trained
+    serving = make_tiny()
+    with pytest.raises(ModelMismatch, match="trained on model other"):
+        serving.load_adapter(ref_of(result, fingerprint="other"))
+    weights, config = lora.pack(result, "other", {})
+    with pytest.raises(ModelMismatch, match="trained on model other"):
+        lora.unpack(weights, config, "tiny", "adapter x")
+    assert serving._resident == {}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "config"])
+def test_damaged_adapter_files_are_refused(make_tiny, trained, damage):
+    _, _, result = trained
+    weights, config = lora.pack(result, "tiny", {})
+    if damage == "truncate":
+        weights = weights[: len(weights) // 2]
+    elif damage == "flip":
+        weights = bytearray(weights)
+        weights[-10] ^= 0x40
+        weights = bytes(weights)
+    elif damage == "garbage":
+        weights = b"\x00" * 64
+    else:
+        config = config.replace(b'"r": 4', b'"r": 5')
+    with pytest.raises(ArtifactCorrupt, match="adapter x"):
+        lora.unpack(weights, config, "tiny", "adapter x")
+
+
+def test_shared_prefix_decoding_equals_full_prompts(make_tiny):
+    lm = make_tiny()
+    prefix = "Sentence: one\nQuestion: two\n\nSentence:"
+    tails = [" Alice Brown lives in Oslo.\nQuestion:", " Rex is a dog.\nQuestion:"]
+    shared = lora.complete_lines(lm, prefix, tails, max_new_tokens=6)
+    whole = [lora.complete_lines(lm, "", [prefix + t], max_new_tokens=6)[0] for t in tails]
+    assert shared == whole

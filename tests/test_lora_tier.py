@@ -1,0 +1,115 @@
+"""The lora tier end to end: real Postgres, real MiniLM, real SmolLM2-135M, real training."""
+
+from __future__ import annotations
+
+import pytest
+
+from memplug import AdapterRef, ArtifactCorrupt, ModelMismatch, Move, Settings
+from memplug.bench.lora import heldout_text, perplexity
+
+FACTS = [
+    ("Zorbul Quenti lives in Marrakesh.", "Where does Zorbul Quenti live?", "Marrakesh"),
+    ("Ilse Varga plays the bassoon.", "Which instrument does Ilse Varga play?", "bassoon"),
+    ("Tamsin Orlo's pet ferret is called Biscuit.", "What is the name of Tamsin Orlo's ferret?", "Biscuit"),
+]
+
+
+@pytest.fixture
+def lora_memory(make_memory, tmp_path):
+    return make_memory(settings=Settings(plugins="context,pgvector,lora"),
+                       options={"artifacts": str(tmp_path / "artifacts"), "lora_epochs": 3})
+
+
+def closed_book(lm, question, adapter=None):
+    """The model's answer with no memory in the prompt, with or without an adapter."""
+    rows = [lm.ids(lm.layout(question, "", chunks=False)[1])]
+    out = []
+    for step in lm.decode([], rows, max_new_tokens=24, with_preamble=False, adapter=adapter):
+        out.append(int(step[0]))
+    return lm.tokenizer.decode([t for t in out if t not in lm.stop_ids], skip_special_tokens=True)
+
+
+def adapter_files(tmp_path):
+    return sorted(p for p in (tmp_path / "artifacts").rglob("*") if p.is_file())
+
+
+def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_path):
+    mem = lora_memory
+    alice, bob = users(2)
+    items = mem.write(alice, [f for f, _, _ in FACTS])
+    mem.write(bob, "Bob keeps his bicycle in the garden shed.")
+    lm = mem.model
+    base_ppl = perplexity(lm, heldout_text()[:8])
+    base_known = [key.lower() in closed_book(lm, q).lower() for _, q, key in FACTS]
+    assert not any(base_known), "the base model cannot know invented facts"
+
+    seen = []
+    placed = mem.consolidate(alice, [Move(tuple(it.id for it in items), 1, 3, "test")],
+                             progress=lambda task, done, total, info: seen.append((task, done, total)))
+    assert any(t.startswith("lora alice") and "train" in t for t, _, _ in seen)
+    held = {i for p in placed if p.tier == "lora" and p.held for i in p.item_ids}
+    assert held, f"no item was recalled after training: {placed}"
+
+    # The read offers the adapter; what it holds is not repeated as text (but is there for API models).
+    fact, question, key = next(f for f, it in zip(FACTS, items, strict=True) if it.id in held)
+    recall = mem.read(alice, question)
+    assert isinstance(recall.adapter, AdapterRef)
+    assert {it.id for it in recall.adapter.items} == held
+    assert not {h.item.id for h in recall.hits} & held
+    assert key in recall.as_text() and key not in recall.as_text(adapter_as_text=False)
+
+    ref = recall.adapter
+    recalled = [k.lower() in closed_book(lm, q, ref).lower() for _, q, k in FACTS]
+    assert sum(recalled) > sum(base_known)
+    assert key.lower() in mem.generate(alice, question, max_new_tokens=24).lower()
+    with lm._lock:
+        lm._use_adapter(ref)
+        try:
+            adapted_ppl = perplexity(lm, heldout_text()[:8])
+        finally:
+            lm._use_adapter(None)
+    assert adapted_ppl <= 1.10 * base_ppl, (base_ppl, adapted_ppl)
+
+    # Bob never gets Alice's adapter.
+    bob_recall = mem.read(bob, question)
+    assert bob_recall.adapter is None
+    mem.generate(bob, question, max_new_tokens=4)
+    assert lm._active is None
+
+    # An adapter of another base model is never offered, and refused if asked for.
+    with mem.store.transaction() as db:
+        db.execute("UPDATE lora_adapters SET fingerprint = 'other' WHERE id = %s", (ref.version,))
+    assert mem.read(alice, question).adapter is None
+    with pytest.raises(ModelMismatch):
+        lm.load_adapter(AdapterRef("lora", ref.scope, 999, "other", (), "", 0, ref.loader))
+    with mem.store.transaction() as db:
+        db.execute("UPDATE lora_adapters SET fingerprint = %s WHERE id = %s", (ref.fingerprint, ref.version))
+
+    # A damaged adapter file gives a clear error naming the adapter.
+    lm.drop_adapter(ref.name)
+    weights = next(p for p in adapter_files(tmp_path) if p.name == "adapter_model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ArtifactCorrupt, match=f"adapter {ref.version}"):
+        mem.generate(alice, question, max_new_tokens=4)
+
+    # Forget one fact: every adapter trained on it goes at once, the others are retrained without it.
+    forgotten = items[[f for f, _, _ in FACTS].index(fact)]
+    mem.forget(alice, [forgotten.id])
+    assert adapter_files(tmp_path) == []
+    assert mem.read(alice, question).adapter is None
+    with mem.store.transaction() as db:
+        assert db.execute("SELECT count(*) FROM lora_adapters").fetchone()[0] == 0
+    placed = mem.consolidate(alice)  # the tier's plan retrains the rest
+    assert {i for p in placed for i in p.item_ids} <= {it.id for it in items} - {forgotten.id}
+    with mem.store.transaction() as db:
+        trained_on = db.execute("SELECT item_ids FROM lora_adapters").fetchall()
+    assert trained_on and all(forgotten.id not in ids for (ids,) in trained_on)
+    retrained = mem.read(alice, FACTS[0][1]).adapter or mem.read(alice, FACTS[1][1]).adapter
+    if retrained is not None:
+        # The forgotten fact's closed-book recall is back at the base model's level.
+        assert key.lower() not in closed_book(lm, question, retrained).lower()
+
+    # Forget the rest: the adapter is dropped and nothing is retrained.
+    mem.forget(alice)
+    assert adapter_files(tmp_path) == []
+    assert mem.consolidate(alice) == []

@@ -14,7 +14,7 @@ from memplug.runtime.chat import LocalModel
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 FACTS = ["Alice Brown lives in Oslo.", "The code word for the vault is parrot.", "Rex is the name of Tom's dog."]
-FAST = lora.TrainConfig(rank=4, alpha=8, lr=5e-3, epochs=2, batch_size=4, replay=0.5, seed=1)
+FAST = lora.TrainConfig(rank=4, alpha=8, lr=5e-3, epochs=2, min_steps=4, batch_size=4, replay=0.5, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +128,13 @@ def test_applied_adapter_reproduces_the_trained_model_and_switches_back_exactly(
     ref = ref_of(result)
     with serving._lock:
         serving._use_adapter(ref)
-        assert torch.allclose(logits(serving), want, atol=1e-5)
+        # The adapter is stored in fp16: equal to the trained model within fp16 rounding.
+        assert torch.allclose(logits(serving), want, atol=2e-3)
+        assert not torch.allclose(logits(serving), base, atol=2e-3)
         serving._use_adapter(None)
         assert torch.equal(logits(serving), base)
         serving._use_adapter(ref)  # resident: no second load
-        assert torch.allclose(logits(serving), want, atol=1e-5)
+        assert torch.allclose(logits(serving), want, atol=2e-3)
     assert list(serving._resident) == [ref.name]
 
 

@@ -1,4 +1,4 @@
-"""LocalModel: chat generation that composes text memories, injected KV memory and (later) adapters.
+"""LocalModel: chat generation that composes text memories, injected KV memory and LoRA adapters.
 
 The prompt is laid out in three parts so that memory chunks can be encoded once
 and injected later:
@@ -17,13 +17,14 @@ tokens (the unit tests hold it to 1e-3 in the logits).
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from ..errors import InvalidInput, ModelMismatch
+from ..errors import InvalidInput, ModelMismatch, ModelUnavailable
 from .kv import KVChunk, rotate, stack_prefix
 
 SYSTEM = "You are a helpful assistant. Answer from these memories when they are relevant.\nMemories:\n"
@@ -178,7 +179,7 @@ class LocalModel:
             try:
                 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
             except ImportError as e:
-                raise ModelMismatch("applying adapters needs peft: pip install 'memplug[lora]'") from e
+                raise ModelUnavailable("applying adapters needs peft: pip install 'memplug[lora]'") from e
             peft_config = LoraConfig(**{k: v for k, v in config.items() if k in _LORA_FIELDS})
             peft_config.inference_mode = True
             size = sum(t.numel() * t.element_size() for t in state.values())
@@ -214,9 +215,11 @@ class LocalModel:
     def _unload(self, name: str) -> None:
         if self._active == name:
             self._switch(None)
-        for m in self._tuner_layers or [m for m in self.model.modules() if hasattr(m, "delete_adapter")]:
-            if name in getattr(m, "lora_A", {}):
-                m.delete_adapter(name)
+        with warnings.catch_warnings():  # PEFT warns when the (disabled) active adapter goes
+            warnings.simplefilter("ignore")
+            for m in self._tuner_layers or [m for m in self.model.modules() if hasattr(m, "delete_adapter")]:
+                if name in getattr(m, "lora_A", {}):
+                    m.delete_adapter(name)
         self._preambles.pop(name, None)
         for key in [k for k in self._prefixes if k[0] == name]:
             del self._prefixes[key]
@@ -228,12 +231,14 @@ class LocalModel:
             self._switch(name)
 
     def _switch(self, name: str | None) -> None:
+        enable = self._active is None and name is not None
         for m in self._tuner_layers:
             if name is None:
                 m.enable_adapters(False)
-            else:
-                m.set_adapter(name, inference_mode=True)
-                m._disable_adapters = False
+                continue
+            if enable:
+                m.enable_adapters(True)
+            m.set_adapter(name, inference_mode=True)
         self._active = name
 
     # -- encoding memory chunks -----------------------------------------------

@@ -46,10 +46,12 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    first_layer: int = 0  # adapt layers from this one up (the lower layers stay the base model's)
     lr: float = 1e-3
     epochs: int = 4
     batch_size: int = 8
-    replay: float = 0.125  # replay examples per item example, in every epoch
+    replay: float = 0.5  # replay examples per item example, in every epoch
+    kl: float = 1.0  # replay loss: KL to the base model's distribution (0: cross-entropy on its answers)
     min_recall: float = 0.5  # an item counts as held by the adapter at this held-out recall
     max_seconds: float = 600.0
     min_steps: int = 24  # few items still get this many optimizer steps (more epochs)
@@ -58,10 +60,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = {"rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": 0 < self.lr < 1,
+        checks = {"rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": 0 < self.lr < 1, "kl": self.kl >= 0,
                   "epochs": self.epochs >= 1, "min_steps": self.min_steps >= 0, "batch_size": self.batch_size >= 1, "replay": self.replay >= 0,
                   "min_recall": 0 <= self.min_recall <= 1, "max_seconds": self.max_seconds > 0,
-                  "targets": bool(self.targets), "samples": self.samples >= 0, "paraphrases": self.paraphrases >= 0}
+                  "targets": bool(self.targets), "first_layer": self.first_layer >= 0, "samples": self.samples >= 0, "paraphrases": self.paraphrases >= 0}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise InvalidInput("invalid LoRA training setting(s): " + ", ".join(
@@ -190,10 +192,14 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     end = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
-    facts = [_example(lm, q, a, end) for d in data for q, a in d.train]
+    facts = [_example(lm, q, a, end, "fact") for d in data for q, a in d.train]
     n_replay = min(len(replay), math.ceil(cfg.replay * len(facts))) if replay else 0
+    n_layers = lm.layers
+    if cfg.first_layer >= n_layers:
+        raise InvalidInput(f"first_layer={cfg.first_layer} but {lm.name} has {n_layers} layers")
+    layers = list(range(cfg.first_layer, n_layers)) if cfg.first_layer else None
     peft_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none",
-                             target_modules=list(cfg.targets), task_type="CAUSAL_LM")
+                             target_modules=list(cfg.targets), layers_to_transform=layers, task_type="CAUSAL_LM")
     model = get_peft_model(lm.model, peft_config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -212,13 +218,11 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     stopped = "epochs"
     for epoch in range(epochs):
         model.train()
-        examples = facts + [_example(lm, p, a, end if done else []) for p, a, done in
+        examples = facts + [_example(lm, p, a, end if done else [], "replay") for p, a, done in
                             rng.sample(list(replay), n_replay)]
-        rng.shuffle(examples)
         losses = []
-        for start in range(0, len(examples), cfg.batch_size):
-            batch = examples[start:start + cfg.batch_size]
-            loss = _loss(model, batch, lm.pad_id, lm.device)
+        for batch in _batches(examples, cfg.batch_size, rng):
+            loss = _loss(model, batch, lm.pad_id, lm.device, cfg.kl)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -262,25 +266,51 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     return TrainResult(state, config, recall, metrics)
 
 
-def _example(lm: Any, prompt: str, answer: str, end: list[int]) -> tuple[list[int], list[int]]:
-    return lm.ids(lm.layout(prompt, "", chunks=False)[1]), lm.ids(answer) + end
+def _batches(examples: list[Any], size: int, rng: random.Random) -> list[list[Any]]:
+    """Shuffled batches of similar length: examples are sorted by length within windows of
+    eight batches, so little of each batch is padding, then the batches are shuffled."""
+    rng.shuffle(examples)
+    window = 8 * size
+    batches = []
+    for kind in ("fact", "replay"):  # a batch holds one kind: replay batches take another loss
+        same = [e for e in examples if e[2] == kind]
+        for start in range(0, len(same), window):
+            part = sorted(same[start:start + window], key=lambda e: len(e[0]) + len(e[1]))
+            batches += [part[k:k + size] for k in range(0, len(part), size)]
+    rng.shuffle(batches)
+    return batches
 
 
-def _loss(model: Any, batch: Sequence[tuple[list[int], list[int]]], pad_id: int, device: str) -> Any:
+def _example(lm: Any, prompt: str, answer: str, end: list[int], kind: str) -> tuple[list[int], list[int], str]:
+    return lm.ids(lm.layout(prompt, "", chunks=False)[1]), lm.ids(answer) + end, kind
+
+
+def _loss(model: Any, batch: Sequence[tuple[list[int], list[int], str]], pad_id: int, device: str,
+          kl: float) -> Any:
+    """Cross-entropy on the answers of item examples; on replay examples, KL divergence from the
+    base model's next-token distribution at every position (or, with ``kl=0``, cross-entropy on
+    the base model's answer)."""
     import torch
 
-    n = max(len(p) + len(a) for p, a in batch)
+    n = max(len(p) + len(a) for p, a, _ in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), -100, dtype=torch.long)
     mask = torch.zeros(len(batch), n, dtype=torch.long)
-    for i, (p, a) in enumerate(batch):
+    for i, (p, a, _) in enumerate(batch):
         ids[i, :len(p) + len(a)] = torch.tensor(p + a)
         labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
         mask[i, :len(p) + len(a)] = 1
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-    # The vocabulary projection is a fifth of the model's work: run it on answer positions only.
     causal_lm = model.get_base_model()
     hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    if batch[0][2] == "replay" and kl > 0:
+        picked = mask[:, 1:].bool()
+        logp = torch.log_softmax(causal_lm.lm_head(hidden[:, :-1][picked]).float(), dim=-1)
+        with torch.no_grad(), model.disable_adapter():
+            base = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            base_logp = torch.log_softmax(causal_lm.lm_head(base[:, :-1][picked]).float(), dim=-1)
+        return kl * (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
+    # The vocabulary projection is a fifth of the model's work: run it on answer positions only.
     targets = labels[:, 1:]
     picked = targets != -100
     logits = causal_lm.lm_head(hidden[:, :-1][picked]).float()
@@ -336,9 +366,11 @@ def pack(result: TrainResult, fingerprint: str, meta: dict[str, Any]) -> tuple[b
     The safetensors header also carries the base model's fingerprint and a
     BLAKE2b digest of the tensors, so a damaged or foreign file is refused on load.
     """
+    import torch
     from safetensors.torch import save
 
-    state = {k: v.detach().contiguous().cpu() for k, v in result.state.items()}
+    # fp16 halves the file; LoRA factors are small numbers well inside its range.
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in result.state.items()}
     header = {"format": "pt", "memplug": FORMAT, "fingerprint": fingerprint, "digest": _digest(state),
               "config_digest": _config_digest(result.peft_config),
               "meta": json.dumps(meta, sort_keys=True)}

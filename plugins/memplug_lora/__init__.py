@@ -260,7 +260,7 @@ class LoraTier:
             SELECT a.id, a.user_id, a.agent_id, a.session_id, a.artifact, a.bytes, a.fingerprint
             FROM lora_adapters a
             WHERE {where} AND a.fingerprint = %(fp)s AND a.artifact <> '' AND NOT (a.id = ANY(%(damaged)s))
-              AND EXISTS (SELECT 1 FROM lora_items l WHERE l.adapter_id = a.id)
+              AND EXISTS (SELECT 1 FROM lora_items l WHERE l.adapter_id = a.id AND l.passed)
             ORDER BY (a.agent_id <> '')::int + (a.session_id <> '')::int DESC, a.id DESC LIMIT 1
             """, params).fetchone()
         if row is None:

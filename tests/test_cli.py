@@ -74,3 +74,12 @@ def test_unreachable_store_exit_code(monkeypatch):
     assert result.exit_code == 2 and "StoreUnavailable" in result.output and "topsecret" not in result.output
     doctor = CliRunner().invoke(main, ["doctor", "--json"])
     assert doctor.exit_code == 1 and "topsecret" not in doctor.output
+
+
+def test_consolidate(run, user):
+    run("write", user, "A note to keep.")
+    assert "nothing to consolidate" in run("consolidate", user).output
+    assert json.loads(run("consolidate", user, "--json").output) == []
+    assert run("consolidate", user, "--id", "1", ok=False).exit_code == 2  # --id needs --to
+    empty = run("consolidate", f"{user}-nobody", "--to", "3", ok=False)
+    assert empty.exit_code == 2 and "no knowledge items" in empty.output

@@ -46,7 +46,7 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     seen = []
     placed = mem.consolidate(alice, [Move(tuple(it.id for it in items), 1, 3, "test")],
                              progress=lambda task, done, total, info: seen.append((task, done, total)))
-    assert any(t.startswith("lora alice") and "train" in t for t, _, _ in seen)
+    assert any(t.startswith(f"lora {alice}") and "train" in t for t, _, _ in seen)
     held = {i for p in placed if p.tier == "lora" and p.held for i in p.item_ids}
     assert held, f"no item was recalled after training: {placed}"
 

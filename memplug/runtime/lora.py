@@ -47,8 +47,8 @@ class TrainConfig:
     alpha: float = 16.0
     targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     first_layer: int = 0  # adapt layers from this one up (the lower layers stay the base model's)
-    lr: float = 1e-3
-    epochs: int = 4
+    lr: float = 2e-3
+    epochs: int = 3
     batch_size: int = 8
     replay: float = 0.5  # replay examples per item example, in every epoch
     kl: float = 1.0  # replay loss: KL to the base model's distribution (0: cross-entropy on its answers)
@@ -135,13 +135,14 @@ def replay_pairs(lm: Any, cache: Path | None = None, max_new_tokens: int = 48) -
 
     Computed once per model and kept in ``cache`` (a folder) under the model's fingerprint.
     """
-    path = cache / f"replay-{lm.fingerprint[:16]}.json" if cache is not None else None
+    prompts = replay_prompts()
+    tag = hashlib.blake2b(json.dumps([prompts, max_new_tokens]).encode(), digest_size=4).hexdigest()
+    path = cache / f"replay-{lm.fingerprint[:16]}-{tag}.json" if cache is not None else None
     if path is not None and path.is_file():
         try:
             return [tuple(x) for x in json.loads(path.read_text())]
         except (ValueError, TypeError):
             log.warning("lora: replay cache %s is unreadable; recomputing it", path)
-    prompts = replay_prompts()
     rows = [lm.ids(lm.layout(p, "", chunks=False)[1]) for p in prompts]
     answers = []
     for start in range(0, len(rows), 36):

@@ -79,3 +79,27 @@ def users():
         return ["u" + uuid.uuid4().hex[:12] for _ in range(n)]
 
     return make
+
+
+TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_parts():
+    """A tiny Llama built from a config, with the real SmolLM2 tokenizer and a ChatML template:
+    the model's shapes and mechanics without its weights (a module deep-copies the model to change it)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from memplug.runtime.tokenizer import load_token_counter
+    from memplug.settings import Settings
+
+    counter = load_token_counter(Settings().home)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(counter.path), eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>")
+    tok.chat_template = TINY_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return LlamaForCausalLM(config).eval(), tok

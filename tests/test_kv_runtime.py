@@ -6,6 +6,8 @@ exercised in test_kv_tier.py.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from memplug_kv.codec import Codec, decode, encode
@@ -14,27 +16,13 @@ from memplug import ArtifactCorrupt, ConfigError, ModelMismatch
 from memplug.runtime.chat import LocalModel
 from memplug.runtime.kv import KVChunk, rotate, select_tokens, thin
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 FACTS = ["Alice Brown lives in Oslo and keeps three cats.", "The code word for the vault is parrot."]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from memplug.runtime.tokenizer import load_token_counter
-    from memplug.settings import Settings
-
-    counter = load_token_counter(Settings().home)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(counter.path), eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>")
-    tok.chat_template = TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    model = LlamaForCausalLM(config).eval()
-    return LocalModel(model, tok, fingerprint="tiny", name="tiny-llama", device="cpu", rotary=True)
+def tiny(tiny_parts):
+    model, tok = tiny_parts
+    return LocalModel(copy.deepcopy(model), tok, fingerprint="tiny", name="tiny-llama", device="cpu", rotary=True)
 
 
 def full_prefill_logits(lm, token_ids):

@@ -11,27 +11,13 @@ from memplug import AdapterRef, ArtifactCorrupt, InvalidInput, ModelMismatch, Sc
 from memplug.runtime import lora, synth
 from memplug.runtime.chat import LocalModel
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 FACTS = ["Alice Brown lives in Oslo.", "The code word for the vault is parrot.", "Rex is the name of Tom's dog."]
 FAST = lora.TrainConfig(rank=4, alpha=8, lr=5e-3, epochs=2, min_steps=4, batch_size=4, replay=0.5, seed=1)
 
 
 @pytest.fixture(scope="module")
-def tiny_base():
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from memplug.runtime.tokenizer import load_token_counter
-    from memplug.settings import Settings
-
-    counter = load_token_counter(Settings().home)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(counter.path), eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>")
-    tok.chat_template = TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    return LlamaForCausalLM(config).eval(), tok
+def tiny_base(tiny_parts):
+    return tiny_parts
 
 
 @pytest.fixture

@@ -148,18 +148,10 @@ def _accuracy(lm, facts: list[Fact], chunks, method: str, per_group: int) -> dic
 
 
 def _answers(lm, per_row, rows, expected, with_preamble=True, max_new_tokens=24) -> list[str]:
-    produced: list[list[int]] = [[] for _ in rows]
-
-    def stop(i, tokens):
-        text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
-        return expected[i][1] in text.lower() or "\n" in text
-
-    for step in lm.decode([], rows, max_new_tokens=max_new_tokens, with_preamble=with_preamble, stop=stop,
-                          per_row_chunks=per_row):
-        for i, t in enumerate(step.tolist()):
-            produced[i].append(t)
-    return [lm.tokenizer.decode([t for t in p if t not in lm.stop_ids and t != lm.pad_id], skip_special_tokens=True)
-            for p in produced]
+    replies = lm.replies(rows, max_new_tokens, batch_size=len(rows), with_preamble=with_preamble,
+                         per_row_chunks=per_row,
+                         stop=lambda i, text: expected[i][1] in text.lower() or "\n" in text)
+    return [text for text, _ in replies]
 
 
 def _ttft(lm, n_tokens: int, seed: int, codec, repeats: int = 3) -> dict[str, float]:

@@ -69,25 +69,10 @@ def perplexity(lm: Any, paragraphs: list[str], batch_size: int = 10) -> float:
 def general_answers(lm: Any, questions: list[dict[str, Any]], max_new_tokens: int = 20) -> list[bool]:
     """Whether ``lm`` answers each general question right (any accepted answer in its reply)."""
     rows = [lm.ids(lm.layout(q["question"], "", chunks=False)[1]) for q in questions]
-    answers = [q["answers"] for q in questions]
-    out: list[bool] = []
-    for start in range(0, len(rows), 48):
-        part = answers[start:start + 48]
-        produced: list[list[int]] = [[] for _ in part]
-
-        def stop(i: int, tokens: list[int], part=part) -> bool:
-            text = lm.tokenizer.decode(tokens, skip_special_tokens=True).lower()
-            return any(a in text for a in part[i]) or "\n" in text.strip()
-
-        for step in lm.decode([], rows[start:start + 48], max_new_tokens=max_new_tokens, with_preamble=False,
-                              stop=stop):
-            for i, t in enumerate(step.tolist()):
-                produced[i].append(t)
-        for accepted, p in zip(part, produced, strict=True):
-            text = lm.tokenizer.decode([t for t in p if t not in lm.stop_ids and t != lm.pad_id],
-                                       skip_special_tokens=True).lower()
-            out.append(any(a in text for a in accepted))
-    return out
+    accepted = [q["answers"] for q in questions]
+    replies = lm.replies(rows, max_new_tokens, with_preamble=False,
+                         stop=lambda i, text: any(a in text.lower() for a in accepted[i]) or "\n" in text.strip())
+    return [any(a in text.lower() for a in ok) for ok, (text, _) in zip(accepted, replies, strict=True)]
 
 
 def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, seed: int = 7,

@@ -484,6 +484,33 @@ class LocalModel:
                 logits, cache = self._forward(token.unsqueeze(1), cache, mask, next_pos.unsqueeze(1))
                 next_pos = next_pos + 1
 
+    def replies(self, rows: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                stop: Callable[[int, str], bool] | None = None, batch_size: int = 48,
+                **options: Any) -> list[tuple[str, bool]]:
+        """Decode many rows in batches: ``(text, finished)`` per row, ``finished`` when the
+        model wrote a stop token. ``stop(row, text)`` ends a row early (``row`` indexes
+        ``rows``); ``options`` go to :meth:`decode` (``per_row_chunks`` is split per batch)."""
+        out: list[tuple[str, bool]] = []
+        chunks = options.pop("chunks", [])
+        per_row = options.pop("per_row_chunks", None)
+        for start in range(0, len(rows), batch_size):
+            part = rows[start:start + batch_size]
+            produced: list[list[int]] = [[] for _ in part]
+
+            def row_stop(i: int, tokens: list[int], start: int = start) -> bool:
+                return stop(start + i, self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+            for step in self.decode(chunks, part, max_new_tokens, stop=row_stop if stop is not None else None,
+                                    per_row_chunks=per_row[start:start + batch_size] if per_row else None,
+                                    **options):
+                for i, t in enumerate(step.tolist()):
+                    produced[i].append(t)
+            for p in produced:
+                end = next((k for k, t in enumerate(p) if t in self.stop_ids), None)
+                kept = [t for t in p[:end] if t != self.pad_id]
+                out.append((self.tokenizer.decode(kept, skip_special_tokens=True), end is not None))
+        return out
+
     def _forward(self, input_ids, cache, mask, pos):
         dev = self.device
         out = self.model(input_ids.to(dev), past_key_values=cache, attention_mask=mask.to(dev),

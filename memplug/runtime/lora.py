@@ -101,29 +101,10 @@ def complete_lines(lm: Any, prefix: str, tails: Sequence[str], temperature: floa
 
     The prefix's key/values are computed once and shared by every row.
     """
-    shared = lm.ids(prefix)
-    out: list[str] = []
-    for start in range(0, len(tails), batch_size):
-        rows = [lm.ids(t) for t in tails[start:start + batch_size]]
-        out += _generate(lm, rows, max_new_tokens, temperature, seed,
-                         stop=lambda text: "\n" in text.lstrip("\n"), shared_prefix=shared)
-    return [text.strip().split("\n")[0].strip() for text in out]
-
-
-def _generate(lm: Any, rows: list[list[int]], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-              stop: Callable[[str], bool] | None = None, shared_prefix: list[int] | None = None) -> list[str]:
-    produced: list[list[int]] = [[] for _ in rows]
-
-    def should_stop(i: int, tokens: list[int]) -> bool:
-        return stop is not None and stop(lm.tokenizer.decode(tokens, skip_special_tokens=True))
-
-    for step in lm.decode([], rows, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                          with_preamble=False, stop=should_stop if stop is not None else None,
-                          shared_prefix=shared_prefix):
-        for i, t in enumerate(step.tolist()):
-            produced[i].append(t)
-    return [lm.tokenizer.decode([t for t in p if t not in lm.stop_ids and t != lm.pad_id], skip_special_tokens=True)
-            for p in produced]
+    replies = lm.replies([lm.ids(t) for t in tails], max_new_tokens, batch_size=batch_size,
+                         stop=lambda i, text: "\n" in text.lstrip("\n"), temperature=temperature, seed=seed,
+                         with_preamble=False, shared_prefix=lm.ids(prefix))
+    return [text.strip().split("\n")[0].strip() for text, _ in replies]
 
 
 def replay_prompts() -> list[str]:
@@ -144,26 +125,11 @@ def replay_pairs(lm: Any, cache: Path | None = None, max_new_tokens: int = 48) -
         except (ValueError, TypeError):
             log.warning("lora: replay cache %s is unreadable; recomputing it", path)
     rows = [lm.ids(lm.layout(p, "", chunks=False)[1]) for p in prompts]
-    answers = []
-    for start in range(0, len(rows), 36):
-        answers += _generate_finished(lm, rows[start:start + 36], max_new_tokens)
+    answers = lm.replies(rows, max_new_tokens, batch_size=36, with_preamble=False)
     pairs = [(p, a, done) for p, (a, done) in zip(prompts, answers, strict=True) if a.strip()]
     if path is not None:
         write_atomic(path, json.dumps(pairs).encode())
     return pairs
-
-
-def _generate_finished(lm: Any, rows: list[list[int]], max_new_tokens: int) -> list[tuple[str, bool]]:
-    produced: list[list[int]] = [[] for _ in rows]
-    for step in lm.decode([], rows, max_new_tokens=max_new_tokens, with_preamble=False):
-        for i, t in enumerate(step.tolist()):
-            produced[i].append(t)
-    out = []
-    for p in produced:
-        finished = any(t in lm.stop_ids for t in p)
-        kept = p[:next((k for k, t in enumerate(p) if t in lm.stop_ids), len(p))]
-        out.append((lm.tokenizer.decode(kept, skip_special_tokens=True), finished))
-    return out
 
 
 # -- training ---------------------------------------------------------------------
@@ -329,33 +295,12 @@ def evaluate(lm: Any, data: Sequence[ItemData], max_new_tokens: int = 32) -> dic
             rows.append(lm.ids(lm.layout(q, "", chunks=False)[1]))
             owners.append(d.item_id)
             keys.append(key)
-    answers = answer_rows(lm, rows, keys, max_new_tokens)
+    answers = lm.replies(rows, max_new_tokens, with_preamble=False,
+                         stop=lambda i, text: contains_word(text, keys[i]) or "\n" in text.strip())
     got: dict[int, list[bool]] = {d.item_id: [] for d in data}
-    for owner, key, text in zip(owners, keys, answers, strict=True):
+    for owner, key, (text, _) in zip(owners, keys, answers, strict=True):
         got[owner].append(contains_word(text, key))
     return {i: (sum(v) / len(v) if v else 0.0) for i, v in got.items()}
-
-
-def answer_rows(lm: Any, rows: list[list[int]], keys: Sequence[str | None], max_new_tokens: int = 32,
-                batch_size: int = 48) -> list[str]:
-    """Greedy answers to templated rows; a row stops once its key appears or a line ends."""
-    out: list[str] = []
-    for start in range(0, len(rows), batch_size):
-        part_keys = keys[start:start + batch_size]
-        produced: list[list[int]] = [[] for _ in part_keys]
-
-        def stop(i: int, tokens: list[int], part_keys=part_keys) -> bool:
-            text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
-            key = part_keys[i]
-            return (key is not None and contains_word(text, key)) or "\n" in text.strip()
-
-        for step in lm.decode([], rows[start:start + batch_size], max_new_tokens=max_new_tokens,
-                              with_preamble=False, stop=stop):
-            for i, t in enumerate(step.tolist()):
-                produced[i].append(t)
-        out += [lm.tokenizer.decode([t for t in p if t not in lm.stop_ids and t != lm.pad_id],
-                                    skip_special_tokens=True) for p in produced]
-    return out
 
 
 # -- packing --------------------------------------------------------------------

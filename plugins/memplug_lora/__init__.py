@@ -239,9 +239,8 @@ class LoraTier:
 
         resident = loaded(memory.settings.home, memory.settings.model)
         for adapter_id, prefix, fingerprint in rows:
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                if prefix:
-                    memory.store.on_commit(db, functools.partial(memory.artifacts.delete, f"{prefix}/{name}"))
+            for name in (WEIGHTS_FILE, CONFIG_FILE) if prefix else ():
+                memory.store.on_commit(db, functools.partial(memory.artifacts.delete, f"{prefix}/{name}"))
             if resident is not None:
                 name = adapter_name(self.name, adapter_id, fingerprint)
                 memory.store.on_commit(db, functools.partial(resident.drop_adapter, name))

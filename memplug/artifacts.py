@@ -94,6 +94,21 @@ class ArtifactStore:
         except OSError as e:
             raise StoreUnavailable(f"could not delete artifact {self.uri(key)}: {e}") from e
 
+    def list(self, prefix: str) -> list[str]:
+        """The keys of every file under ``prefix`` (a folder key), sorted; none if it does not exist."""
+        prefix = self._key(prefix).rstrip("/")
+        try:
+            if self.local:
+                base = self.root / prefix
+                if not base.is_dir():
+                    return []
+                return sorted(f"{prefix}/{p.relative_to(base).as_posix()}" for p in base.rglob("*")
+                              if p.is_file() and not p.name.startswith(".tmp"))
+            found = self.fs.find(f"{self.root}/{prefix}") if self.fs.exists(f"{self.root}/{prefix}") else []
+            return sorted(f.removeprefix(self.root).lstrip("/") for f in found)
+        except OSError as e:
+            raise StoreUnavailable(f"could not list artifacts under {self.uri(prefix)}: {e}") from e
+
     def exists(self, key: str) -> bool:
         key = self._key(key)
         return (self.root / key).is_file() if self.local else self.fs.exists(f"{self.root}/{key}")

@@ -149,9 +149,10 @@ def forget(scope: str, ids: tuple[int, ...], everything: bool, yes: bool, as_jso
               help="move items to this level (3 trains the scope's LoRA adapter); without it the policies decide")
 @click.option("--id", "ids", multiple=True, type=int, help="item id to move (repeatable); default: every item")
 @click.option("--from", "src", type=int, default=1, show_default=True, help="the level the items leave")
+@click.option("--queue", "queued", is_flag=True, help="queue a job for `memplug worker` instead of running it here")
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
-def consolidate(scope: str, level: int | None, ids: tuple[int, ...], src: int, as_json: bool) -> None:
+def consolidate(scope: str, level: int | None, ids: tuple[int, ...], src: int, queued: bool, as_json: bool) -> None:
     """Consolidate SCOPE: apply the policies' moves, or move items to --to LEVEL."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
@@ -167,6 +168,13 @@ def consolidate(scope: str, level: int | None, ids: tuple[int, ...], src: int, a
             if not chosen:
                 raise InvalidInput(f"scope {parsed} has no knowledge items to move")
             moves = [Move(tuple(chosen), src, level, "requested on the command line")]
+        if queued:
+            job = mem.consolidate(parsed, moves)
+            if as_json:
+                _emit_json({"job": job})
+            else:
+                console.print(f"queued job {job}; `memplug worker` runs it", highlight=False)
+            return
         bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console,
                        disable=as_json)
@@ -180,7 +188,7 @@ def consolidate(scope: str, level: int | None, ids: tuple[int, ...], src: int, a
             bar.update(tasks[task], completed=done, total=total or None, info=shown)
 
         with bar:
-            placed = mem.consolidate(parsed, moves, progress=progress)
+            placed = mem.consolidate(parsed, moves, wait=True, progress=progress)
     if as_json:
         _emit_json([{"tier": p.tier, "level": p.level, "items": list(p.item_ids), "reason": p.reason,
                      "held": p.held} for p in placed])
@@ -264,6 +272,82 @@ def stats(scope: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("scope")
+@click.option("--limit", type=int, default=200, show_default=True, help="the newest N items")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def inspect(scope: str, limit: int, as_json: bool) -> None:
+    """Each item of SCOPE: its level, heat, bytes per tier, and the history of its moves."""
+    with _memory() as mem:
+        rows = mem.inspect(Scope.parse(scope), limit=limit)
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(title=f"memplug inspect {scope}", show_lines=True)
+    for col in ("id", "item", "level", "reads", "heat", "bytes per tier", "history"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        sizes = ", ".join(f"{t} {n:,}" for t, n in r["bytes"].items()) or "-"
+        history = "\n".join(f"{h['at']:%m-%d %H:%M:%S} {'+' if h['held'] else '-'}{h['tier']} (L{h['level']}): "
+                             f"{h['reason']}" for h in r["history"]) or "-"
+        text = r["text"] if len(r["text"]) <= 60 else r["text"][:57] + "..."
+        table.add_row(str(r["id"]), text, str(r["level"]), str(r["reads"]), f"{r['heat']:.2f}", sizes, history)
+    console.print(table)
+
+
+@main.command()
+@click.option("--concurrency", type=int, default=1, show_default=True, help="jobs run at once by this worker")
+@click.option("--once", is_flag=True, help="exit when the queue is empty")
+@click.option("--plugin", "plugins", multiple=True, help="extra plugin to load, as module:Class (repeatable)")
+@_fail_cleanly
+def worker(concurrency: int, once: bool, plugins: tuple[str, ...]) -> None:
+    """Run consolidation jobs from the queue (stop with Ctrl-C; running jobs finish first)."""
+    import logging
+
+    if concurrency < 1:
+        raise InvalidInput(f"--concurrency must be >= 1, got {concurrency}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with _memory(plugins=[_load_object(p) for p in plugins]) as mem:
+        mem.jobs.run_worker(concurrency=concurrency, once=once,
+                            on_start=lambda: err_console.print("worker ready", highlight=False))
+
+
+def _load_object(spec: str) -> Any:
+    import importlib
+
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise InvalidInput(f"--plugin {spec!r} must look like module:Class")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise InvalidInput(f"--plugin {spec!r} could not be loaded: {e}") from e
+    return obj() if isinstance(obj, type) else obj
+
+
+@main.command()
+@click.option("--status", default=None, help="only jobs with this status (todo, doing, succeeded, failed...)")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def jobs(status: str | None, limit: int, as_json: bool) -> None:
+    """The consolidation queue, newest first."""
+    with _memory() as mem:
+        rows = mem.jobs.jobs(status=status, limit=limit)
+    if as_json:
+        _emit_json([r.__dict__ for r in rows])
+        return
+    table = Table(title="memplug jobs")
+    for col in ("id", "scope", "status", "attempts", "moves", "queued", "started", "finished", "worker"):
+        table.add_column(col)
+    for j in rows:
+        table.add_row(str(j.id), j.scope, j.status, str(j.attempts), "plan" if j.moves is None else str(j.moves),
+                      *(f"{t:%m-%d %H:%M:%S}" if t else "-" for t in (j.queued_at, j.started_at, j.finished_at)),
+                      str(j.worker) if j.worker else "-")
+    console.print(table)
+
+
+@main.command()
 @click.option("--questions", type=int, default=None, help="ask only the first N questions")
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
@@ -318,14 +402,16 @@ def bench_kv(n_facts: int, compose: str, methods: str, ttft: str, ttft_method: s
 @click.option("--setting", "settings", multiple=True,
               help="a training setting to try, as name:key=value,key=value (repeatable; default: the defaults)")
 @click.option("--seed", default=7, show_default=True)
+@click.option("--gate", default=0.5, show_default=True, help="the lora tier's routing threshold (lora_gate)")
 @click.option("--out", default="benchmarks/results", show_default=True)
 @_fail_cleanly
-def bench_lora(sizes: str, settings: tuple[str, ...], seed: int, out: str) -> None:
+def bench_lora(sizes: str, settings: tuple[str, ...], seed: int, gate: float, out: str) -> None:
     """Closed-book recall, forgetting, training time and switch time of per-user LoRA adapters."""
     from .bench.lora import SETTINGS, run
 
     chosen = dict(_setting(s) for s in settings) if settings else SETTINGS
-    run(sizes=[int(n) for n in sizes.split(",") if n], settings=chosen, seed=seed, out_dir=out, console=console)
+    run(sizes=[int(n) for n in sizes.split(",") if n], settings=chosen, seed=seed, out_dir=out, console=console,
+        gate=gate)
 
 
 def _setting(spec: str) -> tuple[str, dict[str, Any]]:

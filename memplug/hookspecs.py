@@ -74,6 +74,24 @@ def memplug_plan(memory, scope, usage):
 
 
 @hookspec
+def memplug_costs(memory, scope):
+    """Report this tier's costs on this deployment, for cost-based policies.
+
+    Return a :class:`~memplug.TierCost` (measured read and write costs, bytes,
+    recent writes for ``scope``) or None. Tiers measure as they work and keep
+    the figures with :meth:`memplug.Memory.measure`.
+    """
+
+
+@hookspec
+def memplug_footprint(memory, item_ids, db):
+    """Bytes this tier keeps for each of ``item_ids`` (shared artifacts split evenly).
+
+    Return ``{item_id: bytes}`` for the items it holds, or None. Used by ``memplug inspect``.
+    """
+
+
+@hookspec
 def memplug_consolidate(memory, scope, moves, db, progress):
     """Carry out the ``moves`` that concern this tier (as source or destination).
 

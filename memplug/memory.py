@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
+import math
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -27,6 +30,9 @@ from .validate import check_filters, check_ids, check_messages, check_metadata, 
 # Reciprocal rank fusion constant (Cormack et al., 2009).
 RRF_K = 60
 ITEM_COLUMNS = "i.id, i.user_id, i.agent_id, i.session_id, i.text, i.metadata, i.created_at, i.tokens, i.role"
+
+
+log = logging.getLogger(__name__)
 
 
 def item_from_row(row: Sequence[Any]) -> Item:
@@ -75,6 +81,9 @@ class Memory:
         self.half_life_s = self.settings.option("heat_half_life_s", DEFAULT_HALF_LIFE_S, float)
         self.max_text_chars = self.settings.max_text_chars
         self.max_metadata_bytes = self.settings.max_metadata_bytes
+        self._measure_lock = threading.Lock()
+        self._pending_costs: dict[tuple[str, str], tuple[float, int]] = {}
+        self._jobs = None
 
         self.plugins = PluginRegistry(self.settings.plugins, (), load_entrypoints)
         dsn = self.settings.dsn or embedded_dsn(self.settings.home)
@@ -141,6 +150,12 @@ class Memory:
         return self._artifacts
 
     def close(self) -> None:
+        try:
+            self.flush_measurements()
+        except Exception:  # noqa: BLE001 - closing must not fail over a lost measurement
+            log.debug("could not write buffered measurements on close", exc_info=True)
+        if self._jobs is not None:
+            self._jobs.close()
         self.store.close()
 
     def __enter__(self) -> Memory:
@@ -348,6 +363,11 @@ class Memory:
         if query is None:
             raise InvalidInput("messages have no user message to answer")
         recall = self.read(scope, query, budget, filters)
+
+        def prefill(tokens: int, seconds: float) -> None:
+            if tokens >= 16:  # shorter prompts measure mostly overhead
+                self.measure("model", "prefill_ms_per_token", 1000 * seconds / tokens)
+        options.setdefault("on_prefill", prefill)
         return self.model.stream(msgs, recall, **options)
 
     def feedback(self, scope: Scope | str, item_ids: Iterable[int], used: bool = True) -> None:
@@ -360,6 +380,70 @@ class Memory:
             self._owned_ids(db, scope, ids, visible=True)
             record_feedback(db, ids)
 
+    def inspect(self, scope: Scope | str, limit: int = 200) -> list[dict[str, Any]]:
+        """Where each item of ``scope`` (and the scopes under it) sits: its level, usage, the
+        bytes each tier keeps for it, and the history of its placements with their reasons."""
+        scope = Scope.of(scope)
+        usage = {u.item_id: u for u in self.usage(scope, subtree=True)}
+        ids = sorted(usage)[-limit:] if limit else sorted(usage)
+        with self.store.transaction() as db:
+            texts = dict(db.execute("SELECT id, text FROM items WHERE id = ANY(%s::bigint[])", (ids,)).fetchall())
+            history: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+            for item_id, tier, level, held, reason, at in db.execute(
+                    "SELECT item_id, tier, level, held, reason, at FROM moves WHERE item_id = ANY(%s::bigint[]) "
+                    "ORDER BY at, id", (ids,)).fetchall():
+                history[item_id].append({"tier": tier, "level": level, "held": held, "reason": reason, "at": at})
+            footprint: dict[int, dict[str, int]] = {i: {} for i in ids}
+            for plugin in self.plugins.pm.get_plugins():
+                impl = getattr(plugin, "memplug_footprint", None)
+                if impl is None:
+                    continue
+                sizes = impl(memory=self, item_ids=ids, db=db) or {}
+                name = getattr(plugin, "name", None) or self.plugins.pm.get_name(plugin)
+                for item_id, size in sizes.items():
+                    footprint[item_id][name] = int(size)
+        return [{"id": i, "text": texts.get(i, ""), "level": usage[i].level, "reads": usage[i].reads,
+                 "used": usage[i].used, "heat": usage[i].heat, "last_read_at": usage[i].last_read_at,
+                 "tokens": usage[i].tokens, "bytes": footprint[i], "history": history[i]} for i in ids]
+
+    # -- costs ---------------------------------------------------------------
+
+    def measure(self, tier: str, metric: str, value: float, db: psycopg.Connection | None = None) -> None:
+        """Fold one measurement of a tier's cost into its running mean (the last ~20 samples count).
+
+        Kept in Postgres (``tier_costs``), so every process and worker of a
+        deployment shares them. With ``db`` the sample is written in the caller's
+        transaction; without, it is buffered and written every 20 samples (reads
+        measure often and should not pay a write each), at consolidation and on close.
+        """
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise InvalidInput(f"measurement {tier}/{metric} must be a finite number >= 0, got {value!r}")
+        if db is not None:
+            _fold_costs(db, [(tier, metric, value, 1)])
+            return
+        with self._measure_lock:
+            total, n = self._pending_costs.get((tier, metric), (0.0, 0))
+            self._pending_costs[(tier, metric)] = (total + value, n + 1)
+            full = n + 1 >= 20
+        if full:
+            self.flush_measurements()
+
+    def flush_measurements(self) -> None:
+        """Write buffered measurements now."""
+        with self._measure_lock:
+            pending, self._pending_costs = self._pending_costs, {}
+        if pending:
+            with self.store.transaction() as db:
+                _fold_costs(db, [(t, m, total / n, n) for (t, m), (total, n) in sorted(pending.items())])
+
+    def measured(self, tier: str) -> dict[str, tuple[float, int]]:
+        """A tier's measured costs: ``{metric: (mean, samples)}``."""
+        self.flush_measurements()
+        with self.store.transaction() as db:
+            rows = db.execute("SELECT metric, value, samples FROM tier_costs WHERE tier = %s", (tier,)).fetchall()
+        return {r[0]: (float(r[1]), int(r[2])) for r in rows}
+
     # -- consolidate ---------------------------------------------------------
 
     def usage(self, scope: Scope | str, subtree: bool = False) -> list[ItemUsage]:
@@ -370,14 +454,45 @@ class Memory:
         with self.store.transaction() as db:
             return scope_usage(db, where, params, self.half_life_s)
 
-    def consolidate(self, scope: Scope | str, moves: Iterable[Move] | None = None,
-                    progress: Callable[[str, int, int, Mapping[str, Any]], None] | None = None) -> list[Placement]:
-        """Ask the policies for moves (or carry out the given ``moves``) and apply them.
+    @property
+    def jobs(self):
+        """The consolidation queue (:class:`memplug.jobs.JobQueue`) in this Memory's database."""
+        if self._jobs is None:
+            from .jobs import JobQueue
 
-        Covers the items of ``scope`` and every scope under it. Returns the
-        placements the tiers reported. The moves are applied in one transaction.
-        ``progress(task, done, total, info)`` hears about long work (training an adapter).
+            opt = self.settings.option
+            self._jobs = JobQueue(self, attempts=opt("job_attempts", 3, int),
+                                  retry_wait_s=opt("job_retry_wait_s", 5.0, float),
+                                  stalled_s=opt("job_stalled_s", 30.0, float))
+        return self._jobs
+
+    @overload
+    def consolidate(self, scope: Scope | str, moves: Iterable[Move] | None = ..., *, wait: Literal[False] = ...,
+                    progress: Callable[[str, int, int, Mapping[str, Any]], None] | None = ...) -> int: ...
+    @overload
+    def consolidate(self, scope: Scope | str, moves: Iterable[Move] | None = ..., *, wait: Literal[True],
+                    progress: Callable[[str, int, int, Mapping[str, Any]], None] | None = ...) -> list[Placement]: ...
+    def consolidate(self, scope, moves=None, *, wait=False, progress=None):
+        """Move knowledge between levels: enqueue a job (``memplug worker`` runs it) and return
+        its id, or with ``wait=True`` do it now and return the placements the tiers reported.
+
+        Without ``moves`` the policies plan them from usage when the job runs.
+        Covers the items of ``scope`` and every scope under it; the moves are
+        applied in one transaction. ``progress(task, done, total, info)`` hears
+        about long work (training an adapter) when run inline.
         """
+        if not isinstance(wait, bool):
+            raise InvalidInput(f"wait must be True or False, got {wait!r}")
+        if not wait:
+            scope = Scope.of(scope)
+            if moves is not None:
+                moves = list(moves)
+                if not all(isinstance(m, Move) for m in moves):
+                    raise InvalidInput("moves must be memplug.Move values")
+                with self.store.transaction() as db:  # refuse foreign items now, not in the worker
+                    self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
+            return self.jobs.enqueue(scope, moves)
+        self.flush_measurements()
         scope = Scope.of(scope)
         if moves is None:
             usage = self.usage(scope, subtree=True)
@@ -408,7 +523,7 @@ class Memory:
                 f"WHERE {where} ORDER BY i.id", params).fetchall()]
         if not ids:
             return []
-        return self.consolidate(scope, [Move(tuple(ids), 0, 1, "session ended")])
+        return self.consolidate(scope, [Move(tuple(ids), 0, 1, "session ended")], wait=True)
 
     def _apply_placements(self, db: psycopg.Connection, placed: Sequence[Placement]) -> None:
         for p in placed:
@@ -416,6 +531,12 @@ class Memory:
                 raise InvalidInput(f"a hook returned {type(p).__name__} where a memplug.Placement was expected")
             if not p.item_ids:
                 continue
+            # The history of every placement, for `memplug inspect` (items gone in this transaction are skipped).
+            db.execute(
+                "INSERT INTO moves (item_id, tier, level, held, reason) "
+                "SELECT i.id, %s, %s, %s, %s FROM items i WHERE i.id = ANY(%s::bigint[])",
+                (p.tier, p.level, p.held, p.reason, list(p.item_ids)),
+            )
             if p.held:
                 # Joined with items: an item the tier replaced in the same transaction is skipped.
                 db.execute(
@@ -537,6 +658,21 @@ class Memory:
 
     async def afeedback(self, *args: Any, **kwargs: Any) -> None:
         return await asyncio.to_thread(functools.partial(self.feedback, *args, **kwargs))
+
+
+def _fold_costs(db: psycopg.Connection, samples: Sequence[tuple[str, str, float, int]]) -> None:
+    """Running means over about the last 20 samples: ``(tier, metric, mean, count)`` rows."""
+    for tier, metric, mean, count in samples:
+        db.execute(
+            """
+            INSERT INTO tier_costs AS t (tier, metric, value, samples) VALUES (%(t)s, %(m)s, %(v)s, %(n)s)
+            ON CONFLICT (tier, metric) DO UPDATE SET
+                value = t.value + (EXCLUDED.value - t.value)
+                        * least(1.0, EXCLUDED.samples::float / least(t.samples + EXCLUDED.samples, 20)),
+                samples = t.samples + EXCLUDED.samples, at = now()
+            """,
+            {"t": tier, "m": metric, "v": mean, "n": count},
+        )
 
 
 def _content_hash(text: str, role: str | None) -> bytes:

@@ -1,6 +1,7 @@
 """Postgres: connection, versioned migrations and the host's tables.
 
-The host owns ``items`` (the source of truth), ``usage`` and ``placements``;
+The host owns ``items`` (the source of truth), ``usage``, ``placements``,
+``moves`` (the history of placements) and ``tier_costs`` (what each tier measured);
 each tier migrates its own tables through :meth:`Store.migrate`. Everything
 lives in the ``memplug`` schema so it can share a database with an application.
 """
@@ -56,6 +57,28 @@ HOST_MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (item_id, tier)
     );
     CREATE INDEX placements_level ON placements (level, item_id);
+    """,
+    # 2: recent read times (for windowed policies), the history of moves, and measured tier costs
+    """
+    ALTER TABLE usage ADD COLUMN recent timestamptz[] NOT NULL DEFAULT '{}';
+    CREATE TABLE moves (
+        id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        item_id   bigint NOT NULL REFERENCES items(id) ON DELETE CASCADE,
+        tier      text NOT NULL,
+        level     smallint NOT NULL,
+        held      boolean NOT NULL,
+        reason    text NOT NULL,
+        at        timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX moves_item ON moves (item_id, at);
+    CREATE TABLE tier_costs (
+        tier    text NOT NULL,
+        metric  text NOT NULL,
+        value   double precision NOT NULL,
+        samples bigint NOT NULL,
+        at      timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (tier, metric)
+    );
     """,
 )
 

@@ -275,6 +275,29 @@ class Move:
 
 
 @dataclass(frozen=True, slots=True)
+class TierCost:
+    """What one tier costs on this deployment, as it measured it (``memplug_costs``).
+
+    All times in milliseconds. A read of an item of ``n`` tokens costs
+    ``read_ms + n * read_ms_per_token`` plus ``n * prompt_tokens_per_token``
+    prompt tokens; putting it in the tier costs ``write_ms + n * write_ms_per_token
+    + write_ms_per_item`` (for weights: a retrain of every item the scope holds).
+    """
+
+    tier: str
+    level: int
+    read_ms: float = 0.0
+    read_ms_per_token: float = 0.0
+    prompt_tokens_per_token: float = 0.0
+    write_ms: float = 0.0
+    write_ms_per_token: float = 0.0
+    write_ms_per_item: float = 0.0
+    bytes_per_token: float = 0.0
+    writes_24h: int = 0  # writes of this scope in the last day (retrains, for the weights tier)
+    samples: int = 0  # measurements behind these figures (0: priors)
+
+
+@dataclass(frozen=True, slots=True)
 class Placement:
     """A tier's report of what it holds: returned from the write and consolidate hooks.
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import psycopg
 
+from .types import Scope
+
 # Heat halves every HALF_LIFE seconds without a read; each read adds 1.
 DEFAULT_HALF_LIFE_S = 7 * 24 * 3600.0
+# The times of an item's last RECENT reads are kept, for windowed policies.
+RECENT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +26,24 @@ class ItemUsage:
     used: int
     last_read_at: datetime | None
     heat: float
+    tokens: int = 0
+    created_at: datetime | None = None
+    recent: tuple[datetime, ...] = field(default=(), repr=False)  # last reads, oldest first
+    scope: Scope | None = None  # the scope the item was written in
+
+    def reads_within(self, seconds: float, now: datetime) -> int:
+        """Reads in the last ``seconds`` before ``now`` (exact up to the last RECENT reads)."""
+        since = now - timedelta(seconds=seconds)
+        return sum(1 for t in self.recent if t > since)
+
+    def idle_s(self, now: datetime) -> float:
+        """Seconds since the last read, or since the item was written if it was never read."""
+        last = self.last_read_at or self.created_at
+        return (now - last).total_seconds() if last is not None else 0.0
+
+    def rate(self, half_life_s: float) -> float:
+        """Reads per second, estimated from heat: a steady rate r holds heat at r * half_life / ln 2."""
+        return self.heat * 0.6931471805599453 / half_life_s
 
 
 def record_reads(db: psycopg.Connection, item_ids: Sequence[int], half_life_s: float) -> None:
@@ -30,16 +52,17 @@ def record_reads(db: psycopg.Connection, item_ids: Sequence[int], half_life_s: f
         return
     db.execute(
         """
-        INSERT INTO usage AS u (item_id, reads, last_read_at, heat, heat_at)
-        SELECT id, 1, now(), 1.0, now() FROM unnest(%(ids)s::bigint[]) AS t(id)
+        INSERT INTO usage AS u (item_id, reads, last_read_at, heat, heat_at, recent)
+        SELECT id, 1, now(), 1.0, now(), ARRAY[now()] FROM unnest(%(ids)s::bigint[]) AS t(id)
         ORDER BY id  -- a fixed lock order keeps concurrent readers from deadlocking
         ON CONFLICT (item_id) DO UPDATE SET
             reads = u.reads + 1,
+            recent = (u.recent || now())[greatest(1, cardinality(u.recent) + 2 - %(keep)s):],
             last_read_at = now(),
             heat = u.heat * exp(-ln(2) * extract(epoch FROM now() - u.heat_at) / %(hl)s) + 1.0,
             heat_at = now()
         """,
-        {"ids": list(item_ids), "hl": half_life_s},
+        {"ids": list(item_ids), "hl": half_life_s, "keep": RECENT},
     )
 
 
@@ -56,14 +79,16 @@ def scope_usage(db: psycopg.Connection, where: str, params: dict, half_life_s: f
     rows = db.execute(
         f"""
         SELECT i.id, coalesce(max(p.level), -1), coalesce(u.reads, 0), coalesce(u.used, 0), u.last_read_at,
-               coalesce(u.heat * exp(-ln(2) * extract(epoch FROM now() - u.heat_at) / %(hl)s), 0)
+               coalesce(u.heat * exp(-ln(2) * extract(epoch FROM now() - u.heat_at) / %(hl)s), 0),
+               i.tokens, i.created_at, coalesce(u.recent, '{{}}'), i.user_id, i.agent_id, i.session_id
         FROM items i
         LEFT JOIN usage u ON u.item_id = i.id
         LEFT JOIN placements p ON p.item_id = i.id
         WHERE {where}
-        GROUP BY i.id, u.reads, u.used, u.last_read_at, u.heat, u.heat_at
+        GROUP BY i.id, u.reads, u.used, u.last_read_at, u.heat, u.heat_at, u.recent
         ORDER BY i.id
         """,
         {**params, "hl": half_life_s},
     ).fetchall()
-    return [ItemUsage(r[0], r[1], r[2], r[3], r[4], float(r[5])) for r in rows]
+    return [ItemUsage(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6], r[7], tuple(r[8]),
+                      Scope(r[9], r[10] or None, r[11] or None)) for r in rows]

@@ -21,7 +21,7 @@ def kv_memory(make_memory, tmp_path):
 
 
 def promote(mem, scope, items):
-    return mem.consolidate(scope, [Move(tuple(it.id for it in items), 1, 2, "test")])
+    return mem.consolidate(scope, [Move(tuple(it.id for it in items), 1, 2, "test")], wait=True)
 
 
 def test_promoted_items_are_read_as_kv_and_not_repeated_as_text(kv_memory, user):
@@ -81,7 +81,7 @@ def test_forget_removes_rows_and_blobs(kv_memory, user):
 def test_demotion_drops_the_blob_and_text_serves_again(kv_memory, user):
     items = kv_memory.write(user, FACTS)
     promote(kv_memory, user, items[1:2])
-    placed = kv_memory.consolidate(user, [Move((items[1].id,), 2, 1, "cold")])
+    placed = kv_memory.consolidate(user, [Move((items[1].id,), 2, 1, "cold")], wait=True)
     assert [(p.tier, p.held) for p in placed] == [("kv", False)]
     recall = kv_memory.read(user, "access code for the Tamsin lab")
     assert recall.kv is None and items[1].id in {h.item.id for h in recall.hits}
@@ -97,7 +97,7 @@ def test_blob_of_another_model_is_not_injected_and_is_re_encoded(kv_memory, user
     assert items[0].id not in {it.id for it in (recall.kv.items if recall.kv else ())}
     assert items[0].id in {h.item.id for h in recall.hits}  # still served, as text
 
-    placed = kv_memory.consolidate(user)  # the kv tier's plan asks for a re-encode
+    placed = kv_memory.consolidate(user, wait=True)  # the kv tier's plan asks for a re-encode
     assert any(p.tier == "kv" and items[0].id in p.item_ids for p in placed)
     with kv_memory.store.transaction() as db:
         fp = db.execute("SELECT fingerprint FROM kv_items WHERE item_id = %s", (items[0].id,)).fetchone()[0]
@@ -112,7 +112,7 @@ def test_corrupt_blob_is_a_clear_error_then_re_encoded(kv_memory, user):
     recall = kv_memory.read(user, "access code for the Tamsin lab", Budget(kv_tokens=512))
     with pytest.raises(ArtifactCorrupt, match=f"item {items[1].id}"):
         recall.kv.chunks()
-    kv_memory.consolidate(user)
+    kv_memory.consolidate(user, wait=True)
     recall = kv_memory.read(user, "access code for the Tamsin lab")
     assert len(recall.kv.chunks()) == 1
 

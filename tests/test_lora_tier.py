@@ -44,7 +44,7 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     assert not any(base_known), "the base model cannot know invented facts"
 
     seen = []
-    placed = mem.consolidate(alice, [Move(tuple(it.id for it in items), 1, 3, "test")],
+    placed = mem.consolidate(alice, [Move(tuple(it.id for it in items), 1, 3, "test")], wait=True,
                              progress=lambda task, done, total, info: seen.append((task, done, total)))
     assert any(t.startswith(f"lora {alice}") and "train" in t for t, _, _ in seen)
     held = {i for p in placed if p.tier == "lora" and p.held for i in p.item_ids}
@@ -99,7 +99,7 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     assert mem.read(alice, question).adapter is None
     with mem.store.transaction() as db:
         assert db.execute("SELECT count(*) FROM lora_adapters").fetchone()[0] == 0
-    placed = mem.consolidate(alice)  # the tier's plan retrains the rest
+    placed = mem.consolidate(alice, wait=True)  # the tier's plan retrains the rest
     assert {i for p in placed for i in p.item_ids} <= {it.id for it in items} - {forgotten.id}
     with mem.store.transaction() as db:
         trained_on = db.execute("SELECT item_ids FROM lora_adapters").fetchall()
@@ -112,4 +112,4 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     # Forget the rest: the adapter is dropped and nothing is retrained.
     mem.forget(alice)
     assert adapter_files(tmp_path) == []
-    assert mem.consolidate(alice) == []
+    assert mem.consolidate(alice, wait=True) == []

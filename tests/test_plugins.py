@@ -116,11 +116,11 @@ def test_plan_and_consolidate_record_placements(make_memory, user):
     hot, cold = mem.write(s, ["The wifi password is hunter2.", "The office plant is a fern."])
     for _ in range(2):
         mem.read(s, "wifi password", Budget(k=1))
-    placed = mem.consolidate(s)
+    placed = mem.consolidate(s, wait=True)
     assert placed == [Placement("level-two", 2, (hot.id,), "read twice")]
     levels = {u.item_id: u.level for u in mem.usage(s)}
     assert levels == {hot.id: 2, cold.id: 1}
-    assert mem.consolidate(s) == []  # nothing left to move
+    assert mem.consolidate(s, wait=True) == []  # nothing left to move
     mem.forget(s, [hot.id])
     assert tier.held == set()
 

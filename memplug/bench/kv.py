@@ -116,9 +116,12 @@ def _round_trip(lm, raw, codec):
     return out, size
 
 
-def _accuracy(lm, facts: list[Fact], chunks, method: str, per_group: int) -> dict[str, float]:
+def _accuracy(lm, facts: list[Fact], chunks, method: str, per_group: int, detail: bool = False) -> dict[str, Any]:
+    """Share of direct and paraphrased questions answered right (with ``detail``, also each
+    question's outcome, in fact order, under ``"correct"``)."""
     usable = len(facts) // per_group * per_group
     right = {"direct": 0, "paraphrase": 0}
+    correct: dict[str, list[bool]] = {"direct": [], "paraphrase": []}
     asked = 0
     # Several groups per batch: rows carry their own group's memory.
     batch_groups = max(1, 16 // per_group)
@@ -143,8 +146,9 @@ def _accuracy(lm, facts: list[Fact], chunks, method: str, per_group: int) -> dic
         outputs = _answers(lm, per_row, rows, expected, with_preamble=method != "none")
         for (kind, answer), text in zip(expected, outputs, strict=True):
             right[kind] += answer in text.lower()
+            correct[kind].append(answer in text.lower())
         asked += len(rows) // 2
-    return {k: v / asked for k, v in right.items()} | {"questions": asked}
+    return {k: v / asked for k, v in right.items()} | {"questions": asked} | ({"correct": correct} if detail else {})
 
 
 def _answers(lm, per_row, rows, expected, with_preamble=True, max_new_tokens=24) -> list[str]:

@@ -66,6 +66,14 @@ def perplexity(lm: Any, paragraphs: list[str], batch_size: int = 10) -> float:
     return math.exp(total / count)
 
 
+def routed(gate: float, embedder: Any, statements: list[str], questions: list[str]) -> list[bool]:
+    """Which questions the lora tier would apply the adapter to: those within cosine ``gate``
+    of a trained statement (the tier's ``lora_gate`` rule)."""
+    s = embedder.encode(statements)
+    q = embedder.encode(questions)
+    return [bool(x) for x in ((q @ s.T).max(1) >= gate)]
+
+
 def general_answers(lm: Any, questions: list[dict[str, Any]], max_new_tokens: int = 20) -> list[bool]:
     """Whether ``lm`` answers each general question right (any accepted answer in its reply)."""
     rows = [lm.ids(lm.layout(q["question"], "", chunks=False)[1]) for q in questions]
@@ -77,8 +85,9 @@ def general_answers(lm: Any, questions: list[dict[str, Any]], max_new_tokens: in
 
 def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, seed: int = 7,
         out_dir: str | Path = "benchmarks/results", home: Path | None = None, console: Any = None,
-        name: str = "lora") -> dict[str, Any]:
+        name: str = "lora", gate: float = 0.5) -> dict[str, Any]:
     from memplug.runtime import lora
+    from memplug.runtime.embedder import Embedder
     from memplug.runtime.model import cache_dir, fresh_model, load_model
     from memplug.settings import Settings
 
@@ -95,13 +104,18 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
     base_ppl = perplexity(base, paragraphs)
     say(f"base model: perplexity {base_ppl:.2f}, answers {len(known)}/{len(questions)} general questions "
         f"({time.perf_counter() - t:.0f} s)")
+    embedder = Embedder()
     result: dict[str, Any] = {"machine": _machine(), "model": base.name, "fingerprint": base.fingerprint,
-                              "seed": seed, "base": {"perplexity": base_ppl, "general_known": len(known),
+                              "seed": seed, "gate": gate, "base": {"perplexity": base_ppl, "general_known": len(known),
                                                      "general_total": len(questions)},
                               "runs": {}}
     for n in sizes:
         facts = generate(n, seed)
-        none = _accuracy(base, facts, None, "none", 1)
+        none = _accuracy(base, facts, None, "none", 1, detail=True)
+        statements = [f.statement for f in facts]
+        gated = {"direct": routed(gate, embedder, statements, [f.question for f in facts]),
+                 "paraphrase": routed(gate, embedder, statements, [f.paraphrase for f in facts])}
+        general_gated = routed(gate, embedder, statements, [q["question"] for q in known])
         text = _accuracy(base, facts, None, "text", 1)
         say(f"{n} facts: base closed-book {none['direct']:.2f}/{none['paraphrase']:.2f}, "
             f"text in prompt {text['direct']:.2f}/{text['paraphrase']:.2f} (direct/paraphrased)")
@@ -114,9 +128,14 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             replay = lora.replay_pairs(lm, cache_dir(home, config.model))
             trained = lora.train(lm, data, replay, cfg)
             train_s = time.perf_counter() - t0
-            closed = _accuracy(lm, facts, None, "none", 1)
+            closed = _accuracy(lm, facts, None, "none", 1, detail=True)
             ppl = perplexity(lm, paragraphs)
-            still = sum(general_answers(lm, known)) / max(1, len(known))
+            kept = general_answers(lm, known)
+            still = sum(kept) / max(1, len(known))
+            # As served: the adapter answers only the questions the gate routes to it.
+            served = {k: sum(a if g else b for a, b, g in zip(closed["correct"][k], none["correct"][k], gated[k],
+                                                             strict=True)) / n for k in gated}
+            served_still = sum(ok or not g for ok, g in zip(kept, general_gated, strict=True)) / max(1, len(known))
             weights, peft_config = lora.pack(trained, base.fingerprint, {"bench": True})
             switch = _switch_times(base, weights, peft_config, trained)
             run = {
@@ -127,6 +146,11 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 "paraphrase_vs_text": closed["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
                 "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1,
                 "general_accuracy_drop_points": 100 * (1 - still),
+                "routed": {"closed_book": served,
+                           "paraphrase_vs_text": served["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
+                           "fact_questions_routed": {k: sum(v) / n for k, v in gated.items()},
+                           "general_questions_routed": sum(general_gated) / max(1, len(known)),
+                           "general_accuracy_drop_points": 100 * (1 - served_still)},
                 "self_measured_recall": trained.metrics["held_out_recall"],
                 "items_passed": len(trained.passed(cfg.min_recall)),
                 "synthesis_s": synth_s, "train_s": train_s, "examples": trained.metrics["examples"],
@@ -139,6 +163,9 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 f"({100 * run['perplexity_change']:+.1f}%), general -{run['general_accuracy_drop_points']:.1f} pts, "
                 f"{train_s:.0f} s, {run['adapter_bytes'] / 1e6:.2f} MB, switch {1000 * switch['switch_s']:.2f} ms, "
                 f"cold {1000 * switch['cold_load_s']:.0f} ms")
+            say(f"  {'':>12}  routed (gate {gate}): closed-book {served['direct']:.2f}/{served['paraphrase']:.2f}, "
+                f"general -{run['routed']['general_accuracy_drop_points']:.1f} pts, "
+                f"{sum(general_gated)}/{len(known)} general questions routed to the adapter")
             _save(result, out_dir, name)
             del lm
     _plot(result, out_dir, name)

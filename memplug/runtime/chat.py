@@ -17,6 +17,7 @@ tokens (the unit tests hold it to 1e-3 in the logits).
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -367,11 +368,13 @@ class LocalModel:
         return "".join(self.stream(messages, recall, **kwargs))
 
     def stream(self, messages: Any, recall: Any = None, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+               top_p: float = 1.0, seed: int | None = None,
+               on_prefill: Callable[[int, float], None] | None = None) -> Iterator[str]:
         """Like :meth:`generate`, yielding the reply piece by piece as tokens are produced.
 
         KV memory is injected when ``recall.kv`` was encoded by this model; if not
         (another model, or a non-rotary architecture) those items are given as text.
+        ``on_prefill(prompt_tokens, seconds)`` hears how long the prompt took to read.
         """
         chunks = self.recall_chunks(recall)
         adapter = self.recall_adapter(recall)
@@ -385,7 +388,7 @@ class LocalModel:
                                     "this model cannot take injected memory")
         rows = [self.ids(closing)]
         yield from self._stream_rows(chunks or [], rows, max_new_tokens, temperature, top_p, seed,
-                                     with_preamble=bool(head), adapter=adapter)
+                                     with_preamble=bool(head), adapter=adapter, on_prefill=on_prefill)
 
     def recall_chunks(self, recall: Any) -> list[KVChunk] | None:
         """The KV chunks of ``recall`` if they can be injected here, else None (served as text)."""
@@ -402,11 +405,15 @@ class LocalModel:
         return ref
 
     def _stream_rows(self, chunks, rows, max_new_tokens, temperature, top_p, seed, with_preamble=True,
-                     adapter=None):
+                     adapter=None, on_prefill=None):
         tokens: list[int] = []
         emitted = ""
+        started = time.perf_counter()
         for step in self.decode(chunks, rows, max_new_tokens, temperature, top_p, seed, with_preamble,
                                 adapter=adapter):
+            if on_prefill is not None and not tokens:
+                on_prefill(len(rows[0]), time.perf_counter() - started)
+                on_prefill = None
             token = int(step[0])
             if token in self.stop_ids:
                 break

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..artifacts import write_atomic
 from ..errors import ArtifactCorrupt, InvalidInput, ModelMismatch, ModelUnavailable
-from .synth import ItemData, answer_key, contains_word, synthesize
+from .synth import ItemData, answer_key, contains_word, contrasts, synthesize
 
 log = logging.getLogger(__name__)
 FORMAT = "memplug-lora/1"
@@ -52,6 +52,7 @@ class TrainConfig:
     batch_size: int = 8
     replay: float = 0.5  # replay examples per item example, in every epoch
     kl: float = 1.0  # replay loss: KL to the base model's distribution (0: cross-entropy on its answers)
+    contrast: int = 1  # contrast prompts per item per epoch: its questions about another subject, kept at base
     min_recall: float = 0.5  # an item counts as held by the adapter at this held-out recall
     max_seconds: float = 600.0
     min_steps: int = 24  # few items still get this many optimizer steps (more epochs)
@@ -62,6 +63,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = {"rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": 0 < self.lr < 1, "kl": self.kl >= 0,
                   "epochs": self.epochs >= 1, "min_steps": self.min_steps >= 0, "batch_size": self.batch_size >= 1, "replay": self.replay >= 0,
+                  "contrast": self.contrast >= 0,
                   "min_recall": 0 <= self.min_recall <= 1, "max_seconds": self.max_seconds > 0,
                   "targets": bool(self.targets), "first_layer": self.first_layer >= 0, "samples": self.samples >= 0, "paraphrases": self.paraphrases >= 0}
         bad = [k for k, ok in checks.items() if not ok]
@@ -171,7 +173,7 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    per_epoch = len(facts) + n_replay
+    per_epoch = len(facts) + n_replay + sum(min(cfg.contrast, len(d.train)) for d in data)
     steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
     total = steps_per_epoch * epochs
@@ -187,6 +189,7 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
         model.train()
         examples = facts + [_example(lm, p, a, end if done else [], "replay") for p, a, done in
                             rng.sample(list(replay), n_replay)]
+        examples += [_example(lm, q, "", [], "replay") for q in contrasts(data, cfg.contrast, rng)]
         losses = []
         for batch in _batches(examples, cfg.batch_size, rng):
             loss = _loss(model, batch, lm.pad_id, lm.device, cfg.kl)
@@ -271,12 +274,17 @@ def _loss(model: Any, batch: Sequence[tuple[list[int], list[int], str]], pad_id:
     causal_lm = model.get_base_model()
     hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
     if batch[0][2] == "replay" and kl > 0:
-        picked = mask[:, 1:].bool()
-        logp = torch.log_softmax(causal_lm.lm_head(hidden[:, :-1][picked]).float(), dim=-1)
+        # KL at every position, and once more where the answer starts: the first
+        # answer token is where a question's meaning is decided.
+        picked = mask.bool()
+        logp = torch.log_softmax(causal_lm.lm_head(hidden[picked]).float(), dim=-1)
         with torch.no_grad(), model.disable_adapter():
             base = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            base_logp = torch.log_softmax(causal_lm.lm_head(base[:, :-1][picked]).float(), dim=-1)
-        return kl * (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
+            base_logp = torch.log_softmax(causal_lm.lm_head(base[picked]).float(), dim=-1)
+        per_position = (base_logp.exp() * (base_logp - logp)).sum(-1)
+        starts = torch.tensor([len(p) - 1 for p, _, _ in batch], device=ids.device)
+        offsets = torch.cumsum(mask.sum(1), 0) - mask.sum(1)  # where each row starts in ``picked`` order
+        return kl * (per_position.mean() + per_position[offsets + starts].mean())
     # The vocabulary projection is a fifth of the model's work: run it on answer positions only.
     targets = labels[:, 1:]
     picked = targets != -100

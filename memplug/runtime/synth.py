@@ -50,6 +50,14 @@ TEMPLATE_QUESTIONS = (
     "Do you know anything about {a}?",
 )
 CLOZE = "Complete this sentence: {prefix}"
+# Other subjects for contrast prompts: an item's questions asked about someone
+# else must be answered as the base model answers them (see ``contrasts``).
+NEIGHBOURS = (
+    "Albert Einstein", "Marie Curie", "William Shakespeare", "Barack Obama", "Frida Kahlo", "Isaac Newton",
+    "Nelson Mandela", "Leonardo da Vinci", "Serena Williams", "Charles Darwin", "Taylor Swift", "Ada Lovelace",
+    "Mahatma Gandhi", "Pablo Picasso", "Jane Austen", "Wolfgang Amadeus Mozart", "France", "Japan", "Canada",
+    "Egypt", "the Eiffel Tower", "the Moon", "my neighbour", "the president", "a typical doctor", "most people",
+)
 
 
 def words(text: str) -> list[str]:
@@ -125,6 +133,21 @@ class ItemData:
     anchor: str
     train: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer)
     held_out: list[str] = field(default_factory=list)
+
+
+def contrasts(data: Sequence[ItemData], per_item: int, rng: random.Random) -> list[str]:
+    """Each item's training questions with its anchor swapped for another subject.
+
+    Trained to leave the base model's answers to these unchanged, an adapter
+    learns that the item's answer belongs to the item's anchor only, instead of
+    answering every question of that shape with the user's facts.
+    """
+    out = []
+    for d in data:
+        asks = [q for q, _ in d.train if d.anchor in q and not q.startswith(CLOZE[:20])]
+        for q in rng.sample(asks, min(per_item, len(asks))):
+            out.append(q.replace(d.anchor, rng.choice(NEIGHBOURS)))
+    return out
 
 
 # complete(shared_prefix, tails, temperature, seed): the model's first line after prefix + each tail.

@@ -25,18 +25,21 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from memplug import ArtifactCorrupt, KVPrefix, ModelMismatch, Move, Placement, hookimpl
+from memplug import ArtifactCorrupt, KVPrefix, ModelMismatch, Move, Placement, TierCost, hookimpl
 from memplug.memory import ITEM_COLUMNS, item_from_row
 from memplug.scoping import subtree_sql, visible_sql
 
 from .codec import Codec, decode, encode
 
 log = logging.getLogger(__name__)
+# Costs before anything was measured here (SmolLM2-135M on 2 CPU cores, int4; benchmarks/results/kv.json).
+COST_PRIORS = {"read_ms_per_token": 0.05, "write_ms_per_token": 2.0, "bytes_per_token": 7244.0}
 DIM = 384
 MIGRATIONS = (
     f"""
@@ -109,6 +112,7 @@ class KVTier:
         return done
 
     def _encode(self, memory, db, ids):
+        started = time.perf_counter()
         rows = db.execute(f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.id = ANY(%s::bigint[]) ORDER BY i.id",
                           (ids,)).fetchall()
         items = [item_from_row(r) for r in rows]
@@ -124,6 +128,7 @@ class KVTier:
         chunks = model.encode([it.text for it in fits], [it.id for it in fits], scores=self.codec.keep < 1.0)
         vectors = memory.embedder.encode([it.text for it in fits])
         layout = _layout(model)
+        stored = spans = 0
         old = dict(db.execute("SELECT item_id, artifact FROM kv_items WHERE item_id = ANY(%s::bigint[])",
                               ([it.id for it in fits],)).fetchall())
         for it, chunk, vec in zip(fits, chunks, vectors, strict=True):
@@ -150,6 +155,11 @@ class KVTier:
                  model.fingerprint, self.codec.label, key),
             )
             self._damaged.discard(it.id)
+            stored += len(blob)
+            spans += chunk.span
+        if spans:
+            memory.measure(self.name, "write_ms_per_token", 1000 * (time.perf_counter() - started) / spans, db=db)
+            memory.measure(self.name, "bytes_per_token", stored / spans, db=db)
         return [it.id for it in fits]
 
     def _drop(self, memory, db, ids):
@@ -204,6 +214,7 @@ class KVTier:
                          sizes=tuple(c[3] for c in chosen))]
 
     def _load(self, memory, keys, fingerprint, item_ids):
+        started = time.perf_counter()
         entries = [(i, keys[i]) for i in item_ids]
         model = memory.model
         if model.fingerprint != fingerprint:
@@ -225,7 +236,29 @@ class KVTier:
                 raise ArtifactCorrupt(f"KV blob {memory.artifacts.uri(key)} holds item {chunk.item_id}, "
                                       f"not {item_id}; the next consolidation re-encodes it")
             chunks.append(chunk)
+        tokens = sum(c.span for c in chunks)
+        if tokens:
+            memory.measure(self.name, "read_ms_per_token", 1000 * (time.perf_counter() - started) / tokens)
         return chunks
+
+    @hookimpl
+    def memplug_footprint(self, memory, item_ids, db):
+        rows = db.execute("SELECT item_id, bytes FROM kv_items WHERE item_id = ANY(%s::bigint[])",
+                          (list(item_ids),)).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    @hookimpl
+    def memplug_costs(self, memory, scope):
+        """Reads: load, check and de-quantize a blob (no prompt tokens); writes: encode; bytes per token."""
+        m = memory.measured(self.name)
+
+        def get(metric, prior):
+            return m[metric][0] if metric in m else prior
+        return TierCost(self.name, self.level, read_ms=0.0,
+                        read_ms_per_token=get("read_ms_per_token", COST_PRIORS["read_ms_per_token"]),
+                        write_ms_per_token=get("write_ms_per_token", COST_PRIORS["write_ms_per_token"]),
+                        bytes_per_token=get("bytes_per_token", COST_PRIORS["bytes_per_token"]),
+                        samples=sum(n for _, n in m.values()))
 
     # -- forget -----------------------------------------------------------------
 

@@ -27,23 +27,43 @@ Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (2e-3),
 ``lora_epochs`` (4), ``lora_targets`` (comma-separated module names),
 ``lora_replay`` (0.5), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
 ``lora_max_items`` (200 per scope), ``lora_resident`` (adapters kept loaded, 8),
-``lora_resident_mb`` (256).
+``lora_resident_mb`` (256), ``lora_gate`` (0.5; 0 applies the adapter to every read).
+
+**Routing.** An adapter also changes how the model answers questions it was
+not trained for (the benchmark measures how much). So it is applied only to
+reads that concern it: when the query's embedding is within cosine
+``lora_gate`` of one of the items it holds. Other reads get the base model.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
+import time
+from collections import OrderedDict
 
 from psycopg.types.json import Jsonb
 
-from memplug import AdapterRef, ArtifactCorrupt, ModelMismatch, Move, Placement, Scope, hookimpl
+from memplug import (
+    AdapterRef,
+    ArtifactCorrupt,
+    ConfigError,
+    ModelMismatch,
+    Move,
+    Placement,
+    Scope,
+    TierCost,
+    hookimpl,
+)
 from memplug.memory import ITEM_COLUMNS, item_from_row
 from memplug.scoping import subtree_sql, visible_sql
 from memplug.types import adapter_name
 
 log = logging.getLogger(__name__)
 LEVEL = 3
+# Costs before anything was measured here (SmolLM2-135M on 2 CPU cores; benchmarks/results/lora.json).
+COST_PRIORS = {"read_ms": 2.0, "write_ms": 60_000.0, "write_ms_per_item": 8_000.0}
 MIGRATIONS = (
     """
     CREATE TABLE lora_adapters (
@@ -104,6 +124,11 @@ class LoraTier:
         self.resident = opt("lora_resident", 8, int)
         self.resident_bytes = opt("lora_resident_mb", 256, int) << 20
         self._damaged: set[int] = set()
+        self.gate = opt("lora_gate", 0.5, float)
+        if not -1.0 <= self.gate <= 1.0:
+            raise ConfigError(f"lora_gate must be a cosine similarity in [-1, 1], got {self.gate!r}")
+        self._vectors: OrderedDict[int, object] = OrderedDict()  # adapter id -> its items' embeddings
+        self._vectors_lock = threading.Lock()
 
     # -- consolidation ------------------------------------------------------------
 
@@ -177,6 +202,7 @@ class LoraTier:
             if progress is not None:
                 progress(f"lora {scope_label}: {stage}", done_, total, info)
 
+        started = time.perf_counter()
         model = fresh_model(memory.settings.home, memory.settings.model)
         report("synthesize", 0, len(items), {})
         data = lora.make_data(model, [it.text for it in items], [it.id for it in items], self.config)
@@ -184,6 +210,12 @@ class LoraTier:
         result = lora.train(model, data, replay, self.config, progress=report)
         fingerprint = model.fingerprint
         del model
+        # Costs for the policies: the minimum steps are the fixed part of a retrain, the rest is per item.
+        total_ms = 1000 * (time.perf_counter() - started)
+        fixed_ms = min(total_ms, 1000 * result.metrics["seconds"] / max(1, result.metrics["steps"])
+                       * self.config.min_steps)
+        memory.measure(self.name, "write_ms", fixed_ms, db=db)
+        memory.measure(self.name, "write_ms_per_item", (total_ms - fixed_ms) / len(items), db=db)
         passed = set(result.passed(self.config.min_recall))
         mean = sum(result.recall.values()) / len(result.recall)
         adapter_id = db.execute(
@@ -232,6 +264,17 @@ class LoraTier:
             RETURNING id, artifact, fingerprint
             """, (u, a, s, newest, u, a, s, newest)).fetchall()
         self._delete(memory, db, old)
+        # Files of a training that died before its commit (a killed worker) belong to no row.
+        fingerprint = db.execute("SELECT fingerprint FROM lora_adapters WHERE id = %s", (newest,)).fetchone()[0]
+        folder = _artifact_prefix(fingerprint, key, newest).rsplit("/", 1)[0]
+        known = {r[0] for r in db.execute(
+            "SELECT id FROM lora_adapters WHERE user_id = %s AND agent_id = %s AND session_id = %s",
+            (u, a, s)).fetchall()}
+        for path in memory.artifacts.list(folder):
+            name = path[len(folder) + 1:].split("/", 1)[0]
+            if name.isdigit() and int(name) < newest and int(name) not in known:
+                log.info("lora: removing %s, left by a training that never committed", path)
+                memory.store.on_commit(db, functools.partial(memory.artifacts.delete, path))
 
     def _delete(self, memory, db, rows):
         from memplug.runtime.lora import CONFIG_FILE, WEIGHTS_FILE
@@ -268,10 +311,53 @@ class LoraTier:
         items = tuple(item_from_row(r) for r in db.execute(
             f"SELECT {ITEM_COLUMNS} FROM lora_items l JOIN items i ON i.id = l.item_id "
             "WHERE l.adapter_id = %s AND l.passed ORDER BY i.id", (adapter_id,)).fetchall())
+        if self.gate > 0 and self._relevance(memory, adapter_id, items, query) < self.gate:
+            return None  # the read is not about what the adapter holds: the base model answers it
         loader = functools.partial(self._load, memory, adapter_id, prefix, fingerprint)
         ref = AdapterRef(self.name, Scope(u, a or None, s or None), adapter_id, fingerprint, items,
                          memory.artifacts.uri(prefix), size, loader)
         return [ref]
+
+    @hookimpl
+    def memplug_footprint(self, memory, item_ids, db):
+        rows = db.execute(
+            """
+            SELECT l.item_id, a.bytes / greatest(1, (SELECT count(*) FROM lora_items x WHERE x.adapter_id = a.id))
+            FROM lora_items l JOIN lora_adapters a ON a.id = l.adapter_id
+            WHERE l.item_id = ANY(%s::bigint[]) AND l.passed
+            """, (list(item_ids),)).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    @hookimpl
+    def memplug_costs(self, memory, scope):
+        """Reads: an adapter switch per read, no prompt tokens. Writes: a retrain of the scope's
+        adapter, a fixed part (synthesis set-up, the minimum steps) plus a part per item held."""
+        m = memory.measured(self.name)
+        with memory.store.transaction() as db:
+            u, a, s = scope.key
+            recent = db.execute(
+                "SELECT count(*) FROM lora_adapters WHERE user_id = %s AND agent_id = %s AND session_id = %s "
+                "AND created_at > now() - interval '1 day'", (u, a, s)).fetchone()[0]
+
+        def get(metric):
+            return m[metric][0] if metric in m else COST_PRIORS[metric]
+        return TierCost(self.name, self.level, read_ms=get("read_ms"), write_ms=get("write_ms"),
+                        write_ms_per_item=get("write_ms_per_item"), writes_24h=int(recent),
+                        samples=sum(n for _, n in m.values()))
+
+    def _relevance(self, memory, adapter_id, items, query):
+        """The highest cosine similarity between the query and an item the adapter holds."""
+        with self._vectors_lock:
+            vectors = self._vectors.get(adapter_id)
+            if vectors is not None:
+                self._vectors.move_to_end(adapter_id)
+        if vectors is None:
+            vectors = memory.embedder.encode([it.text for it in items])
+            with self._vectors_lock:
+                self._vectors[adapter_id] = vectors
+                while len(self._vectors) > max(1, self.resident):
+                    self._vectors.popitem(last=False)
+        return float((vectors @ memory.embedder.encode([query])[0]).max())
 
     def _load(self, memory, adapter_id, prefix, fingerprint):
         from memplug.runtime import lora

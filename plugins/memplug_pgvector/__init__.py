@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from memplug import ConfigError, Hit, Placement, StoreUnavailable, hookimpl
+from memplug import ConfigError, Hit, Placement, StoreUnavailable, TierCost, hookimpl
 from memplug.memory import ITEM_COLUMNS, RRF_K, item_from_row
 from memplug.scoping import visible_sql
 
@@ -52,6 +52,10 @@ MIGRATIONS = (
 MODES = ("hybrid", "vector", "text")
 MAX_QUERY_WORDS = 32
 ANALYZE_BATCH = 100
+
+
+# The local model's prefill per prompt token before one was measured (SmolLM2-135M, 2 CPU cores).
+PREFILL_MS_PRIOR = 1.5
 
 
 class PgVectorTier:
@@ -114,6 +118,20 @@ class PgVectorTier:
             "WHERE p.item_id = %s AND p.user_id = %s", (item_id, user_id)).fetchone()
         if analysed < 0 or added > 0.2 * analysed:
             db.execute(f"ANALYZE {part}")
+
+    @hookimpl
+    def memplug_footprint(self, memory, item_ids, db):
+        rows = db.execute("SELECT p.item_id, pg_column_size(p.embedding) + pg_column_size(p.tsv) "
+                          "FROM pgvector_items p WHERE p.item_id = ANY(%s::bigint[])", (list(item_ids),)).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    @hookimpl
+    def memplug_costs(self, memory, scope):
+        """A text item costs its tokens in every prompt it is read into: the local model's measured
+        prefill time per prompt token (every item is written here anyway, so no write cost)."""
+        m = memory.measured("model")
+        per_token, n = m.get("prefill_ms_per_token", (PREFILL_MS_PRIOR, 0))
+        return TierCost(self.name, self.level, read_ms_per_token=per_token, prompt_tokens_per_token=1.0, samples=n)
 
     @hookimpl
     def memplug_read(self, memory, scope, query, budget, filters, db):

@@ -1,0 +1,269 @@
+"""The built-in promotion policies: plugins that implement ``memplug_plan`` like any other.
+
+Both are registered by entry point; the ``policy`` setting picks the one that
+plans (``cost``, the default, ``frequency``, or ``none`` to leave planning to
+a third-party policy). Levels: 1 text (RAG), 2 explicit KV, 3 weights.
+
+- :class:`FrequencyPolicy` works on thresholds over the usage history.
+- :class:`CostPolicy` puts each item at the level with the least expected cost,
+  from the read and write costs each tier measured on this deployment
+  (``memplug_costs``) and the reads predicted from the item's heat.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .errors import ConfigError
+from .hookspecs import hookimpl
+from .types import Move, Scope, TierCost
+from .usage import ItemUsage
+
+TEXT, KV, WEIGHTS = 1, 2, 3
+
+
+def _selected(memory, name: str) -> bool:
+    choice = memory.settings.option("policy", "cost", str)
+    return choice == name
+
+
+def _positive(memory, name: str, default: float) -> float:
+    value = memory.settings.option(name, default, float)
+    if not value > 0:
+        raise ConfigError(f"setting {name}={value!r} must be > 0")
+    return value
+
+
+def _movable(usage: Sequence[ItemUsage]) -> list[ItemUsage]:
+    """Long-term items: level 0 is the context buffer, whose tier moves its own turns."""
+    return [u for u in usage if u.level >= TEXT]
+
+
+@dataclass(frozen=True)
+class FrequencyThresholds:
+    promote_reads: int = 3  # reads within promote_window_s promote an item to explicit KV
+    promote_window_s: float = 24 * 3600.0
+    weights_reads: int = 8  # reads within weights_window_s make an item a weights candidate
+    weights_window_s: float = 7 * 24 * 3600.0
+    weights_min_items: int = 5  # ... once the scope has this many candidates (a retrain is costly)
+    demote_idle_s: float = 30 * 24 * 3600.0  # unread for this long: one level down
+
+
+class FrequencyPolicy:
+    """Thresholds: N reads within W promote to KV; sustained reads over a longer window, with
+    at least M such items in a scope, promote to weights; idle for D demotes one level."""
+
+    name = "frequency"
+
+    def __init__(self, thresholds: FrequencyThresholds | None = None) -> None:
+        self.thresholds = thresholds
+        self.active = True
+
+    @hookimpl
+    def memplug_configure(self, memory):
+        self.active = _selected(memory, self.name)
+        if self.thresholds is None:
+            d = FrequencyThresholds()
+            self.thresholds = FrequencyThresholds(
+                promote_reads=int(_positive(memory, "freq_promote_reads", d.promote_reads)),
+                promote_window_s=_positive(memory, "freq_promote_window_s", d.promote_window_s),
+                weights_reads=int(_positive(memory, "freq_weights_reads", d.weights_reads)),
+                weights_window_s=_positive(memory, "freq_weights_window_s", d.weights_window_s),
+                weights_min_items=int(_positive(memory, "freq_weights_min_items", d.weights_min_items)),
+                demote_idle_s=_positive(memory, "demote_idle_s", d.demote_idle_s),
+            )
+
+    @hookimpl
+    def memplug_plan(self, memory, scope, usage):
+        if not self.active:
+            return None
+        return self.plan(usage, datetime.now(UTC))
+
+    def plan(self, usage: Sequence[ItemUsage], now: datetime) -> list[Move]:
+        t = self.thresholds or FrequencyThresholds()
+        up: dict[tuple[int, int], list[int]] = defaultdict(list)
+        down: dict[tuple[int, int], list[int]] = defaultdict(list)
+        weights: dict[Scope | None, list[ItemUsage]] = defaultdict(list)
+        for u in _movable(usage):
+            if u.level > TEXT and u.idle_s(now) >= t.demote_idle_s:
+                down[(u.level, u.level - 1)].append(u.item_id)
+                continue
+            if u.level < WEIGHTS and u.reads_within(t.weights_window_s, now) >= t.weights_reads:
+                weights[u.scope].append(u)
+            if u.level < KV and u.reads_within(t.promote_window_s, now) >= t.promote_reads:
+                up[(u.level, KV)].append(u.item_id)
+        for group in weights.values():
+            if len(group) + _held(usage, group[0].scope) >= t.weights_min_items:
+                for u in group:
+                    if u.item_id in up[(u.level, KV)]:
+                        up[(u.level, KV)].remove(u.item_id)
+                    up[(u.level, WEIGHTS)].append(u.item_id)
+        moves = [Move(tuple(ids), src, dst, f"{t.weights_reads}+ reads in {_span(t.weights_window_s)}"
+                      if dst == WEIGHTS else f"{t.promote_reads}+ reads in {_span(t.promote_window_s)}")
+                 for (src, dst), ids in sorted(up.items()) if ids]
+        moves += [Move(tuple(ids), src, dst, f"idle for {_span(t.demote_idle_s)}")
+                  for (src, dst), ids in sorted(down.items()) if ids]
+        return moves
+
+
+def _held(usage: Sequence[ItemUsage], scope: Scope | None) -> int:
+    return sum(1 for u in usage if u.scope == scope and u.level == WEIGHTS)
+
+
+def _span(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= n:
+            return f"{seconds / n:g} {unit}"
+    return f"{seconds:g} s"
+
+
+class CostPolicy:
+    """Each item at the level with the least expected cost over the planning horizon:
+    ``predicted reads x read cost(level) + write cost(level)`` (no write cost where it already is).
+
+    Costs are in milliseconds of this deployment: a prompt token costs what the
+    model's prefill measured (``token_ms`` overrides it, e.g. to price an API
+    model's tokens), and each tier reports its own measured read and write costs
+    through ``memplug_costs``. Predicted reads come from the item's heat. Budgets
+    per scope: ``max_kv_bytes`` and ``max_retrains_per_day``. An item read less
+    than ``demote_idle_s`` ago is never demoted, so a hot item does not flap.
+    """
+
+    name = "cost"
+
+    def __init__(self) -> None:
+        self.active = True
+        self.horizon_s = 7 * 24 * 3600.0
+        self.demote_idle_s = 30 * 24 * 3600.0
+        self.max_kv_bytes = 64 * 2**20
+        self.max_retrains = 4.0
+        self.half_life_s = 7 * 24 * 3600.0
+        self.token_ms: float | None = None
+
+    @hookimpl
+    def memplug_configure(self, memory):
+        self.active = _selected(memory, self.name)
+        self.half_life_s = memory.half_life_s
+        self.horizon_s = _positive(memory, "cost_horizon_s", memory.half_life_s)
+        self.demote_idle_s = _positive(memory, "demote_idle_s", self.demote_idle_s)
+        self.max_kv_bytes = _positive(memory, "max_kv_bytes", self.max_kv_bytes)
+        self.max_retrains = _positive(memory, "max_retrains_per_day", self.max_retrains)
+        token_ms = memory.settings.option("token_ms", 0.0, float)
+        self.token_ms = token_ms if token_ms > 0 else None
+
+    @hookimpl
+    def memplug_plan(self, memory, scope, usage):
+        if not self.active:
+            return None
+        movable = _movable(usage)
+        if not movable:
+            return None
+        costs = [c for c in memory.hook.memplug_costs(memory=memory, scope=scope) or [] if c is not None]
+        return self.plan(movable, _flatten(costs), datetime.now(UTC))
+
+    def plan(self, usage: Sequence[ItemUsage], costs: Sequence[TierCost], now: datetime) -> list[Move]:
+        by_level = {c.level: c for c in costs}
+        if TEXT not in by_level:
+            return []
+        token_ms = self.token_ms if self.token_ms is not None else by_level[TEXT].read_ms_per_token
+        moves: dict[tuple[int, int, str], list[int]] = defaultdict(list)
+        for items in _by_scope(usage).values():
+            choice, forced = self._choose(items, by_level, token_ms, now)
+            for u in items:
+                dst = choice.get(u.item_id, u.level)
+                if dst == u.level:
+                    continue
+                if dst < u.level and u.idle_s(now) < self.demote_idle_s and u.item_id not in forced:
+                    continue
+                reason = (f"cheaper at level {dst} over {_span(self.horizon_s)}" if dst > u.level
+                          else "over the scope's KV budget" if u.item_id in forced
+                          else f"idle for {_span(self.demote_idle_s)}, cheaper at level {dst}")
+                moves[(u.level, dst, reason)].append(u.item_id)
+        return [Move(tuple(ids), src, dst, reason) for (src, dst, reason), ids in sorted(moves.items())]
+
+    def _reads(self, u: ItemUsage) -> float:
+        return u.rate(self.half_life_s) * self.horizon_s
+
+    def _choose(self, items: list[ItemUsage], by_level: dict[int, TierCost], token_ms: float,
+                now: datetime) -> tuple[dict[int, int], set[int]]:
+        """The cheapest level per item, within the scope's KV budget and retrain budget,
+        and the items the KV budget pushes out of KV."""
+        def read(level: int, u: ItemUsage) -> float:
+            c = by_level[level]
+            return c.read_ms + u.tokens * (token_ms * c.prompt_tokens_per_token + c.read_ms_per_token
+                                           if level != TEXT else token_ms)
+
+        def write(level: int, u: ItemUsage) -> float:
+            c = by_level[level]
+            return 0.0 if u.level == level else c.write_ms + u.tokens * c.write_ms_per_token
+
+        choice: dict[int, int] = {}
+        forced: set[int] = set()
+        text_or_kv: dict[int, float] = {}
+        for u in items:
+            reads = self._reads(u)
+            options = {TEXT: reads * read(TEXT, u) + write(TEXT, u)}
+            if KV in by_level:
+                options[KV] = reads * read(KV, u) + write(KV, u)
+            best = min(options, key=lambda lv: (options[lv], lv))
+            choice[u.item_id] = best
+            text_or_kv[u.item_id] = options[best]
+        # KV budget: the items with the most saving per byte keep their place.
+        if KV in by_level:
+            kv = by_level[KV]
+            at_kv = [u for u in items if choice[u.item_id] == KV]
+            at_kv.sort(key=lambda u: -(self._reads(u) * (read(TEXT, u) - read(KV, u)))
+                       / max(1.0, u.tokens * kv.bytes_per_token))
+            spent = 0.0
+            for u in at_kv:
+                size = u.tokens * kv.bytes_per_token
+                if spent + size > self.max_kv_bytes:
+                    choice[u.item_id] = TEXT
+                    if u.level == KV:
+                        forced.add(u.item_id)
+                else:
+                    spent += size
+        # Weights: one retrain serves every item of the scope, so the choice is made for the scope.
+        w = by_level.get(WEIGHTS)
+        if w is not None:
+            held = [u for u in items if u.level == WEIGHTS]
+            gain = {u.item_id: text_or_kv[u.item_id] - self._reads(u) * read(WEIGHTS, u) for u in items
+                    if u.level != WEIGHTS}
+            new = [u for u in items if u.level != WEIGHTS and gain[u.item_id] > 0]
+            new.sort(key=lambda u: -gain[u.item_id])
+            # Add candidates, best first, while the scope's total saving pays for the retrain.
+            best_n, best_net, total = 0, 0.0, 0.0
+            for n, u in enumerate(new, start=1):
+                total += gain[u.item_id]
+                retrain = w.write_ms + w.write_ms_per_item * (len(held) + n)
+                if total - retrain > best_net:
+                    best_n, best_net = n, total - retrain
+            if best_n and w.writes_24h < self.max_retrains:
+                for u in new[:best_n]:
+                    choice[u.item_id] = WEIGHTS
+            for u in held:
+                # A held item stays unless it is idle (demotion is decided in plan()).
+                choice[u.item_id] = WEIGHTS if self._reads(u) * read(WEIGHTS, u) <= text_or_kv[u.item_id] \
+                    or u.idle_s(now) < self.demote_idle_s else choice[u.item_id]
+        return choice, forced
+
+
+def _by_scope(usage: Sequence[ItemUsage]) -> dict[Scope | None, list[ItemUsage]]:
+    out: dict[Scope | None, list[ItemUsage]] = defaultdict(list)
+    for u in usage:
+        out[u.scope].append(u)
+    return out
+
+
+def _flatten(results) -> list[TierCost]:
+    out = []
+    for r in results:
+        if isinstance(r, TierCost):
+            out.append(r)
+        elif r:
+            out.extend(x for x in r if isinstance(x, TierCost))
+    return out
+

@@ -136,11 +136,15 @@ class JobQueue:
 
         return app
 
+    def _schema(self) -> None:
+        """Create the queue's tables on first use (once per process)."""
+        if not self._ready:
+            ensure_schema(self.dsn)
+            self._ready = True
+
     def _ensure(self):
         with self._lock:
-            if not self._ready:
-                ensure_schema(self.dsn)
-                self._ready = True
+            self._schema()
             if self._app is None:
                 self._app = self._make_app()
                 self._app.open()
@@ -176,7 +180,7 @@ class JobQueue:
         """The newest jobs, newest first."""
         if status is not None and status not in ("todo", "doing", "succeeded", "failed", "cancelled", "aborted"):
             raise InvalidInput(f"unknown job status {status!r}")
-        ensure_schema(self.dsn)
+        self._schema()
         with psycopg.connect(self.dsn) as conn:
             conn.execute(f"SET search_path TO {SCHEMA}")
             rows = conn.execute(
@@ -195,25 +199,11 @@ class JobQueue:
                     None if r[1].get("moves") is None else len(r[1]["moves"]), r[4], r[5], r[6], r[7])
                 for r in rows]
 
-    def wait(self, job_id: int, timeout_s: float = 600.0, poll_s: float = 0.2) -> str:
-        """Block until the job ends; return its status."""
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        app = self._ensure()
-        while True:
-            status = str(app.job_manager.get_job_status(job_id).value)
-            if status in ("succeeded", "failed", "cancelled", "aborted"):
-                return status
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} is still {status} after {timeout_s:g} s")
-            time.sleep(poll_s)
-
     # -- workers ---------------------------------------------------------------
 
     def recover_stalled(self, seconds: float | None = None) -> int:
         """Re-queue jobs whose worker stopped sending heartbeats; return how many."""
-        ensure_schema(self.dsn)
+        self._schema()
         return asyncio.run(self._recover(self.stalled_s if seconds is None else seconds))
 
     async def _recover(self, seconds: float) -> int:
@@ -224,7 +214,6 @@ class JobQueue:
     def run_worker(self, concurrency: int = 1, once: bool = False, name: str | None = None,
                    on_start: Callable[[], None] | None = None) -> None:
         """Run jobs until stopped (SIGINT/SIGTERM stop gracefully), or with ``once`` until the queue is empty."""
-        ensure_schema(self.dsn)
         self.recover_stalled()
         app = self._make_app()
         if on_start is not None:

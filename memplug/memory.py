@@ -393,14 +393,11 @@ class Memory:
                     "SELECT item_id, tier, level, held, reason, at FROM moves WHERE item_id = ANY(%s::bigint[]) "
                     "ORDER BY at, id", (ids,)).fetchall():
                 history[item_id].append({"tier": tier, "level": level, "held": held, "reason": reason, "at": at})
+            # Each implementation is called on its own: the answer is labelled with its plugin's name.
             footprint: dict[int, dict[str, int]] = {i: {} for i in ids}
-            for plugin in self.plugins.pm.get_plugins():
-                impl = getattr(plugin, "memplug_footprint", None)
-                if impl is None:
-                    continue
-                sizes = impl(memory=self, item_ids=ids, db=db) or {}
-                name = getattr(plugin, "name", None) or self.plugins.pm.get_name(plugin)
-                for item_id, size in sizes.items():
+            for impl in self.hook.memplug_footprint.get_hookimpls():
+                name = getattr(impl.plugin, "name", None) or impl.plugin_name
+                for item_id, size in (impl.function(memory=self, item_ids=ids, db=db) or {}).items():
                     footprint[item_id][name] = int(size)
         return [{"id": i, "text": texts.get(i, ""), "level": usage[i].level, "reads": usage[i].reads,
                  "used": usage[i].used, "heat": usage[i].heat, "last_read_at": usage[i].last_read_at,
@@ -483,25 +480,20 @@ class Memory:
         """
         if not isinstance(wait, bool):
             raise InvalidInput(f"wait must be True or False, got {wait!r}")
+        scope = Scope.of(scope)
+        if moves is not None:
+            moves = list(moves)
+            if not all(isinstance(m, Move) for m in moves):
+                raise InvalidInput("moves must be memplug.Move values")
         if not wait:
-            scope = Scope.of(scope)
-            if moves is not None:
-                moves = list(moves)
-                if not all(isinstance(m, Move) for m in moves):
-                    raise InvalidInput("moves must be memplug.Move values")
+            if moves:
                 with self.store.transaction() as db:  # refuse foreign items now, not in the worker
                     self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
             return self.jobs.enqueue(scope, moves)
         self.flush_measurements()
-        scope = Scope.of(scope)
         if moves is None:
             usage = self.usage(scope, subtree=True)
-            plan = _flatten(self.hook.memplug_plan(memory=self, scope=scope, usage=usage))
-            moves = _first_move_per_item(plan)
-        else:
-            moves = list(moves)
-            if not all(isinstance(m, Move) for m in moves):
-                raise InvalidInput("moves must be memplug.Move values")
+            moves = _first_move_per_item(_flatten(self.hook.memplug_plan(memory=self, scope=scope, usage=usage)))
         if not moves:
             return []
         with self.store.transaction() as db:

@@ -23,6 +23,8 @@ from .types import Move, Scope, TierCost
 from .usage import ItemUsage
 
 TEXT, KV, WEIGHTS = 1, 2, 3
+# The local model's prefill per prompt token before one was measured (SmolLM2-135M, 2 CPU cores).
+PREFILL_MS_PRIOR = 1.5
 
 
 def _selected(memory, name: str) -> bool:
@@ -84,29 +86,25 @@ class FrequencyPolicy:
 
     def plan(self, usage: Sequence[ItemUsage], now: datetime) -> list[Move]:
         t = self.thresholds or FrequencyThresholds()
-        up: dict[tuple[int, int], list[int]] = defaultdict(list)
-        down: dict[tuple[int, int], list[int]] = defaultdict(list)
-        weights: dict[Scope | None, list[ItemUsage]] = defaultdict(list)
+        idle = {u.item_id for u in _movable(usage) if u.level > TEXT and u.idle_s(now) >= t.demote_idle_s}
+        candidates: dict[Scope | None, list[int]] = defaultdict(list)
         for u in _movable(usage):
-            if u.level > TEXT and u.idle_s(now) >= t.demote_idle_s:
-                down[(u.level, u.level - 1)].append(u.item_id)
-                continue
-            if u.level < WEIGHTS and u.reads_within(t.weights_window_s, now) >= t.weights_reads:
-                weights[u.scope].append(u)
-            if u.level < KV and u.reads_within(t.promote_window_s, now) >= t.promote_reads:
-                up[(u.level, KV)].append(u.item_id)
-        for group in weights.values():
-            if len(group) + _held(usage, group[0].scope) >= t.weights_min_items:
-                for u in group:
-                    if u.item_id in up[(u.level, KV)]:
-                        up[(u.level, KV)].remove(u.item_id)
-                    up[(u.level, WEIGHTS)].append(u.item_id)
-        moves = [Move(tuple(ids), src, dst, f"{t.weights_reads}+ reads in {_span(t.weights_window_s)}"
-                      if dst == WEIGHTS else f"{t.promote_reads}+ reads in {_span(t.promote_window_s)}")
-                 for (src, dst), ids in sorted(up.items()) if ids]
-        moves += [Move(tuple(ids), src, dst, f"idle for {_span(t.demote_idle_s)}")
-                  for (src, dst), ids in sorted(down.items()) if ids]
-        return moves
+            if u.item_id not in idle and u.level < WEIGHTS and u.reads_within(t.weights_window_s, now) >= t.weights_reads:
+                candidates[u.scope].append(u.item_id)
+        weights = {i for scope, ids in candidates.items() if len(ids) + _held(usage, scope) >= t.weights_min_items
+                   for i in ids}
+        hot = f"{t.promote_reads}+ reads in {_span(t.promote_window_s)}"
+        sustained = f"{t.weights_reads}+ reads in {_span(t.weights_window_s)}"
+        cold = f"idle for {_span(t.demote_idle_s)}"
+        moves: dict[tuple[int, int, str], list[int]] = defaultdict(list)
+        for u in _movable(usage):
+            if u.item_id in idle:
+                moves[(u.level, u.level - 1, cold)].append(u.item_id)
+            elif u.item_id in weights:
+                moves[(u.level, WEIGHTS, sustained)].append(u.item_id)
+            elif u.level < KV and u.reads_within(t.promote_window_s, now) >= t.promote_reads:
+                moves[(u.level, KV, hot)].append(u.item_id)
+        return [Move(tuple(ids), src, dst, reason) for (src, dst, reason), ids in sorted(moves.items())]
 
 
 def _held(usage: Sequence[ItemUsage], scope: Scope | None) -> int:
@@ -125,9 +123,9 @@ class CostPolicy:
     ``predicted reads x read cost(level) + write cost(level)`` (no write cost where it already is).
 
     Costs are in milliseconds of this deployment: a prompt token costs what the
-    model's prefill measured (``token_ms`` overrides it, e.g. to price an API
-    model's tokens), and each tier reports its own measured read and write costs
-    through ``memplug_costs``. Predicted reads come from the item's heat. Budgets
+    local model's prefill measured (``token_ms`` overrides it, e.g. to price an
+    API model's tokens), and each tier reports its own measured read and write
+    costs through ``memplug_costs``. Predicted reads come from the item's heat. Budgets
     per scope: ``max_kv_bytes`` and ``max_retrains_per_day``. An item read less
     than ``demote_idle_s`` ago is never demoted, so a hot item does not flap.
     """
@@ -161,17 +159,21 @@ class CostPolicy:
         movable = _movable(usage)
         if not movable:
             return None
-        costs = [c for c in memory.hook.memplug_costs(memory=memory, scope=scope) or [] if c is not None]
-        return self.plan(movable, _flatten(costs), datetime.now(UTC))
+        costs = _flatten(memory.hook.memplug_costs(memory=memory, scope=scope) or [])
+        token_ms = self.token_ms
+        if token_ms is None:
+            token_ms = memory.measured("model").get("prefill_ms_per_token", (PREFILL_MS_PRIOR, 0))[0]
+        return self.plan(movable, costs, datetime.now(UTC), token_ms)
 
-    def plan(self, usage: Sequence[ItemUsage], costs: Sequence[TierCost], now: datetime) -> list[Move]:
+    def plan(self, usage: Sequence[ItemUsage], costs: Sequence[TierCost], now: datetime,
+             token_ms: float = PREFILL_MS_PRIOR) -> list[Move]:
+        """The moves for ``usage``, given the tiers' ``costs`` and the price of a prompt token in ms."""
         by_level = {c.level: c for c in costs}
         if TEXT not in by_level:
             return []
-        token_ms = self.token_ms if self.token_ms is not None else by_level[TEXT].read_ms_per_token
         moves: dict[tuple[int, int, str], list[int]] = defaultdict(list)
         for items in _by_scope(usage).values():
-            choice, forced = self._choose(items, by_level, token_ms, now)
+            choice, forced = self._choose(items, by_level, token_ms)
             for u in items:
                 dst = choice.get(u.item_id, u.level)
                 if dst == u.level:
@@ -187,14 +189,13 @@ class CostPolicy:
     def _reads(self, u: ItemUsage) -> float:
         return u.rate(self.half_life_s) * self.horizon_s
 
-    def _choose(self, items: list[ItemUsage], by_level: dict[int, TierCost], token_ms: float,
-                now: datetime) -> tuple[dict[int, int], set[int]]:
+    def _choose(self, items: list[ItemUsage], by_level: dict[int, TierCost],
+                token_ms: float) -> tuple[dict[int, int], set[int]]:
         """The cheapest level per item, within the scope's KV budget and retrain budget,
         and the items the KV budget pushes out of KV."""
         def read(level: int, u: ItemUsage) -> float:
             c = by_level[level]
-            return c.read_ms + u.tokens * (token_ms * c.prompt_tokens_per_token + c.read_ms_per_token
-                                           if level != TEXT else token_ms)
+            return c.read_ms + u.tokens * (c.read_ms_per_token + c.prompt_tokens_per_token * token_ms)
 
         def write(level: int, u: ItemUsage) -> float:
             c = by_level[level]
@@ -244,10 +245,9 @@ class CostPolicy:
             if best_n and w.writes_24h < self.max_retrains:
                 for u in new[:best_n]:
                     choice[u.item_id] = WEIGHTS
-            for u in held:
-                # A held item stays unless it is idle (demotion is decided in plan()).
-                choice[u.item_id] = WEIGHTS if self._reads(u) * read(WEIGHTS, u) <= text_or_kv[u.item_id] \
-                    or u.idle_s(now) < self.demote_idle_s else choice[u.item_id]
+            for u in held:  # plan() demotes only once the item is idle
+                if self._reads(u) * read(WEIGHTS, u) <= text_or_kv[u.item_id]:
+                    choice[u.item_id] = WEIGHTS
         return choice, forced
 
 

@@ -83,3 +83,21 @@ def test_consolidate(run, user):
     assert run("consolidate", user, "--id", "1", ok=False).exit_code == 2  # --id needs --to
     empty = run("consolidate", f"{user}-nobody", "--to", "3", ok=False)
     assert empty.exit_code == 2 and "no knowledge items" in empty.output
+
+
+def test_inspect_and_jobs(run, user):
+    written = json.loads(run("write", user, "Dana plays chess on Sundays.", "--json").output)
+    run("read", user, "when does Dana play chess?")
+    rows = json.loads(run("inspect", user, "--json").output)
+    assert [(r["id"], r["level"], r["reads"]) for r in rows] == [(written[0]["id"], 1, 1)]
+    assert rows[0]["bytes"]["pgvector"] > 0 and rows[0]["history"][0]["reason"] == "write"
+    assert "Dana" in run("inspect", user).output
+
+    queued = json.loads(run("consolidate", user, "--queue", "--json").output)["job"]
+    listed = json.loads(run("jobs", "--status", "todo", "--json").output)
+    assert any(j["id"] == queued and j["scope"] == user and j["moves"] is None for j in listed)
+    assert run("jobs", "--status", "sleeping", ok=False).exit_code == 2
+    assert run("worker", "--concurrency", "0", ok=False).exit_code == 2
+    run("worker", "--once")  # runs the queued job (nothing to move) and exits
+    done = {j["id"]: j for j in json.loads(run("jobs", "--json").output)}
+    assert done[queued]["status"] == "succeeded"

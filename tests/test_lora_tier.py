@@ -58,6 +58,9 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     assert {it.id for it in recall.adapter.items} == held
     assert not {h.item.id for h in recall.hits} & held
     assert key in recall.as_text() and key not in recall.as_text(adapter_as_text=False)
+    # A question far from every item it holds is routed to the base model (lora_gate).
+    unrelated = mem.read(alice, "What is the capital of France?")
+    assert unrelated.adapter is None and not unrelated.covered
 
     ref = recall.adapter
     recalled = [k.lower() in closed_book(lm, q, ref).lower() for _, q, k in FACTS]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from memplug import Scope, TierCost
+import pytest
+
+from memplug import InvalidInput, Scope, TierCost
 from memplug.policies import CostPolicy, FrequencyPolicy, FrequencyThresholds
 from memplug.usage import ItemUsage
 
@@ -43,7 +45,7 @@ def test_frequency_thresholds():
 
 
 COSTS = [
-    TierCost("pgvector", 1, read_ms_per_token=1.5, prompt_tokens_per_token=1.0),
+    TierCost("pgvector", 1, prompt_tokens_per_token=1.0),  # a prompt token: 1.5 ms (the prior)
     TierCost("kv", 2, read_ms_per_token=0.05, write_ms_per_token=2.0, bytes_per_token=7000.0),
     TierCost("lora", 3, read_ms=2.0, write_ms=60_000.0, write_ms_per_item=8_000.0),
 ]
@@ -104,3 +106,32 @@ def test_policies_are_plugins_chosen_by_setting(make_memory, user):
     plans = [p for p in mem.hook.memplug_plan(memory=mem, scope=Scope(user), usage=mem.usage(user)) if p]
     assert plans == [[m for m in plans[0]]] and plans[0][0].item_ids == (it.id,) and plans[0][0].dst_level == 2
     assert "2+ reads" in plans[0][0].reason
+
+
+def test_measured_costs_and_inspect(make_memory, user):
+    from helpers.counting import CountingTier
+
+    from memplug import Move
+
+    mem = make_memory(plugins=[CountingTier()])
+    it = mem.write(user, "Eli brews cider.")
+    for _ in range(2):
+        mem.read(user, "What does Eli brew?")
+    # Costs: buffered samples are folded into a running mean shared through Postgres.
+    tier = f"test-{user}"
+    for v in (1.0, 3.0):
+        mem.measure(tier, "read_ms", v)
+    mem.measure(tier, "write_ms", 7.0, db=None)
+    assert mem.measured(tier) == {"read_ms": (2.0, 2), "write_ms": (7.0, 1)}
+    assert make_memory().measured(tier)["read_ms"] == (2.0, 2)
+    with pytest.raises(InvalidInput, match="finite"):
+        mem.measure(tier, "read_ms", float("nan"))
+    costs = [c for c in mem.hook.memplug_costs(memory=mem, scope=Scope(user)) if c]
+    assert [(c.tier, c.level, c.prompt_tokens_per_token) for c in costs] == [("pgvector", 1, 1.0)]
+
+    mem.consolidate(user, [Move((it.id,), 1, 9, "hot")], wait=True)
+    [row] = mem.inspect(user)
+    assert (row["id"], row["level"], row["reads"]) == (it.id, 9, 2) and row["heat"] > 1.9
+    assert row["bytes"]["pgvector"] > 0
+    assert [(h["tier"], h["level"], h["reason"]) for h in row["history"]] == [
+        ("pgvector", 1, "write"), ("counting", 9, "counted")]

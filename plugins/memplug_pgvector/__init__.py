@@ -54,10 +54,6 @@ MAX_QUERY_WORDS = 32
 ANALYZE_BATCH = 100
 
 
-# The local model's prefill per prompt token before one was measured (SmolLM2-135M, 2 CPU cores).
-PREFILL_MS_PRIOR = 1.5
-
-
 class PgVectorTier:
     """Long-term knowledge with hybrid (vector + full-text) search."""
 
@@ -127,11 +123,9 @@ class PgVectorTier:
 
     @hookimpl
     def memplug_costs(self, memory, scope):
-        """A text item costs its tokens in every prompt it is read into: the local model's measured
-        prefill time per prompt token (every item is written here anyway, so no write cost)."""
-        m = memory.measured("model")
-        per_token, n = m.get("prefill_ms_per_token", (PREFILL_MS_PRIOR, 0))
-        return TierCost(self.name, self.level, read_ms_per_token=per_token, prompt_tokens_per_token=1.0, samples=n)
+        """A text item costs its tokens in every prompt it is read into (the policy prices a
+        prompt token); every item is written here anyway, so there is no write cost."""
+        return TierCost(self.name, self.level, prompt_tokens_per_token=1.0)
 
     @hookimpl
     def memplug_read(self, memory, scope, query, budget, filters, db):

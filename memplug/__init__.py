@@ -21,13 +21,25 @@ from .errors import (
 from .hookspecs import hookimpl
 from .memory import Memory
 from .settings import Settings
-from .types import AdapterRef, Budget, Hit, Item, KVPrefix, Move, Placement, Recall, Scope, TierCost
+from .types import (
+    AdapterRef,
+    Answer,
+    Budget,
+    Hit,
+    Item,
+    KVPrefix,
+    Move,
+    Placement,
+    Recall,
+    Scope,
+    TierCost,
+)
 from .usage import ItemUsage
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterRef", "ArtifactCorrupt", "Budget", "ConfigError", "Hit", "InvalidInput", "InvalidScope", "Item", "KVPrefix",
+    "AdapterRef", "Answer", "ArtifactCorrupt", "Budget", "ConfigError", "Hit", "InvalidInput", "InvalidScope", "Item", "KVPrefix",
     "ItemUsage", "MemplugError", "Memory", "ModelMismatch", "ModelUnavailable", "Move", "NotFound",
     "Placement", "PluginError", "Recall", "Scope", "Settings", "StoreUnavailable", "TierCost", "hookimpl",
 ]

@@ -414,6 +414,32 @@ def bench_lora(sizes: str, settings: tuple[str, ...], seed: int, gate: float, ou
         gate=gate)
 
 
+@bench.command("policy")
+@click.option("--facts", "n_facts", default=200, show_default=True)
+@click.option("--warmup", default=600, show_default=True, help="reads before the measured answers")
+@click.option("--rounds", default=3, show_default=True, help="warm-up parts, each followed by a consolidation")
+@click.option("--answers", default=150, show_default=True, help="questions answered by the local model")
+@click.option("--zipf", "zipf_s", default=1.0, show_default=True, help="exponent of the question popularity law")
+@click.option("-k", "k", default=3, show_default=True, help="items per read (Budget.k)")
+@click.option("--arm", "arms", multiple=True,
+              help="an arm as name:key=value,... of Memory options (repeatable; default: rag, frequency, cost)")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--out", default="benchmarks/results", show_default=True)
+@click.option("--name", default="policy", show_default=True, help="file name of the JSON and PNG")
+@_fail_cleanly
+def bench_policy(n_facts: int, warmup: int, rounds: int, answers: int, zipf_s: float, k: int,
+                 arms: tuple[str, ...], seed: int, out: str, name: str) -> None:
+    """Prompt tokens, latency, accuracy, KV bytes and adapters of RAG against the promotion policies."""
+    from .bench.policy import ARMS, run
+
+    for label, value in (("--facts", n_facts), ("--answers", answers), ("--rounds", rounds), ("-k", k)):
+        if value < 1:
+            raise click.BadParameter(f"{label} must be at least 1, got {value}")
+    chosen = dict(_setting(a) for a in arms) if arms else ARMS
+    run(n_facts=n_facts, warmup=warmup, rounds=rounds, answers=answers, zipf_s=zipf_s, k=k, seed=seed,
+        arms=chosen, out_dir=out, console=console, name=name)
+
+
 def _setting(spec: str) -> tuple[str, dict[str, Any]]:
     name, _, rest = spec.partition(":")
     values = _pairs(tuple(p for p in rest.split(",") if p), "setting") if rest else {}

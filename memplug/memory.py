@@ -8,6 +8,7 @@ import hashlib
 import logging
 import math
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -23,7 +24,7 @@ from .plugins import PluginRegistry
 from .scoping import subtree_sql, visible_sql
 from .settings import Settings
 from .store import Store
-from .types import AdapterRef, Budget, Hit, Item, KVPrefix, Move, Placement, Recall, Scope
+from .types import AdapterRef, Answer, Budget, Hit, Item, KVPrefix, Move, Placement, Recall, Scope
 from .usage import DEFAULT_HALF_LIFE_S, ItemUsage, record_feedback, record_reads, scope_usage
 from .validate import check_filters, check_ids, check_messages, check_metadata, check_text
 
@@ -322,22 +323,25 @@ class Memory:
                 fused[hit.item.id] = fused.get(hit.item.id, 0.0) + 1.0 / (RRF_K + rank)
                 if hit.item.id not in best or hit.score > best[hit.item.id].score:
                     best[hit.item.id] = hit
+        # The top k items, whichever tier serves them: an item held by the adapter or
+        # carried by the KV prefix takes its slot without prompt tokens.
         out: list[Hit] = []
         covered: list[Hit] = []
+        injected: set[int] = set()
         spent = 0
         for item_id in sorted(fused, key=lambda i: (-fused[i], i)):
-            if item_id in served:
-                continue
+            if len(out) + len(covered) + len(injected) >= budget.k:
+                break
             hit = best[item_id]
             if item_id in held:
-                # Held in the weights: no prompt tokens; kept for a model that needs them as text.
-                if len(covered) < budget.k:
-                    covered.append(hit)
-            elif len(out) < budget.k and spent + hit.item.tokens <= budget.tokens:
+                covered.append(hit)  # no prompt tokens; kept for a model that needs them as text
+            elif item_id in served:
+                injected.add(item_id)
+            elif spent + hit.item.tokens <= budget.tokens:
                 out.append(hit)  # a smaller hit further down may still fit after a skip
                 spent += hit.item.tokens
-            if len(out) >= budget.k and (not held or len(covered) >= budget.k):
-                break
+        if kv is not None and fused:
+            kv = kv.without(served - injected)  # KV items outside the top k are not injected
         return Recall(scope=scope, query=query, hits=tuple(out), tokens=spent, kv=kv, adapter=adapter,
                       covered=tuple(covered))
 
@@ -356,19 +360,54 @@ class Memory:
     def stream(self, scope: Scope | str, messages: Any, budget: Budget | None = None,
                filters: Mapping[str, Any] | None = None, **options: Any) -> Iterator[str]:
         """Like :meth:`generate`, yielding the answer piece by piece."""
+        msgs, recall = self._recall_for(scope, messages, budget, filters)
+        return self._stream(msgs, recall, options)
+
+    def answer(self, scope: Scope | str, messages: Any, budget: Budget | None = None,
+               filters: Mapping[str, Any] | None = None, stop: str | None = None, **options: Any) -> Answer:
+        """Like :meth:`generate`, returning an :class:`Answer`: the reply, the recall it was given
+        (which items came as text, as KV memory or from the adapter), the prompt tokens the model
+        read and the time taken. ``stop`` ends the reply where that string first appears."""
+        if stop is not None and (not isinstance(stop, str) or not stop):
+            raise InvalidInput(f"stop must be a non-empty string, got {stop!r}")
+        started = time.perf_counter()
+        msgs, recall = self._recall_for(scope, messages, budget, filters)
+        prompt = {"tokens": 0}
+        first = None
+        text = ""
+        caller = options.pop("on_prefill", None)
+
+        def prefill(tokens: int, seconds: float) -> None:
+            prompt["tokens"] = tokens
+            if caller is not None:
+                caller(tokens, seconds)
+        for piece in self._stream(msgs, recall, {**options, "on_prefill": prefill}):
+            first = first if first is not None else time.perf_counter() - started
+            text += piece
+            if stop is not None and stop in text:
+                text = text[:text.index(stop)]
+                break
+        seconds = time.perf_counter() - started
+        return Answer(text, recall, prompt["tokens"], seconds if first is None else first, seconds)
+
+    def _recall_for(self, scope, messages, budget, filters):
         from .runtime.chat import chat_messages
 
         msgs = chat_messages(messages)
         query = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), None)
         if query is None:
             raise InvalidInput("messages have no user message to answer")
-        recall = self.read(scope, query, budget, filters)
+        return msgs, self.read(scope, query, budget, filters)
+
+    def _stream(self, msgs, recall, options) -> Iterator[str]:
+        caller = options.pop("on_prefill", None)
 
         def prefill(tokens: int, seconds: float) -> None:
             if tokens >= 16:  # shorter prompts measure mostly overhead
                 self.measure("model", "prefill_ms_per_token", 1000 * seconds / tokens)
-        options.setdefault("on_prefill", prefill)
-        return self.model.stream(msgs, recall, **options)
+            if caller is not None:
+                caller(tokens, seconds)
+        return self.model.stream(msgs, recall, on_prefill=prefill, **options)
 
     def feedback(self, scope: Scope | str, item_ids: Iterable[int], used: bool = True) -> None:
         """Report which returned items the answer actually used (feeds the policies)."""

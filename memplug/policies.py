@@ -12,6 +12,7 @@ a third-party policy). Levels: 1 text (RAG), 2 explicit KV, 3 weights.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,8 +192,15 @@ class CostPolicy:
 
     def _choose(self, items: list[ItemUsage], by_level: dict[int, TierCost],
                 token_ms: float) -> tuple[dict[int, int], set[int]]:
-        """The cheapest level per item, within the scope's KV budget and retrain budget,
-        and the items the KV budget pushes out of KV."""
+        """The cheapest placement of a scope's items, within its KV budget and retrain budget,
+        and the items the KV budget pushes out of KV.
+
+        Text and KV are priced per item. The KV budget keeps the items with the most
+        saving per byte. Weights are priced per scope, since one retrain serves them
+        all: the n items that gain most from weights go there, for the n that makes
+        the scope's total cost least. When the KV budget binds, moving the hottest
+        items to the weights frees KV for the next ones: text -> KV -> weights by heat.
+        """
         def read(level: int, u: ItemUsage) -> float:
             c = by_level[level]
             return c.read_ms + u.tokens * (c.read_ms_per_token + c.prompt_tokens_per_token * token_ms)
@@ -201,53 +209,53 @@ class CostPolicy:
             c = by_level[level]
             return 0.0 if u.level == level else c.write_ms + u.tokens * c.write_ms_per_token
 
-        choice: dict[int, int] = {}
-        forced: set[int] = set()
-        text_or_kv: dict[int, float] = {}
+        kv = by_level.get(KV)
+        cost: dict[int, dict[int, float]] = {}
         for u in items:
             reads = self._reads(u)
-            options = {TEXT: reads * read(TEXT, u) + write(TEXT, u)}
-            if KV in by_level:
-                options[KV] = reads * read(KV, u) + write(KV, u)
-            best = min(options, key=lambda lv: (options[lv], lv))
-            choice[u.item_id] = best
-            text_or_kv[u.item_id] = options[best]
-        # KV budget: the items with the most saving per byte keep their place.
-        if KV in by_level:
-            kv = by_level[KV]
-            at_kv = [u for u in items if choice[u.item_id] == KV]
-            at_kv.sort(key=lambda u: -(self._reads(u) * (read(TEXT, u) - read(KV, u)))
-                       / max(1.0, u.tokens * kv.bytes_per_token))
-            spent = 0.0
-            for u in at_kv:
-                size = u.tokens * kv.bytes_per_token
-                if spent + size > self.max_kv_bytes:
-                    choice[u.item_id] = TEXT
-                    if u.level == KV:
-                        forced.add(u.item_id)
-                else:
-                    spent += size
-        # Weights: one retrain serves every item of the scope, so the choice is made for the scope.
+            cost[u.item_id] = {lv: reads * read(lv, u) + (write(lv, u) if lv != WEIGHTS else 0.0)
+                               for lv in (TEXT, KV, WEIGHTS) if lv in by_level}
+        # KV is filled in this order, best saving per byte first.
+        order = sorted(items, key=lambda u: (-(cost[u.item_id][TEXT] - cost[u.item_id].get(KV, math.inf))
+                                             / max(1.0, u.tokens * (kv.bytes_per_token if kv else 1.0)), u.item_id))
+
+        def fill(skip: set[int]) -> tuple[dict[int, int], float, set[int]]:
+            choice, total, forced, spent = {}, 0.0, set(), 0.0
+            for u in order:
+                if u.item_id in skip:
+                    continue
+                c = cost[u.item_id]
+                lv = KV if KV in c and c[KV] < c[TEXT] else TEXT
+                if lv == KV:
+                    size = u.tokens * kv.bytes_per_token
+                    if spent + size > self.max_kv_bytes:
+                        lv = TEXT
+                        if u.level == KV:
+                            forced.add(u.item_id)
+                    else:
+                        spent += size
+                choice[u.item_id] = lv
+                total += c[lv]
+            return choice, total, forced
+
         w = by_level.get(WEIGHTS)
-        if w is not None:
-            held = [u for u in items if u.level == WEIGHTS]
-            gain = {u.item_id: text_or_kv[u.item_id] - self._reads(u) * read(WEIGHTS, u) for u in items
-                    if u.level != WEIGHTS}
-            new = [u for u in items if u.level != WEIGHTS and gain[u.item_id] > 0]
-            new.sort(key=lambda u: -gain[u.item_id])
-            # Add candidates, best first, while the scope's total saving pays for the retrain.
-            best_n, best_net, total = 0, 0.0, 0.0
+        held = [u for u in items if u.level == WEIGHTS] if w is not None else []
+        kept = {u.item_id for u in held if cost[u.item_id][WEIGHTS] <= min(cost[u.item_id][TEXT],
+                                                                         cost[u.item_id].get(KV, math.inf))}
+        choice, best_total, forced = fill(kept)
+        if w is not None and w.writes_24h < self.max_retrains:
+            new = [u for u in items if u.level != WEIGHTS and cost[u.item_id][WEIGHTS] < cost[u.item_id][TEXT]]
+            new.sort(key=lambda u: (-(cost[u.item_id][TEXT] - cost[u.item_id][WEIGHTS]), u.item_id))
+            weights_cost = 0.0
             for n, u in enumerate(new, start=1):
-                total += gain[u.item_id]
-                retrain = w.write_ms + w.write_ms_per_item * (len(held) + n)
-                if total - retrain > best_net:
-                    best_n, best_net = n, total - retrain
-            if best_n and w.writes_24h < self.max_retrains:
-                for u in new[:best_n]:
-                    choice[u.item_id] = WEIGHTS
-            for u in held:  # plan() demotes only once the item is idle
-                if self._reads(u) * read(WEIGHTS, u) <= text_or_kv[u.item_id]:
-                    choice[u.item_id] = WEIGHTS
+                weights_cost += cost[u.item_id][WEIGHTS]
+                chosen = {x.item_id for x in new[:n]}
+                c, total, f = fill(kept | chosen)
+                total += weights_cost + w.write_ms + w.write_ms_per_item * (len(held) + n)
+                if total < best_total:
+                    best_total, choice, forced = total, {**c, **dict.fromkeys(chosen, WEIGHTS)}, f
+        for i in kept:
+            choice[i] = WEIGHTS
         return choice, forced
 
 

@@ -129,8 +129,12 @@ class Hit:
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """What one read may spend: prompt tokens of text, at most ``k`` text hits, and
-    ``kv_tokens`` positions of injected KV memory (explicit memory costs no prompt tokens)."""
+    """What one read may spend: at most ``k`` items, ``tokens`` prompt tokens of text, and
+    ``kv_tokens`` positions of injected KV memory.
+
+    The ``k`` items are the best ranked, whichever tier serves them: an item carried
+    by the KV prefix or held by the adapter takes its place without prompt tokens.
+    """
 
     tokens: int = 1024
     k: int = 10
@@ -312,3 +316,29 @@ class Placement:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "item_ids", tuple(int(i) for i in self.item_ids))
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The local model's answer with memory (:meth:`memplug.Memory.answer`), and what it took.
+
+    ``prompt_tokens`` is what the model read for this answer: text memories, the
+    template and the conversation, not the fixed preamble or injected KV memory.
+    """
+
+    text: str
+    recall: Recall
+    prompt_tokens: int
+    first_token_s: float
+    seconds: float
+
+    def served_by(self, item_id: int) -> str | None:
+        """How the answer had item ``item_id``: ``"adapter"``, ``"kv"``, ``"text"``, or None."""
+        if any(h.item.id == item_id for h in self.recall.covered):
+            return "adapter"
+        if self.recall.kv is not None and any(it.id == item_id for it in self.recall.kv.items):
+            return "kv"
+        if any(h.item.id == item_id for h in self.recall.hits):
+            return "text"
+        return None
+

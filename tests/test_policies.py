@@ -97,6 +97,18 @@ def test_cost_policy_budgets_and_demotion():
     assert cost_policy().plan(items, COSTS[1:], NOW) == []
 
 
+def test_cost_policy_climbs_by_heat_when_the_kv_budget_binds():
+    # Room in KV for two items of 400 tokens. Moving the three hottest into the weights
+    # frees KV for the next two; the cold ones stay text: text -> KV -> weights by heat.
+    items = ([usage(i, reads_ago=[10] * 2000, tokens=400) for i in (1, 2, 3)]
+             + [usage(i, reads_ago=[10] * 60, tokens=400) for i in (4, 5)]
+             + [usage(i, reads_ago=[10], tokens=400) for i in (6, 7, 8)])
+    plan = cost_policy(max_kv_bytes=2 * 400 * 7000.0).plan(items, COSTS, NOW)
+    assert moves_of(plan) == {(1, 3): {1, 2, 3}, (1, 2): {4, 5}}
+    # Without the budget the two middle items fit in KV as well, and weights do not pay.
+    assert moves_of(cost_policy().plan(items, COSTS, NOW)) == {(1, 2): {1, 2, 3, 4, 5}}
+
+
 def test_policies_are_plugins_chosen_by_setting(make_memory, user):
     mem = make_memory(plugins=[FrequencyPolicy(), CostPolicy()], options={"policy": "frequency",
                                                                          "freq_promote_reads": 2})

@@ -108,7 +108,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
     result: dict[str, Any] = {"machine": _machine(), "model": base.name, "fingerprint": base.fingerprint,
                               "seed": seed, "gate": gate, "base": {"perplexity": base_ppl, "general_known": len(known),
                                                      "general_total": len(questions)},
-                              "runs": {}}
+                              "runs": _earlier_runs(out_dir, name, base.fingerprint, seed, gate)}
     for n in sizes:
         facts = generate(n, seed)
         none = _accuracy(base, facts, None, "none", 1, detail=True)
@@ -208,6 +208,16 @@ def _switch_times(base: Any, weights: bytes, peft_config: bytes, trained: Any) -
     base.drop_adapter(a.name)
     base.drop_adapter(b.name)
     return {"cold_load_s": statistics.median(cold), "switch_s": switch_s, "base_switch_s": off_s}
+
+
+def _earlier_runs(out_dir: str | Path, name: str, fingerprint: str, seed: int, gate: float) -> dict[str, Any]:
+    """Runs of an earlier invocation on the same model, seed and gate: a run of other sizes adds to them."""
+    try:
+        earlier = json.loads((Path(out_dir) / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    same = (earlier.get("fingerprint"), earlier.get("seed"), earlier.get("gate")) == (fingerprint, seed, gate)
+    return dict(earlier.get("runs", {})) if same else {}
 
 
 def _save(result: dict[str, Any], out_dir: str | Path, name: str) -> None:

@@ -348,14 +348,21 @@ def jobs(status: str | None, limit: int, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--questions", type=int, default=None, help="ask only the first N questions")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--policy", type=click.Choice(["frequency", "cost"]), default="frequency", show_default=True,
+              help="the promotion policy, with windows scaled to the demo")
+@click.option("--sessions", type=click.IntRange(min=1), default=5, show_default=True,
+              help="question sessions after the two telling sessions")
+@click.option("--questions", type=click.IntRange(min=1), default=10, show_default=True,
+              help="questions per user per session")
+@click.option("--out", default="memplug-demo", show_default=True, help="folder for demo.json and demo.png")
+@click.option("--json", "as_json", is_flag=True, help="print the full log as JSON instead")
 @_fail_cleanly
-def demo(questions: int | None, as_json: bool) -> None:
-    """Write the bundled two-user conversation, then answer questions from memory."""
+def demo(policy: str, sessions: int, questions: int, out: str, as_json: bool) -> None:
+    """Two users tell an agent about themselves, then keep asking: watch facts climb text -> KV -> weights."""
     from .demo import run_demo
 
-    run_demo(console=None if as_json else console, limit=questions, as_json=as_json)
+    run_demo(console=None if as_json else console, sessions=sessions, per_session=questions, policy=policy,
+             out_dir=out, as_json=as_json)
 
 
 @main.group()

@@ -342,6 +342,11 @@ class Memory:
                 spent += hit.item.tokens
         if kv is not None and fused:
             kv = kv.without(served - injected)  # KV items outside the top k are not injected
+            if kv is not None:
+                # The best-ranked item goes last, next to the question: chunks encoded apart are
+                # told apart worse than text, and the nearest one is read best.
+                rank = {i: n for n, i in enumerate(sorted(fused, key=lambda i: (-fused[i], i)))}
+                kv = kv.ordered(sorted((it.id for it in kv.items), key=lambda i: -rank.get(i, len(rank))))
         return Recall(scope=scope, query=query, hits=tuple(out), tokens=spent, kv=kv, adapter=adapter,
                       covered=tuple(covered))
 
@@ -539,7 +544,7 @@ class Memory:
             self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
             placed = _flatten(self.hook.memplug_consolidate(memory=self, scope=scope, moves=moves, db=db,
                                                             progress=progress))
-            self._apply_placements(db, placed)
+            self._apply_placements(db, placed, {i: m.reason for m in moves for i in m.item_ids})
         return placed
 
     def end_session(self, scope: Scope | str) -> list[Placement]:
@@ -556,18 +561,26 @@ class Memory:
             return []
         return self.consolidate(scope, [Move(tuple(ids), 0, 1, "session ended")], wait=True)
 
-    def _apply_placements(self, db: psycopg.Connection, placed: Sequence[Placement]) -> None:
+    def _apply_placements(self, db: psycopg.Connection, placed: Sequence[Placement],
+                          why: Mapping[int, str] | None = None) -> None:
+        """Record what the tiers report; ``why`` gives the reason of the move behind each item."""
         for p in placed:
             if not isinstance(p, Placement):
                 raise InvalidInput(f"a hook returned {type(p).__name__} where a memplug.Placement was expected")
             if not p.item_ids:
                 continue
-            # The history of every placement, for `memplug inspect` (items gone in this transaction are skipped).
-            db.execute(
-                "INSERT INTO moves (item_id, tier, level, held, reason) "
-                "SELECT i.id, %s, %s, %s, %s FROM items i WHERE i.id = ANY(%s::bigint[])",
-                (p.tier, p.level, p.held, p.reason, list(p.item_ids)),
-            )
+            # The history of every placement, for `memplug inspect` (items gone in this transaction are
+            # skipped): the planned move's reason, then what the tier did.
+            groups: dict[str, list[int]] = {}
+            for i in p.item_ids:
+                move = (why or {}).get(i)
+                groups.setdefault(f"{move}: {p.reason}" if move and move != p.reason else p.reason, []).append(i)
+            for reason, ids in groups.items():
+                db.execute(
+                    "INSERT INTO moves (item_id, tier, level, held, reason) "
+                    "SELECT i.id, %s, %s, %s, %s FROM items i WHERE i.id = ANY(%s::bigint[])",
+                    (p.tier, p.level, p.held, reason, ids),
+                )
             if p.held:
                 # Joined with items: an item the tier replaced in the same transaction is skipped.
                 db.execute(

@@ -51,7 +51,7 @@ class FrequencyThresholds:
     promote_window_s: float = 24 * 3600.0
     weights_reads: int = 8  # reads within weights_window_s make an item a weights candidate
     weights_window_s: float = 7 * 24 * 3600.0
-    weights_min_items: int = 5  # ... once the scope has this many candidates (a retrain is costly)
+    weights_min_items: int = 5  # ... once the scope has this many new candidates (a retrain is costly)
     demote_idle_s: float = 30 * 24 * 3600.0  # unread for this long: one level down
 
 
@@ -90,10 +90,11 @@ class FrequencyPolicy:
         idle = {u.item_id for u in _movable(usage) if u.level > TEXT and u.idle_s(now) >= t.demote_idle_s}
         candidates: dict[Scope | None, list[int]] = defaultdict(list)
         for u in _movable(usage):
-            if u.item_id not in idle and u.level < WEIGHTS and u.reads_within(t.weights_window_s, now) >= t.weights_reads:
+            if (u.item_id not in idle and u.level < WEIGHTS and u.reads_within(t.weights_window_s, now) >= t.weights_reads
+                    and not u.declined_within(WEIGHTS, t.weights_window_s, now)):  # an adapter did not hold it
                 candidates[u.scope].append(u.item_id)
-        weights = {i for scope, ids in candidates.items() if len(ids) + _held(usage, scope) >= t.weights_min_items
-                   for i in ids}
+        # A retrain is costly: it waits until a scope has weights_min_items new candidates.
+        weights = {i for ids in candidates.values() if len(ids) >= t.weights_min_items for i in ids}
         hot = f"{t.promote_reads}+ reads in {_span(t.promote_window_s)}"
         sustained = f"{t.weights_reads}+ reads in {_span(t.weights_window_s)}"
         cold = f"idle for {_span(t.demote_idle_s)}"
@@ -106,10 +107,6 @@ class FrequencyPolicy:
             elif u.level < KV and u.reads_within(t.promote_window_s, now) >= t.promote_reads:
                 moves[(u.level, KV, hot)].append(u.item_id)
         return [Move(tuple(ids), src, dst, reason) for (src, dst, reason), ids in sorted(moves.items())]
-
-
-def _held(usage: Sequence[ItemUsage], scope: Scope | None) -> int:
-    return sum(1 for u in usage if u.scope == scope and u.level == WEIGHTS)
 
 
 def _span(seconds: float) -> str:
@@ -174,7 +171,7 @@ class CostPolicy:
             return []
         moves: dict[tuple[int, int, str], list[int]] = defaultdict(list)
         for items in _by_scope(usage).values():
-            choice, forced = self._choose(items, by_level, token_ms)
+            choice, forced = self._choose(items, by_level, token_ms, now)
             for u in items:
                 dst = choice.get(u.item_id, u.level)
                 if dst == u.level:
@@ -191,7 +188,7 @@ class CostPolicy:
         return u.rate(self.half_life_s) * self.horizon_s
 
     def _choose(self, items: list[ItemUsage], by_level: dict[int, TierCost],
-                token_ms: float) -> tuple[dict[int, int], set[int]]:
+                token_ms: float, now: datetime) -> tuple[dict[int, int], set[int]]:
         """The cheapest placement of a scope's items, within its KV budget and retrain budget,
         and the items the KV budget pushes out of KV.
 
@@ -244,7 +241,8 @@ class CostPolicy:
                                                                          cost[u.item_id].get(KV, math.inf))}
         choice, best_total, forced = fill(kept)
         if w is not None and w.writes_24h < self.max_retrains:
-            new = [u for u in items if u.level != WEIGHTS and cost[u.item_id][WEIGHTS] < cost[u.item_id][TEXT]]
+            new = [u for u in items if u.level != WEIGHTS and cost[u.item_id][WEIGHTS] < cost[u.item_id][TEXT]
+                   and not u.declined_within(WEIGHTS, 86400.0, now)]  # not retried within a day
             new.sort(key=lambda u: (-(cost[u.item_id][TEXT] - cost[u.item_id][WEIGHTS]), u.item_id))
             weights_cost = 0.0
             for n, u in enumerate(new, start=1):

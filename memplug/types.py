@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
@@ -173,6 +173,17 @@ class KVPrefix:
         ``loader`` is called with the ids of the items to load.
         """
         return self.loader(tuple(it.id for it in self.items))
+
+    def ordered(self, item_ids: Sequence[int]) -> KVPrefix:
+        """This prefix with its items in the order of ``item_ids`` (the same ids, in any order)."""
+        where = {it.id: k for k, it in enumerate(self.items)}
+        if sorted(where) != sorted(item_ids):
+            raise InvalidInput(f"ordered() needs exactly this prefix's item ids {sorted(where)}, got {list(item_ids)}")
+        keep = [where[i] for i in item_ids]
+
+        def pick(values: tuple) -> tuple:
+            return tuple(values[k] for k in keep) if len(values) == len(self.items) else values
+        return replace(self, items=pick(self.items), spans=pick(self.spans), sizes=pick(self.sizes))
 
     def without(self, item_ids: Collection[int]) -> KVPrefix | None:
         """This prefix less ``item_ids`` (None if nothing is left)."""

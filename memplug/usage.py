@@ -30,6 +30,9 @@ class ItemUsage:
     created_at: datetime | None = None
     recent: tuple[datetime, ...] = field(default=(), repr=False)  # last reads, oldest first
     scope: Scope | None = None  # the scope the item was written in
+    # (level, when) of each time a tier let the item go or would not hold it (held=False placements):
+    # a demotion, or an adapter that did not recall it. Policies wait before trying that level again.
+    declined: tuple[tuple[int, datetime], ...] = field(default=(), repr=False)
 
     def reads_within(self, seconds: float, now: datetime) -> int:
         """Reads in the last ``seconds`` before ``now`` (exact up to the last RECENT reads)."""
@@ -40,6 +43,11 @@ class ItemUsage:
         """Seconds since the last read, or since the item was written if it was never read."""
         last = self.last_read_at or self.created_at
         return (now - last).total_seconds() if last is not None else 0.0
+
+    def declined_within(self, level: int, seconds: float, now: datetime) -> bool:
+        """Whether level ``level`` let the item go or declined it in the last ``seconds``."""
+        since = now - timedelta(seconds=seconds)
+        return any(lv == level and at > since for lv, at in self.declined)
 
     def rate(self, half_life_s: float) -> float:
         """Reads per second, estimated from heat: a steady rate r holds heat at r * half_life / ln 2."""
@@ -80,15 +88,21 @@ def scope_usage(db: psycopg.Connection, where: str, params: dict, half_life_s: f
         f"""
         SELECT i.id, coalesce(max(p.level), -1), coalesce(u.reads, 0), coalesce(u.used, 0), u.last_read_at,
                coalesce(u.heat * exp(-ln(2) * extract(epoch FROM now() - u.heat_at) / %(hl)s), 0),
-               i.tokens, i.created_at, coalesce(u.recent, '{{}}'), i.user_id, i.agent_id, i.session_id
+               i.tokens, i.created_at, coalesce(u.recent, '{{}}'), i.user_id, i.agent_id, i.session_id,
+               coalesce(d.levels, '{{}}'), coalesce(d.ats, '{{}}')
         FROM items i
         LEFT JOIN usage u ON u.item_id = i.id
         LEFT JOIN placements p ON p.item_id = i.id
+        LEFT JOIN LATERAL (
+            SELECT array_agg(m.level ORDER BY m.at) AS levels, array_agg(m.at ORDER BY m.at) AS ats
+            FROM moves m WHERE m.item_id = i.id AND NOT m.held AND m.level > 0
+        ) d ON true
         WHERE {where}
-        GROUP BY i.id, u.reads, u.used, u.last_read_at, u.heat, u.heat_at, u.recent
+        GROUP BY i.id, u.reads, u.used, u.last_read_at, u.heat, u.heat_at, u.recent, d.levels, d.ats
         ORDER BY i.id
         """,
         {**params, "hl": half_life_s},
     ).fetchall()
     return [ItemUsage(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6], r[7], tuple(r[8]),
-                      Scope(r[9], r[10] or None, r[11] or None)) for r in rows]
+                      Scope(r[9], r[10] or None, r[11] or None), tuple(zip(r[12], r[13], strict=True)))
+            for r in rows]

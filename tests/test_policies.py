@@ -109,6 +109,23 @@ def test_cost_policy_climbs_by_heat_when_the_kv_budget_binds():
     assert moves_of(cost_policy().plan(items, COSTS, NOW)) == {(1, 2): {1, 2, 3, 4, 5}}
 
 
+def test_an_item_the_adapter_did_not_hold_waits_before_another_retrain():
+    from dataclasses import replace
+
+    t = FrequencyThresholds(promote_reads=3, promote_window_s=3600, weights_reads=5, weights_window_s=86400,
+                            weights_min_items=2)
+    hot = [usage(i, level=2, reads_ago=[10] * 6) for i in (1, 2, 3)]
+    assert moves_of(FrequencyPolicy(t).plan(hot, NOW)) == {(2, 3): {1, 2, 3}}
+    # Item 3 was trained an hour ago and not recalled; items 1 and 2 alone still make a batch.
+    declined = [*hot[:2], replace(hot[2], declined=((3, NOW - timedelta(hours=1)),))]
+    assert moves_of(FrequencyPolicy(t).plan(declined, NOW)) == {(2, 3): {1, 2}}
+    # With one candidate left, no retrain.
+    assert moves_of(FrequencyPolicy(t).plan(declined[1:], NOW)) == {}
+    busy = [usage(i, reads_ago=[10] * 2000, tokens=400) for i in (1, 2)]
+    busy.append(replace(usage(3, reads_ago=[10] * 2000, tokens=400), declined=((3, NOW - timedelta(hours=1)),)))
+    assert moves_of(cost_policy().plan(busy, [COSTS[0], COSTS[2]], NOW)) == {(1, 3): {1, 2}}
+
+
 def test_policies_are_plugins_chosen_by_setting(make_memory, user):
     mem = make_memory(plugins=[FrequencyPolicy(), CostPolicy()], options={"policy": "frequency",
                                                                          "freq_promote_reads": 2})
@@ -146,4 +163,4 @@ def test_measured_costs_and_inspect(make_memory, user):
     assert (row["id"], row["level"], row["reads"]) == (it.id, 9, 2) and row["heat"] > 1.9
     assert row["bytes"]["pgvector"] > 0
     assert [(h["tier"], h["level"], h["reason"]) for h in row["history"]] == [
-        ("pgvector", 1, "write"), ("counting", 9, "counted")]
+        ("pgvector", 1, "write"), ("counting", 9, "hot: counted")]

@@ -187,7 +187,9 @@ class LocalModel:
             while self._resident and (len(self._resident) >= self.max_adapters
                                       or sum(self._resident.values()) + size > self.max_adapter_bytes):
                 self.drop_adapter(next(iter(self._resident)))
-            inject_adapter_in_model(peft_config, self.model, adapter_name=ref.name)
+            with warnings.catch_warnings():  # several resident adapters in one model is the design
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*", category=UserWarning)
+                inject_adapter_in_model(peft_config, self.model, adapter_name=ref.name)
             try:
                 state = {k.removeprefix("base_model.model."): v.to(self.device, self.dtype) for k, v in state.items()}
                 result = set_peft_model_state_dict(self.model, state, adapter_name=ref.name)

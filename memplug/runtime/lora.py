@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -33,6 +34,8 @@ from ..errors import ArtifactCorrupt, InvalidInput, ModelMismatch, ModelUnavaila
 from .synth import ItemData, answer_key, contains_word, contrasts, synthesize
 
 log = logging.getLogger(__name__)
+# PEFT calls a transformers method deprecated in v5 while training; nothing for a user to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 FORMAT = "memplug-lora/1"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -221,7 +224,8 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
         if all(r >= cfg.min_recall for r in recall.values()) and epoch >= 1:
             stopped = "recall"
             break
-        if len(history) >= 3 and mean <= history[-2]["held_out_recall"] <= history[-3]["held_out_recall"]:
+        if step >= cfg.min_steps and len(history) >= 3 and \
+                mean <= history[-2]["held_out_recall"] <= history[-3]["held_out_recall"]:
             stopped = "plateau"
             break
     assert best is not None

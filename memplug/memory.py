@@ -329,7 +329,8 @@ class Memory:
         covered: list[Hit] = []
         injected: set[int] = set()
         spent = 0
-        for item_id in sorted(fused, key=lambda i: (-fused[i], i)):
+        ranked = sorted(fused, key=lambda i: (-fused[i], i))
+        for item_id in ranked:
             if len(out) + len(covered) + len(injected) >= budget.k:
                 break
             hit = best[item_id]
@@ -345,8 +346,8 @@ class Memory:
             if kv is not None:
                 # The best-ranked item goes last, next to the question: chunks encoded apart are
                 # told apart worse than text, and the nearest one is read best.
-                rank = {i: n for n, i in enumerate(sorted(fused, key=lambda i: (-fused[i], i)))}
-                kv = kv.ordered(sorted((it.id for it in kv.items), key=lambda i: -rank.get(i, len(rank))))
+                rank = {i: n for n, i in enumerate(ranked)}
+                kv = kv.ordered(sorted((it.id for it in kv.items), key=lambda i: -rank[i]))
         return Recall(scope=scope, query=query, hits=tuple(out), tokens=spent, kv=kv, adapter=adapter,
                       covered=tuple(covered))
 

@@ -223,7 +223,7 @@ def _earlier_runs(out_dir: str | Path, name: str, fingerprint: str, seed: int, g
 def _save(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
 
 
 def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:

@@ -20,7 +20,6 @@ adapter versions, and consolidation time.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
@@ -29,6 +28,8 @@ from typing import Any
 
 from .facts import generate
 from .kv import _machine
+from .lora import _save
+from .store import _pct
 
 ARMS: dict[str, dict[str, Any]] = {
     "rag": {"policy": "none"},
@@ -41,11 +42,6 @@ def zipf_draws(ranking: list[int], draws: int, s: float, rng: random.Random) -> 
     """``draws`` items; ``ranking[r]`` (popularity rank r) is drawn with probability ~ 1 / (r + 1)^s."""
     weights = [1.0 / (r + 1) ** s for r in range(len(ranking))]
     return [ranking[r] for r in rng.choices(range(len(ranking)), weights=weights, k=draws)]
-
-
-def _p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, int(round(0.95 * len(ordered))) - 1))]
 
 
 def run(n_facts: int = 200, warmup: int = 600, rounds: int = 3, answers: int = 150, zipf_s: float = 1.0,
@@ -159,7 +155,7 @@ def _summary(rows, consolidations, levels, mem, scope, write_s) -> dict[str, Any
         "accuracy_paraphrase": _share([r["right"] for r in rows if r["kind"] == "paraphrase"]),
         "memory_tokens_per_answer": statistics.fmean(r["memory_tokens"] for r in rows),
         "prompt_tokens_per_answer": statistics.fmean(r["prompt_tokens"] for r in rows),
-        "latency_s_mean": statistics.fmean(seconds), "latency_s_p95": _p95(seconds),
+        "latency_s_mean": statistics.fmean(seconds), "latency_s_p95": _pct(seconds, 0.95),
         "first_token_s_mean": statistics.fmean(r["first_token_s"] for r in rows),
         "served_by": served,
         "accuracy_by_tier": {k: right_by[k] / served[k] for k in served},
@@ -176,12 +172,6 @@ def _summary(rows, consolidations, levels, mem, scope, write_s) -> dict[str, Any
 
 def _share(values: list[bool]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def _save(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
 
 
 def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:

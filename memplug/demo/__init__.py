@@ -16,6 +16,7 @@ per tier, and a PNG chart of where the knowledge sat over the sessions.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import statistics
@@ -59,7 +60,8 @@ def load_script() -> dict[str, Any]:
 
 
 def check_script(script: dict[str, Any]) -> dict[str, Any]:
-    """Validate a demo script and link each fact to the one note that holds its answer."""
+    """Validate a demo script; return a copy with each fact linked to the note that holds its answer."""
+    script = copy.deepcopy(script)
     users = script.get("users")
     if not isinstance(users, dict) or not users:
         raise InvalidInput("a demo script needs a non-empty 'users' mapping")

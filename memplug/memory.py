@@ -30,7 +30,8 @@ from .validate import check_filters, check_ids, check_messages, check_metadata, 
 
 # Reciprocal rank fusion constant (Cormack et al., 2009).
 RRF_K = 60
-ITEM_COLUMNS = "i.id, i.user_id, i.agent_id, i.session_id, i.text, i.metadata, i.created_at, i.tokens, i.role"
+ITEM_COLUMNS = "i.id, i.user_id, i.agent_id, i.session_id, i.text, i.metadata, i.created_at, i.tokens, i.role, i.key"
+ITEM_WIDTH = ITEM_COLUMNS.count(",") + 1  # columns item_from_row takes
 
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,9 @@ log = logging.getLogger(__name__)
 
 def item_from_row(row: Sequence[Any]) -> Item:
     """Build an :class:`Item` from a row selected as ``ITEM_COLUMNS``."""
-    id_, user, agent, session, text, metadata, created_at, tokens, role = row
+    id_, user, agent, session, text, metadata, created_at, tokens, role, key = row[:ITEM_WIDTH]
     scope = Scope(user, agent or None, session or None)
-    return Item(id_, scope, text, metadata, created_at, tokens, role)
+    return Item(id_, scope, text, metadata, created_at, tokens, role, key)
 
 
 def _flatten(results: Iterable[Iterable[Any] | None]) -> list[Any]:
@@ -188,6 +189,77 @@ class Memory:
             items = self.write_in(db, scope, rows)
         return items[0] if single else items
 
+    def put(self, scope: Scope | str, keys: Sequence[str], texts: Sequence[str],
+            metadatas: Sequence[Mapping[str, Any] | None] | None = None) -> list[Item]:
+        """Store texts under the caller's keys (document ids): one item per key in the scope.
+
+        A key already in the scope is replaced: with the same text its item is kept
+        (its usage and placements too) and only its metadata updated; with new text
+        the old item is forgotten in every tier and the new one written. The whole
+        call is one transaction. Returns the items in input order.
+        """
+        scope = Scope.of(scope)
+        keys = [check_text(k, f"keys[{n}]", 512) for n, k in enumerate(self._text_list(keys, "keys"))]
+        texts = self._text_list(texts, "texts")
+        metadatas = [None] * len(texts) if metadatas is None else list(metadatas)
+        if not len(keys) == len(texts) == len(metadatas):
+            raise InvalidInput(f"put needs as many keys, texts and metadatas; got {len(keys)}, {len(texts)}, "
+                               f"{len(metadatas)}")
+        if len(set(keys)) != len(keys):
+            raise InvalidInput(f"put got a key twice: {sorted(k for k in set(keys) if keys.count(k) > 1)[0]!r}")
+        texts = [check_text(t, f"texts[{n}]", self.max_text_chars) for n, t in enumerate(texts)]
+        metas = [check_metadata(m, f"metadatas[{n}]", self.max_metadata_bytes) for n, m in enumerate(metadatas)]
+        u, a, s = scope.key
+        with self.store.transaction() as db:
+            old = {r[-1]: r for r in db.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.user_id = %s AND i.agent_id = %s "
+                "AND i.session_id = %s AND i.key = ANY(%s) FOR UPDATE", (u, a, s, keys)).fetchall()}
+            kept: dict[str, Item] = {}
+            stale: list[int] = []
+            for key, text, meta in zip(keys, texts, metas, strict=True):
+                row = old.get(key)
+                if row is None:
+                    continue
+                if row[4] == text:
+                    if dict(row[5]) != meta:
+                        db.execute("UPDATE items SET metadata = %s WHERE id = %s", (Jsonb(meta), row[0]))
+                    kept[key] = item_from_row((*row[:5], meta, *row[6:]))
+                else:
+                    stale.append(row[0])
+            self.forget_in(db, scope, stale)
+            todo = [n for n, k in enumerate(keys) if k not in kept]
+            written = iter(self.write_in(db, scope, [(texts[n], metas[n], None) for n in todo],
+                                         [keys[n] for n in todo]) if todo else [])
+            return [kept[k] if k in kept else next(written) for k in keys]
+
+    def get_keys(self, scope: Scope | str, keys: Iterable[str]) -> list[Item]:
+        """The items stored under these keys in exactly this scope, in the keys' order (missing keys skipped)."""
+        scope = Scope.of(scope)
+        keys = [k for k in keys]
+        if not all(isinstance(k, str) for k in keys):
+            raise InvalidInput("keys must be strings")
+        u, a, s = scope.key
+        with self.store.transaction() as db:
+            rows = db.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.user_id = %s AND i.agent_id = %s "
+                "AND i.session_id = %s AND i.key = ANY(%s)", (u, a, s, keys)).fetchall()
+        by_key = {r[ITEM_WIDTH - 1]: item_from_row(r) for r in rows}
+        return [by_key[k] for k in dict.fromkeys(keys) if k in by_key]
+
+    def forget_keys(self, scope: Scope | str, keys: Iterable[str]) -> int:
+        """Forget the items stored under these keys in exactly this scope; return how many (missing keys are fine)."""
+        scope = Scope.of(scope)
+        keys = [k for k in keys]
+        if not all(isinstance(k, str) for k in keys):
+            raise InvalidInput("keys must be strings")
+        u, a, s = scope.key
+        with self.store.transaction() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM items WHERE user_id = %s AND agent_id = %s AND session_id = %s AND key = ANY(%s) "
+                "FOR UPDATE", (u, a, s, keys)).fetchall()]
+            self.forget_in(db, scope, ids)
+        return len(ids)
+
     def write_messages(self, scope: Scope | str, messages: Iterable[Any]) -> list[Item]:
         """Store conversation turns of one session (the scope needs a ``session_id``).
 
@@ -208,21 +280,25 @@ class Memory:
         db: psycopg.Connection,
         scope: Scope,
         rows: Sequence[tuple[str, Mapping[str, Any], str | None]],
+        keys: Sequence[str] | None = None,
     ) -> list[Item]:
         """Insert validated ``(text, metadata, role)`` rows inside the caller's transaction.
 
         For plugins that create items as part of their own work (the context tier
         flushing turns). Returns the items in input order; new ones reach the tiers.
+        ``keys`` (one per row, no key already in the scope) stores them under caller keys.
         """
-        hashes = [_content_hash(text, role) for text, _, role in rows]
+        keys = list(keys) if keys is not None else [None] * len(rows)
+        hashes = [_content_hash(text, role, key) for (text, _, role), key in zip(rows, keys, strict=True)]
         tokens = self.token_counter.count_many([text for text, _, _ in rows])
         u, a, s = scope.key
         inserted = db.execute(
             """
-            INSERT INTO items (user_id, agent_id, session_id, role, text, metadata, content_hash, tokens)
-            SELECT %(u)s, %(a)s, %(s)s, t.role, t.text, t.metadata, t.content_hash, t.tokens
+            INSERT INTO items (user_id, agent_id, session_id, role, text, metadata, content_hash, tokens, key)
+            SELECT %(u)s, %(a)s, %(s)s, t.role, t.text, t.metadata, t.content_hash, t.tokens, t.key
             FROM unnest(%(roles)s::text[], %(texts)s::text[], %(metas)s::jsonb[], %(hashes)s::bytea[],
-                        %(tokens)s::int[]) WITH ORDINALITY AS t(role, text, metadata, content_hash, tokens, ord)
+                        %(tokens)s::int[], %(keys)s::text[])
+                 WITH ORDINALITY AS t(role, text, metadata, content_hash, tokens, key, ord)
             ORDER BY t.ord
             ON CONFLICT (user_id, agent_id, session_id, content_hash) DO NOTHING
             RETURNING id, content_hash
@@ -234,6 +310,7 @@ class Memory:
                 "metas": [Jsonb(m) for _, m, _ in rows],
                 "hashes": hashes,
                 "tokens": tokens,
+                "keys": keys,
             },
         ).fetchall()
         new_ids = {i for i, _ in inserted}
@@ -251,11 +328,12 @@ class Memory:
         return items
 
     @staticmethod
-    def _text_list(text: object) -> list[str]:
-        if isinstance(text, bytes) or not isinstance(text, Sequence):
-            raise InvalidInput(f"text must be a str or a list of str, got {type(text).__name__}")
+    def _text_list(text: object, what: str = "text") -> list[str]:
+        if isinstance(text, bytes) or not isinstance(text, Sequence) or (what != "text" and isinstance(text, str)):
+            kind = "a str or a list of str" if what == "text" else "a list of str"
+            raise InvalidInput(f"{what} must be {kind}, got {type(text).__name__}")
         if not text:
-            raise InvalidInput("text is an empty list")
+            raise InvalidInput(f"{what} is an empty list")
         return list(text)
 
     # -- read ----------------------------------------------------------------
@@ -395,6 +473,19 @@ class Memory:
                 break
         seconds = time.perf_counter() - started
         return Answer(text, recall, prompt["tokens"], seconds if first is None else first, seconds)
+
+    def respond(self, messages: Any, recall: Recall | None = None, **options: Any) -> Iterator[str]:
+        """Stream the local model's reply to ``messages`` with a recall already read (or none).
+
+        For callers that read memory themselves, such as framework adapters that read
+        before the model call: text hits go into the prompt, KV memory is injected and the
+        adapter applied, exactly as :meth:`stream` does after its own read.
+        """
+        from .runtime.chat import chat_messages
+
+        if recall is not None and not isinstance(recall, Recall):
+            raise InvalidInput(f"recall must be a memplug.Recall, got {type(recall).__name__}")
+        return self._stream(chat_messages(messages), recall, dict(options))
 
     def _recall_for(self, scope, messages, budget, filters):
         from .runtime.chat import chat_messages
@@ -650,6 +741,23 @@ class Memory:
             ).fetchall()
         return [item_from_row(r) for r in rows]
 
+    def turns(self, scope: Scope | str) -> list[Item]:
+        """The conversation turns the scope's session still holds (oldest first).
+
+        Turns written with :meth:`write_messages` stay here until the context tier
+        flushes them to long-term memory (over its token budget, idle, or at
+        :meth:`end_session`); after that they are recalled by :meth:`read`.
+        """
+        scope = Scope.of(scope)
+        if scope.session_id is None:
+            raise InvalidInput("turns needs a scope with a session_id, e.g. Scope('alice', session_id='s1')")
+        u, a, s = scope.key
+        with self.store.transaction() as db:
+            rows = db.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.user_id = %s AND i.agent_id = %s "
+                "AND i.session_id = %s AND i.role IS NOT NULL ORDER BY i.id", (u, a, s)).fetchall()
+        return [item_from_row(r) for r in rows]
+
     def items(self, scope: Scope | str, limit: int = 100, offset: int = 0) -> list[Item]:
         """Items visible in ``scope``, oldest first."""
         scope = Scope.of(scope)
@@ -720,7 +828,9 @@ def _fold_costs(db: psycopg.Connection, samples: Sequence[tuple[str, str, float,
         )
 
 
-def _content_hash(text: str, role: str | None) -> bytes:
+def _content_hash(text: str, role: str | None, key: str | None = None) -> bytes:
+    if key is not None:  # keyed items are told apart by their key, even with the same text
+        return hashlib.sha256(f"key\0{key}\0{text}".encode()).digest()
     if role is None:
         return hashlib.sha256(text.encode()).digest()
     # Turns are events: the same words said twice are two turns.

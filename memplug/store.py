@@ -80,6 +80,11 @@ HOST_MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (tier, metric)
     );
     """,
+    # 3: caller keys (Memory.put): one item per key in a scope
+    """
+    ALTER TABLE items ADD COLUMN key text;
+    CREATE UNIQUE INDEX items_scope_key ON items (user_id, agent_id, session_id, key) WHERE key IS NOT NULL;
+    """,
 )
 
 

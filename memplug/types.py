@@ -108,6 +108,7 @@ class Item:
     created_at: datetime | None = None
     tokens: int = 0
     role: str | None = None  # set on conversation turns, None on plain knowledge
+    key: str | None = None  # the caller's key, for items stored with Memory.put
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metadata", _freeze(self.metadata))

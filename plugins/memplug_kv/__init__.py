@@ -32,7 +32,7 @@ import numpy as np
 from psycopg.types.json import Jsonb
 
 from memplug import ArtifactCorrupt, KVPrefix, ModelMismatch, Move, Placement, TierCost, hookimpl
-from memplug.memory import ITEM_COLUMNS, item_from_row
+from memplug.memory import ITEM_COLUMNS, ITEM_WIDTH, item_from_row
 from memplug.scoping import subtree_sql, visible_sql
 
 from .codec import Codec, decode, encode
@@ -195,14 +195,14 @@ class KVTier:
         fingerprint = memory.model_fingerprint
         chosen, spent = [], 0
         for r in rows:
-            span, key, fp, codec, size = r[9:14]
+            span, key, fp, codec, size = r[ITEM_WIDTH:ITEM_WIDTH + 5]
             if fp != fingerprint:
                 log.warning("kv: item %s was encoded by another model (%s); served as text until re-encoded",
                             r[0], fp)
                 continue
             if spent + span > budget.kv_tokens:
                 continue
-            chosen.append((item_from_row(r[:9]), key, codec, size, span))
+            chosen.append((item_from_row(r), key, codec, size, span))
             spent += span
         if not chosen:
             return None

@@ -4,6 +4,7 @@ middleware, per-user scopes and the async paths, on the real Postgres, embedder 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -11,7 +12,9 @@ import pytest
 pytest.importorskip("langchain_core")
 
 from langchain_core.documents import Document  # noqa: E402
+from langchain_core.language_models import BaseChatModel  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # noqa: E402
+from langchain_core.outputs import ChatGeneration, ChatResult  # noqa: E402
 from langchain_tests.integration_tests import (  # noqa: E402
     ChatModelIntegrationTests,
     RetrieversIntegrationTests,
@@ -218,3 +221,55 @@ def test_chat_model_stop_cuts_before_the_stop_string(memory):
     cut = chat.invoke(question, stop=[stop]).content
     assert cut == full[:full.index(stop)] and cut
     assert chat.invoke("Say hi.", stop=[","]).response_metadata["finish_reason"] in ("stop", "length")
+
+
+class _EchoSystem(BaseChatModel):
+    """Another provider's chat model, as far as the middleware can tell: it replies with the
+    system message it was given, so a test can see what memory reached the prompt."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "echo-system"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        system = next((m.content for m in messages if isinstance(m, SystemMessage)), "")
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=f"[system] {system}"))])
+
+
+@dataclass
+class UserContext:
+    user_id: str
+
+
+def test_agent_middleware_reads_into_any_model_and_writes_the_turn(memory, users):
+    from langchain.agents import create_agent
+    from memplug_langchain import MemplugMiddleware
+
+    alice, bob = users(2)
+    memory.write(Scope(alice), "The user's cat is named Pepper.")
+    memory.write(Scope(bob), "The user's cat is named Socks.")
+    agent = create_agent(_EchoSystem(), tools=[], system_prompt="You are helpful.",
+                         middleware=[MemplugMiddleware(memory)], context_schema=UserContext)
+    out = agent.invoke({"messages": [HumanMessage("What is the name of the user's cat?")]},
+                       context=UserContext(alice))
+    reply = out["messages"][-1].content
+    assert reply.startswith("[system] You are helpful.") and "Pepper" in reply and "Socks" not in reply
+    # The turn went to the user's memory (session "default": no thread id, no session in the scope).
+    turns = memory.turns(Scope(alice, session_id="default"))
+    assert [t.role for t in turns] == ["user", "assistant"] and turns[0].text.startswith("What is the name")
+    assert memory.turns(Scope(bob, session_id="default")) == []
+
+
+async def test_agent_middleware_with_chat_memplug_async(memory, user):
+    from langchain.agents import create_agent
+    from memplug_langchain import MemplugMiddleware
+
+    memory.write(Scope(user), "The user's cat is named Pepper.")
+    agent = create_agent(ChatMemplug(memory=memory, max_tokens=16), tools=[],
+                         middleware=[MemplugMiddleware(memory)])
+    out = await agent.ainvoke({"messages": [HumanMessage("What is the name of the user's cat?")]},
+                              config={"configurable": {"user_id": user, "thread_id": "t1"}})
+    reply = out["messages"][-1]
+    assert "Pepper" in reply.content
+    assert reply.response_metadata["memplug"]["scope"] == user  # ChatMemplug got the recall itself
+    assert [t.role for t in memory.turns(Scope(user, session_id="t1"))] == ["user", "assistant"]

@@ -4,9 +4,6 @@ applied to the weights)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,6 +16,7 @@ from langchain_core.runnables.config import ensure_config
 from pydantic import ConfigDict, Field
 
 from memplug import Budget, InvalidInput, Memory, Recall
+from memplug.aio import iterate_in_thread
 from memplug.runtime.model_files import DEFAULT_NAME
 
 from ._scope import resolve, scope_from
@@ -167,35 +165,13 @@ class ChatMemplug(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        # The whole generation runs in one worker thread (the model's lock is held by the thread
-        # that generates); chunks reach the event loop through a queue as they come.
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
-        end = object()
-
-        def work() -> None:
-            try:
-                for chunk in self._stream(messages, stop, None, **kwargs):
-                    if cancelled.is_set():
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except BaseException as exc:  # handed to the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, end)
-
-        worker = loop.run_in_executor(None, contextvars.copy_context().run, work)
-        try:
-            while (item := await queue.get()) is not end:
-                if isinstance(item, BaseException):
-                    raise item
-                if run_manager and item.message.content:
-                    await run_manager.on_llm_new_token(item.message.content, chunk=item)
-                yield item
-        finally:
-            cancelled.set()
-            await worker
+        # The whole generation runs in one worker thread (the model's lock is held by the
+        # thread that generates); chunks reach the event loop as they come.
+        chunks = iterate_in_thread(lambda: self._stream(messages, stop, None, **kwargs))
+        async for chunk in chunks:
+            if run_manager and chunk.message.content:
+                await run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
+            yield chunk
 
     def _recall(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> Recall | None:
         given = kwargs.get("memplug_recall")

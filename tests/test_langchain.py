@@ -271,5 +271,5 @@ async def test_agent_middleware_with_chat_memplug_async(memory, user):
                               config={"configurable": {"user_id": user, "thread_id": "t1"}})
     reply = out["messages"][-1]
     assert "Pepper" in reply.content
-    assert reply.response_metadata["memplug"]["scope"] == user  # ChatMemplug got the recall itself
+    assert reply.response_metadata["memplug"]["scope"] == f"{user}//t1"  # ChatMemplug got the recall itself
     assert [t.role for t in memory.turns(Scope(user, session_id="t1"))] == ["user", "assistant"]

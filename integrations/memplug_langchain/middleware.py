@@ -51,7 +51,14 @@ class MemplugMiddleware(AgentMiddleware):
         self.header = header
 
     def _scope(self, runtime: Any) -> Scope:
-        return resolve(getattr(runtime, "context", None), _config(), self.scope, "MemplugMiddleware")
+        """The run's scope, in a session: its own, else the run's thread, else "default".
+        Reads see the user's knowledge and this session's recent turns; turns go to the session."""
+        config = _config()
+        scope = resolve(getattr(runtime, "context", None), config, self.scope, "MemplugMiddleware")
+        if scope.session_id is None:
+            thread = (config.get("configurable") or {}).get("thread_id")
+            scope = Scope(scope.user_id, scope.agent_id, str(thread) if thread is not None else "default")
+        return scope
 
     def _inject(self, request: ModelRequest, recall: Recall | None) -> ModelRequest:
         if recall is None or not recall.items:
@@ -96,11 +103,7 @@ class MemplugMiddleware(AgentMiddleware):
         turns = [t for t in turns if t["content"].strip()]
         if not turns:
             return None
-        scope = self._scope(runtime)
-        if scope.session_id is None:
-            thread = (_config().get("configurable") or {}).get("thread_id")
-            scope = Scope(scope.user_id, scope.agent_id, str(thread) if thread is not None else "default")
-        return scope, turns
+        return self._scope(runtime), turns
 
     def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         turn = self._turn(state, runtime)

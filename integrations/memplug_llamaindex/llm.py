@@ -107,8 +107,8 @@ class MemplugLLM(CustomLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         last = None
-        async for last in iterate_in_thread(lambda: self.stream_chat(messages, **kwargs)):
-            pass
+        async for response in iterate_in_thread(lambda: self.stream_chat(messages, **kwargs)):
+            last = response
         if last is None:
             return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=""))
         return ChatResponse(message=last.message, raw=last.raw)

@@ -1,0 +1,28 @@
+"""An existing LangChain agent, running offline on the local model (before.py: no memory; after.py: memplug)."""
+
+from langchain.agents import create_agent
+from langchain_core.messages import HumanMessage
+
+from memplug import Memory
+from memplug_langchain import ChatMemplug, MemplugMiddleware
+
+QUESTION = "What is the name of the user's cat?"
+SYSTEM = "Answer in one short sentence."
+
+
+def main() -> dict[str, str]:
+    answers = {}
+    with Memory() as mem:
+        mem.write("alice", "The user's cat is named Pepper.")
+        mem.write("bob", "The user's cat is named Socks.")
+        model = ChatMemplug(memory=mem, max_tokens=24)  # SmolLM2, on this machine
+        agent = create_agent(model, tools=[], system_prompt=SYSTEM, middleware=[MemplugMiddleware(mem)])
+        for user in ("alice", "bob"):
+            out = agent.invoke({"messages": [HumanMessage(QUESTION)]}, context={"user_id": user})
+            answers[user] = out["messages"][-1].content
+            print(f"{user}: {answers[user]}")
+    return answers
+
+
+if __name__ == "__main__":
+    main()

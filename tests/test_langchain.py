@@ -273,3 +273,20 @@ async def test_agent_middleware_with_chat_memplug_async(memory, user):
     assert "Pepper" in reply.content
     assert reply.response_metadata["memplug"]["scope"] == f"{user}//t1"  # ChatMemplug got the recall itself
     assert [t.role for t in memory.turns(Scope(user, session_id="t1"))] == ["user", "assistant"]
+
+
+def test_chat_memplug_injects_kv_memory(make_memory, tmp_path, user):
+    """An item promoted to the kv tier reaches ChatMemplug as attention key/values, not as prompt text."""
+    from memplug import Move, Settings
+
+    mem = make_memory(settings=Settings(plugins="context,pgvector,kv"),
+                      options={"artifacts": str(tmp_path / "artifacts")})
+    [item] = mem.write(Scope(user), ["The user's cat is named Pepper."])
+    mem.consolidate(Scope(user), [Move((item.id,), 1, 2, "test")], wait=True)
+    chat = ChatMemplug(memory=mem, scope=user, max_tokens=16)
+    reply = chat.invoke("What is the name of the user's cat?")
+    assert reply.response_metadata["memplug"]["kv_items"] == [item.id]
+    assert "Pepper" in reply.content
+    as_text = ChatMemplug(memory=mem, max_tokens=16).invoke(
+        [SystemMessage("The user's cat is named Pepper."), HumanMessage("What is the name of the user's cat?")])
+    assert reply.usage_metadata["input_tokens"] < as_text.usage_metadata["input_tokens"]

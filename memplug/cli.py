@@ -231,6 +231,21 @@ def plugins(as_json: bool) -> None:
     console.print(table)
 
 
+@main.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "parent", default=".", show_default=True, help="folder to create the package in")
+@_fail_cleanly
+def new_plugin(name: str, parent: str) -> None:
+    """Create a working tier plugin package NAME (pyproject with the entry point, the tier, a
+    conformance test) to start from."""
+    from pathlib import Path
+
+    from .scaffold import new_plugin as scaffold
+
+    root = scaffold(name, Path(parent))
+    console.print(f"created {root}\n  cd {root} && pip install -e '.[test]' && pytest")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 def doctor(as_json: bool) -> None:

@@ -34,6 +34,22 @@ def memplug_configure(memory):
 
 
 @hookspec
+def memplug_ingest(memory, scope, records):
+    """New text is about to be stored in ``scope``: change it first if need be.
+
+    ``records`` is a list of dicts with ``text``, ``metadata`` and ``role``, one per
+    item about to be stored, after validation. An implementation may change
+    them in place (mask personal data, normalise, tag metadata); the host
+    validates the result again and stores it, in the same transaction. Called
+    before ``memplug_write`` and before duplicates are detected. A
+    ``wrapper=True`` implementation runs around every other one, so it can
+    act before any other plugin sees the text. Returns nothing.
+    """
+
+
+
+
+@hookspec
 def memplug_write(memory, scope, items, db):
     """New items were stored in ``scope``; keep what this plugin wants of them.
 

@@ -289,6 +289,7 @@ class Memory:
         ``keys`` (one per row, no key already in the scope) stores them under caller keys.
         """
         keys = list(keys) if keys is not None else [None] * len(rows)
+        rows = self._ingest(scope, rows)
         hashes = [_content_hash(text, role, key) for (text, _, role), key in zip(rows, keys, strict=True)]
         tokens = self.token_counter.count_many([text for text, _, _ in rows])
         u, a, s = scope.key
@@ -326,6 +327,17 @@ class Memory:
             placed = _flatten(self.hook.memplug_write(memory=self, scope=scope, items=new, db=db))
             self._apply_placements(db, placed)
         return items
+
+    def _ingest(self, scope: Scope, rows: Sequence[tuple[str, Mapping[str, Any], str | None]]
+                ) -> list[tuple[str, Mapping[str, Any], str | None]]:
+        """Let ``memplug_ingest`` plugins change the rows, then validate what they left."""
+        records = [{"text": t, "metadata": dict(m), "role": r} for t, m, r in rows]
+        self.hook.memplug_ingest(memory=self, scope=scope, records=records)
+        if len(records) != len(rows):
+            raise InvalidInput(f"a memplug_ingest plugin changed the number of records ({len(rows)} -> {len(records)})")
+        return [(check_text(rec["text"], f"text[{n}] after memplug_ingest", self.max_text_chars),
+                 check_metadata(rec["metadata"], f"metadata[{n}] after memplug_ingest", self.max_metadata_bytes),
+                 rec["role"]) for n, rec in enumerate(records)]
 
     @staticmethod
     def _text_list(text: object, what: str = "text") -> list[str]:

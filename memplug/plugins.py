@@ -4,13 +4,23 @@ Every plugin is found through the ``memplug`` entry-point group. An entry point
 names a class (instantiated once per Memory) or an object. ``MEMPLUG_PLUGINS``
 restricts what loads: ``context,pgvector`` loads only those; ``-kv`` loads all
 but ``kv``; an empty value loads none (only plugins passed in code).
+
+``MEMPLUG_TRACE`` traces every hook call of every plugin with its time, on the
+``memplug.trace`` logger: ``1`` (or ``stderr``) prints the lines to standard
+error, a path appends them to that file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
 import pluggy
 
@@ -18,6 +28,39 @@ from . import hookspecs
 from .errors import PluginError
 
 GROUP = "memplug"
+trace_log = logging.getLogger("memplug.trace")
+
+
+def _trace_target() -> str | None:
+    value = os.environ.get("MEMPLUG_TRACE", "").strip()
+    return None if value.lower() in ("", "0", "false", "no") else value
+
+
+def _start_tracing(target: str) -> None:
+    """Send ``memplug.trace`` lines to stderr or a file (once per process)."""
+    if trace_log.handlers:
+        return
+    to_stderr = target.lower() in ("1", "true", "yes", "stderr")
+    handler = logging.StreamHandler(sys.stderr) if to_stderr else logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter("%(asctime)s memplug trace %(message)s"))
+    trace_log.addHandler(handler)
+    trace_log.setLevel(logging.DEBUG)
+    trace_log.propagate = False
+
+
+def _timed(plugin: str, hook: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return fn(*args)
+        except BaseException as e:
+            outcome = f"raised {type(e).__name__}"
+            raise
+        finally:
+            trace_log.debug("%s %s %.2f ms %s", hook, plugin, 1000 * (time.perf_counter() - started), outcome)
+    return call
 
 
 @dataclass(frozen=True)
@@ -104,6 +147,14 @@ class PluginRegistry:
             self.pm.unregister(plugin)
             raise PluginError(f"plugin {name!r} implements a hook that does not exist: {e}") from e
         self._info[name] = (version, source)
+        target = _trace_target()
+        if target is not None:
+            _start_tracing(target)
+            for caller in self.pm.get_hookcallers(plugin) or ():
+                for impl in caller.get_hookimpls():
+                    if impl.plugin is plugin and not getattr(impl.function, "_memplug_traced", False):
+                        impl.function = _timed(name, caller.name, impl.function)
+                        impl.function._memplug_traced = True
         return name
 
     def unregister(self, name: str) -> None:

@@ -157,3 +157,23 @@ def test_every_hook_is_documented_with_its_exact_signature():
 def test_every_hookspec_has_a_docstring():
     for name, fn in _hookspecs().items():
         assert (fn.__doc__ or "").strip(), f"{name} has no docstring"
+
+
+def test_memplug_trace_logs_every_hook_call_with_its_time(make_memory, user, monkeypatch, tmp_path):
+    from memplug.plugins import trace_log
+
+    log = tmp_path / "trace.log"
+    monkeypatch.setenv("MEMPLUG_TRACE", str(log))
+    try:
+        mem = make_memory(plugins=[PinnedNotes()])
+        mem.write(Scope(user), "Traced note.", metadata={"pinned": True})
+        mem.read(Scope(user), "traced")
+    finally:
+        for handler in list(trace_log.handlers):
+            trace_log.removeHandler(handler)
+            handler.close()
+    lines = log.read_text().splitlines()
+    for hook, plugin in (("memplug_write", "pinned"), ("memplug_write", "pgvector"), ("memplug_read", "pinned"),
+                         ("memplug_read", "pgvector"), ("memplug_configure", "context")):
+        assert any(f" {hook} {plugin} " in line and line.endswith(" ok") for line in lines), (hook, plugin)
+    assert all(" ms " in line for line in lines)

@@ -146,8 +146,8 @@ class TierConformance:
         if footprint is not None:
             assert set(footprint) <= held and all(v >= 0 for v in footprint.values())
         contributed = 0
-        for item in items:
-            recall = mem.read(scope, item.text, Budget(k=3))
+        for item in items:  # k leaves room for every item placed: a tier may rank by recency, not relevance
+            recall = mem.read(scope, item.text, Budget(k=2 * len(items)))
             assert item.id in {it.id for it in recall.items}, f"reading {item.text!r} did not return it"
             contributed += self.contributed(recall, tier.name)
         assert contributed, f"tier {tier.name!r} contributed to none of the reads of its own items"
@@ -255,5 +255,5 @@ class TierConformance:
         assert not self.footprint(mem, tier, ids)
         assert self.artifacts(mem) == before, "moving items out left their artifacts behind"
         for item in items:  # still known, from a lower tier
-            recall = mem.read(scope, item.text, Budget(k=3))
+            recall = mem.read(scope, item.text, Budget(k=2 * len(items)))
             assert item.id in {it.id for it in recall.items} and not self.contributed(recall, tier.name)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from memplug import Budget, Item, MemplugError, Memory, Move, NotFound, Recall, Scope, Settings
+from memplug import Budget, Item, Memory, MemplugError, Move, NotFound, Recall, Scope, Settings
 
 FACTS = (
     "The orange heron in Tallinn guards locker 8812.",

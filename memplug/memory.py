@@ -232,31 +232,30 @@ class Memory:
                                          [keys[n] for n in todo]) if todo else [])
             return [kept[k] if k in kept else next(written) for k in keys]
 
+    @staticmethod
+    def _keyed(db: psycopg.Connection, scope: Scope, keys: Iterable[str], lock: bool = False) -> list[Item]:
+        """Items stored under ``keys`` in exactly ``scope``."""
+        keys = list(keys) if not isinstance(keys, (str, bytes)) else None
+        if keys is None or not all(isinstance(k, str) for k in keys):
+            raise InvalidInput("keys must be a list of strings")
+        rows = db.execute(
+            f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.user_id = %s AND i.agent_id = %s AND i.session_id = %s "
+            f"AND i.key = ANY(%s){' FOR UPDATE' if lock else ''}", (*scope.key, keys)).fetchall()
+        return [item_from_row(r) for r in rows]
+
     def get_keys(self, scope: Scope | str, keys: Iterable[str]) -> list[Item]:
         """The items stored under these keys in exactly this scope, in the keys' order (missing keys skipped)."""
         scope = Scope.of(scope)
-        keys = [k for k in keys]
-        if not all(isinstance(k, str) for k in keys):
-            raise InvalidInput("keys must be strings")
-        u, a, s = scope.key
+        keys = list(keys) if not isinstance(keys, (str, bytes)) else keys
         with self.store.transaction() as db:
-            rows = db.execute(
-                f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.user_id = %s AND i.agent_id = %s "
-                "AND i.session_id = %s AND i.key = ANY(%s)", (u, a, s, keys)).fetchall()
-        by_key = {r[ITEM_WIDTH - 1]: item_from_row(r) for r in rows}
+            by_key = {it.key: it for it in self._keyed(db, scope, keys)}
         return [by_key[k] for k in dict.fromkeys(keys) if k in by_key]
 
     def forget_keys(self, scope: Scope | str, keys: Iterable[str]) -> int:
         """Forget the items stored under these keys in exactly this scope; return how many (missing keys are fine)."""
         scope = Scope.of(scope)
-        keys = [k for k in keys]
-        if not all(isinstance(k, str) for k in keys):
-            raise InvalidInput("keys must be strings")
-        u, a, s = scope.key
         with self.store.transaction() as db:
-            ids = [r[0] for r in db.execute(
-                "SELECT id FROM items WHERE user_id = %s AND agent_id = %s AND session_id = %s AND key = ANY(%s) "
-                "FOR UPDATE", (u, a, s, keys)).fetchall()]
+            ids = [it.id for it in self._keyed(db, scope, keys, lock=True)]
             self.forget_in(db, scope, ids)
         return len(ids)
 

@@ -168,6 +168,10 @@ def test_vector_store_replaces_by_id_and_forgets_everywhere(memory, user):
     with pytest.raises(InvalidInput, match="key twice"):
         memory.put(user, ["k", "k"], ["one", "two"])
     assert [d.id for d in store.get_by_ids(["doc-1"])] == ["doc-1"]
+    with pytest.raises(InvalidInput, match="keys must be a list of strings"):
+        memory.get_keys(user, "doc-1")
+    with pytest.raises(InvalidInput, match="keys must be a list of strings"):
+        memory.forget_keys(user, [1])
 
 
 def test_chat_history_is_the_sessions_context_buffer(memory, user):

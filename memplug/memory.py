@@ -421,15 +421,17 @@ class Memory:
         # Pinned hits come first, in their tier's order, within the token budget; they do not take
         # the ranked items' k slots.
         out: list[Hit] = []
+        placed: set[int] = set()
         spent = 0
         for hit in pinned:
-            if hit.item.id not in {h.item.id for h in out} and spent + hit.item.tokens <= budget.tokens:
+            if hit.item.id not in placed and spent + hit.item.tokens <= budget.tokens:
                 out.append(hit)
+                placed.add(hit.item.id)
                 spent += hit.item.tokens
         first = len(out)
         covered: list[Hit] = []
         injected: set[int] = set()
-        ranked = [i for i in sorted(fused, key=lambda i: (-fused[i], i)) if i not in {h.item.id for h in out}]
+        ranked = [i for i in sorted(fused, key=lambda i: (-fused[i], i)) if i not in placed]
         for item_id in ranked:
             if len(out) - first + len(covered) + len(injected) >= budget.k:
                 break

@@ -262,6 +262,14 @@ class Recall:
         return (tuple(h.item for h in self.hits) + (self.kv.items if self.kv else ())
                 + tuple(h.item for h in self.covered))
 
+    def served(self) -> list[tuple[Item, str, float | None]]:
+        """``(item, tier that serves it, score)`` for every item, in :attr:`items` order; KV items
+        have no score, adapter-held items are served by the adapter's tier."""
+        rows: list[tuple[Item, str, float | None]] = [(h.item, h.tier, h.score) for h in self.hits]
+        rows += [(it, self.kv.tier, None) for it in (self.kv.items if self.kv else ())]
+        rows += [(h.item, self.adapter.tier if self.adapter else h.tier, h.score) for h in self.covered]
+        return rows
+
     def as_text(self, kv_as_text: bool = True, adapter_as_text: bool = True) -> str:
         """Knowledge first, by rank; then the recent conversation in the order it happened.
 

@@ -4,6 +4,7 @@ applied to the weights)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -113,8 +114,6 @@ class ChatMemplug(BaseChatModel):
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        import time
-
         recall = self._recall(messages, kwargs)
         chats = to_chat(messages)
         if not any(m["role"] == "user" for m in chats):

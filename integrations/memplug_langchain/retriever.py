@@ -22,14 +22,10 @@ def recall_documents(recall: Recall) -> list[Document]:
     """The items of a recall as Documents, best first: text hits, then KV-served, then adapter-held
     items (a generic model reads them all as text). Metadata gains ``memplug_item_id``,
     ``memplug_tier`` and ``memplug_score``."""
-    rows = [(h.item, h.tier, h.score) for h in recall.hits]
-    rows += [(it, recall.kv.tier, None) for it in (recall.kv.items if recall.kv else ())]
-    rows += [(h.item, recall.adapter.tier if recall.adapter else h.tier, h.score) for h in recall.covered]
-    docs = [Document(page_content=item.text, id=item.key or str(item.id),
+    return [Document(page_content=item.text, id=item.key or str(item.id),
                      metadata={**item.metadata, "memplug_item_id": item.id, "memplug_tier": tier,
                                "memplug_score": score})
-            for item, tier, score in rows]
-    return docs
+            for item, tier, score in recall.served()]
 
 
 class MemplugRetriever(BaseRetriever):

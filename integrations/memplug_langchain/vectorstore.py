@@ -72,10 +72,7 @@ class MemplugVectorStore(VectorStore):
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise InvalidInput(f"k must be a positive integer, got {k!r}")
         recall = self.memory.read(self.scope, query, Budget(tokens=_NO_TOKEN_LIMIT, k=k), filter)
-        scored = [(h.item, h.score) for h in recall.hits]
-        scored += [(it, 0.0) for it in (recall.kv.items if recall.kv else ())]
-        scored += [(h.item, h.score) for h in recall.covered]
-        return [(_document(item), score) for item, score in scored]
+        return [(_document(item), 0.0 if score is None else score) for item, _, score in recall.served()]
 
     @classmethod
     def from_texts(cls, texts: list[str], embedding: Embeddings | None = None,

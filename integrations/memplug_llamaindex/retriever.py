@@ -12,13 +12,10 @@ from memplug import Budget, InvalidInput, Memory, Recall, Scope
 
 def recall_nodes(recall: Recall) -> list[NodeWithScore]:
     """The recall's items as nodes, best first (text hits, then KV-served, then adapter-held)."""
-    rows = [(h.item, h.tier, h.score) for h in recall.hits]
-    rows += [(it, recall.kv.tier, None) for it in (recall.kv.items if recall.kv else ())]
-    rows += [(h.item, recall.adapter.tier if recall.adapter else h.tier, h.score) for h in recall.covered]
     return [NodeWithScore(node=TextNode(text=item.text, id_=item.key or str(item.id),
                                         metadata={**item.metadata, "memplug_item_id": item.id, "memplug_tier": tier}),
                           score=score)
-            for item, tier, score in rows]
+            for item, tier, score in recall.served()]
 
 
 class MemplugRetriever(BaseRetriever):

@@ -462,6 +462,20 @@ def bench_policy(n_facts: int, warmup: int, rounds: int, answers: int, zipf_s: f
         arms=chosen, out_dir=out, console=console, name=name)
 
 
+@bench.command("load")
+@click.option("--processes", type=click.IntRange(min=1), default=8, show_default=True,
+              help="processes writing, reading and forgetting at once")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="benchmarks/results", show_default=True)
+@_fail_cleanly
+def bench_load(processes: int, seconds: float, seed: int, out: str) -> None:
+    """Ops/s and latency of concurrent processes against one Postgres (MEMPLUG_DSN, or a fresh embedded one)."""
+    from .bench.load import run
+
+    run(processes=processes, seconds=seconds, seed=seed, out_dir=out, console=console)
+
+
 def _setting(spec: str) -> tuple[str, dict[str, Any]]:
     name, _, rest = spec.partition(":")
     values = _pairs(tuple(p for p in rest.split(",") if p), "setting") if rest else {}

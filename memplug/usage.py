@@ -55,14 +55,18 @@ class ItemUsage:
 
 
 def record_reads(db: psycopg.Connection, item_ids: Sequence[int], half_life_s: float) -> None:
-    """Count one read of each item (ids are de-duplicated by the caller)."""
+    """Count one read of each item (ids are de-duplicated by the caller).
+
+    An item that another transaction is forgetting is waited for, then skipped once that forget commits.
+    """
     if not item_ids:
         return
     db.execute(
         """
         INSERT INTO usage AS u (item_id, reads, last_read_at, heat, heat_at, recent)
-        SELECT id, 1, now(), 1.0, now(), ARRAY[now()] FROM unnest(%(ids)s::bigint[]) AS t(id)
-        ORDER BY id  -- a fixed lock order keeps concurrent readers from deadlocking
+        SELECT i.id, 1, now(), 1.0, now(), ARRAY[now()] FROM items i WHERE i.id = ANY(%(ids)s::bigint[])
+        ORDER BY i.id  -- a fixed lock order keeps concurrent readers from deadlocking
+        FOR KEY SHARE  -- the items stay until the count is in; one forgotten meanwhile is not counted
         ON CONFLICT (item_id) DO UPDATE SET
             reads = u.reads + 1,
             recent = (u.recent || now())[greatest(1, cardinality(u.recent) + 2 - %(keep)s):],

@@ -103,13 +103,27 @@ class KVTier:
                        for i in m.item_ids})
         done = []
         if up:
+            # One encoding of a user's items at a time, so that the sweep never takes the blobs of
+            # another that has not committed yet.
+            db.execute("SELECT pg_advisory_xact_lock(hashtext('memplug-kv'), hashtext(%s))", (scope.user_id,))
             encoded = self._encode(memory, db, up)
             if encoded:
                 done.append(Placement(self.name, self.level, encoded, "encoded"))
+            self._sweep(memory, db, scope.user_id)
         if down:
             self._drop(memory, db, down)
             done.append(Placement(self.name, self.level, down, "demoted", held=False))
         return done
+
+    def _sweep(self, memory, db, user_id):
+        """Delete the user's blobs that no row names: written by a consolidation that died before its
+        commit (a killed worker), half-written temporary files included. Runs under the user's kv lock."""
+        folder = f"kv/{memory.model_fingerprint[:16]}/{user_id}"
+        named = {r[0] for r in db.execute("SELECT artifact FROM kv_items WHERE user_id = %s", (user_id,))}
+        for key in memory.artifacts.list(folder):
+            if key not in named:
+                log.info("kv: removing %s, left by a consolidation that never committed", key)
+                memory.artifacts.delete(key)
 
     def _encode(self, memory, db, ids):
         started = time.perf_counter()

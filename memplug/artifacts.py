@@ -52,9 +52,21 @@ class ArtifactStore:
             self.url = root
 
     def _key(self, key: str) -> str:
+        """``key`` if it names a file under the root, else InvalidInput: no absolute paths, no '.' or
+        '..' parts, no backslashes or control characters, and (for a local folder) no symbolic link
+        that leads out of the root."""
+        if not isinstance(key, str):
+            raise InvalidInput(f"artifact key must be a str, got {type(key).__name__}")
         parts = key.split("/")
         if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise InvalidInput(f"artifact key {key!r} must be a relative path without '.' or '..' parts")
+        if "\\" in key or any(ord(c) < 32 or ord(c) == 127 for c in key):
+            raise InvalidInput(f"artifact key {key!r} may not hold backslashes or control characters")
+        if self.local:
+            root = self.root.resolve()
+            if not (root / key).resolve().is_relative_to(root):
+                raise InvalidInput(f"artifact key {key!r} leads out of the artifact root {self.root} "
+                                   "through a symbolic link; nothing was read or written")
         return key
 
     def uri(self, key: str) -> str:

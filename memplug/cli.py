@@ -143,6 +143,66 @@ def forget(scope: str, ids: tuple[int, ...], everything: bool, yes: bool, as_jso
         console.print(f"forgot {n} item(s) in {parsed}", highlight=False)
 
 
+@main.command("export")
+@click.argument("scope")
+@click.option("-o", "--output", default="-", show_default=True, help="file to write (- for standard output)")
+@_fail_cleanly
+def export_cmd(scope: str, output: str) -> None:
+    """Write the items of SCOPE and of every scope under it as JSON lines (text, metadata, usage...)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from .portability import export
+
+    parsed = Scope.parse(scope)
+    n = 0
+    with _memory() as mem:
+        if output == "-":
+            for line in export(mem, parsed):
+                click.echo(line)
+                n += 1
+        else:
+            # A temporary file renamed into place: a failed export leaves no half-written file.
+            target = Path(output)
+            try:
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
+            except OSError as e:
+                raise InvalidInput(f"cannot write {output}: {e.strerror}") from None
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    for line in export(mem, parsed):
+                        f.write(line + "\n")
+                        n += 1
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    err_console.print(f"exported {n} item(s) of {parsed}" + ("" if output == "-" else f" to {output}"),
+                      highlight=False)
+
+
+@main.command("import")
+@click.argument("file", type=click.File("rb"))
+@click.option("--scope", default=None, help="put the items here instead of in the scopes the file names")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def import_cmd(file: Any, scope: str | None, as_json: bool) -> None:
+    """Restore items from FILE (JSON lines from `memplug export`; - for standard input).
+
+    Every line is checked first; then all are written in one transaction, or none.
+    Items already there are left as they are, so importing twice is harmless.
+    """
+    from .portability import import_
+
+    with _memory() as mem:
+        done = import_(mem, Scope.parse(scope) if scope else None, file)
+    if as_json:
+        _emit_json({"written": done.written, "existing": done.existing})
+    else:
+        console.print(f"imported {done.written} item(s); {done.existing} were already there", highlight=False)
+
+
 @main.command()
 @click.argument("scope")
 @click.option("--to", "level", type=int, default=None,
@@ -378,6 +438,49 @@ def demo(policy: str, sessions: int, questions: int, out: str, as_json: bool) ->
 
     run_demo(console=None if as_json else console, sessions=sessions, per_session=questions, policy=policy,
              out_dir=out, as_json=as_json)
+
+
+@main.command()
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="how long to fuzz")
+@click.option("--seed", type=int, default=None, help="hypothesis seed (default: random, shown in the report)")
+@click.option("--dsn", default=None,
+              help="Postgres to fuzz (default: a throwaway embedded server in a temporary folder)")
+@click.option("--plugin", "plugins", multiple=True, help="extra plugin to load, as module:Class (repeatable)")
+@click.option("--out", default="benchmarks/results/fuzz.json", show_default=True, help="where to write the report")
+@_fail_cleanly
+def fuzz(seconds: float, seed: int | None, dsn: str | None, plugins: tuple[str, ...], out: str) -> None:
+    """Fuzz the public API with hypothesis: every call must succeed or raise a MemplugError.
+
+    Exits 1 if anything else happened (the findings are in the report).
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .settings import Settings
+    from .testing.fuzz import run
+
+    home = None
+    if dsn is None:  # never MEMPLUG_DSN: the fuzzer writes junk, and should not write it into real memory
+        from .runtime.model_files import cache_dir
+
+        home = Path(tempfile.mkdtemp(prefix="memplug-fuzz-"))
+        cached = cache_dir(Settings().home, None)  # reuse the converted tokenizer
+        if cached.exists():
+            shutil.copytree(cached, cache_dir(home, None))
+    try:
+        with _memory(settings=Settings(dsn=dsn), home=home, plugins=[_load_object(p) for p in plugins]) as mem:
+            report = run(mem, seconds, seed, out, log=lambda m: err_console.print(m, highlight=False))
+    finally:
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)
+    console.print(f"{report['calls']} calls in {report['seconds']} s (seed {report['seed']}), "
+                  f"{report['findings_total']} finding(s); report in {out}", highlight=False)
+    for f in report["findings"]:
+        console.print(f"[red]finding[/] {f['api']} ({f['count']}x): {f['what']}\n  {f['input'][:300]}",
+                      highlight=False)
+    sys.exit(1 if report["findings"] else 0)
 
 
 @main.group()

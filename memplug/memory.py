@@ -26,7 +26,7 @@ from .settings import Settings
 from .store import Store
 from .types import AdapterRef, Answer, Budget, Hit, Item, KVPrefix, Move, Placement, Recall, Scope
 from .usage import DEFAULT_HALF_LIFE_S, ItemUsage, record_feedback, record_reads, scope_usage
-from .validate import check_filters, check_ids, check_messages, check_metadata, check_text
+from .validate import check_count, check_filters, check_ids, check_keys, check_messages, check_metadata, check_text
 
 # Reciprocal rank fusion constant (Cormack et al., 2009).
 RRF_K = 60
@@ -235,9 +235,7 @@ class Memory:
     @staticmethod
     def _keyed(db: psycopg.Connection, scope: Scope, keys: Iterable[str], lock: bool = False) -> list[Item]:
         """Items stored under ``keys`` in exactly ``scope``."""
-        keys = list(keys) if not isinstance(keys, (str, bytes)) else None
-        if keys is None or not all(isinstance(k, str) for k in keys):
-            raise InvalidInput("keys must be a list of strings")
+        keys = check_keys(keys)
         rows = db.execute(
             f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.user_id = %s AND i.agent_id = %s AND i.session_id = %s "
             f"AND i.key = ANY(%s){' FOR UPDATE' if lock else ''}", (*scope.key, keys)).fetchall()
@@ -246,7 +244,7 @@ class Memory:
     def get_keys(self, scope: Scope | str, keys: Iterable[str]) -> list[Item]:
         """The items stored under these keys in exactly this scope, in the keys' order (missing keys skipped)."""
         scope = Scope.of(scope)
-        keys = list(keys) if not isinstance(keys, (str, bytes)) else keys
+        keys = check_keys(keys)
         with self.store.transaction() as db:
             by_key = {it.key: it for it in self._keyed(db, scope, keys)}
         return [by_key[k] for k in dict.fromkeys(keys) if k in by_key]
@@ -534,6 +532,8 @@ class Memory:
         """Report which returned items the answer actually used (feeds the policies)."""
         scope = Scope.of(scope)
         ids = check_ids(item_ids)
+        if not isinstance(used, bool):
+            raise InvalidInput(f"used must be True or False, got {used!r}")
         if not used or not ids:
             return
         with self.store.transaction() as db:
@@ -544,6 +544,7 @@ class Memory:
         """Where each item of ``scope`` (and the scopes under it) sits: its level, usage, the
         bytes each tier keeps for it, and the history of its placements with their reasons."""
         scope = Scope.of(scope)
+        limit = check_count(limit, "limit")
         usage = {u.item_id: u for u in self.usage(scope, subtree=True)}
         ids = sorted(usage)[-limit:] if limit else sorted(usage)
         with self.store.transaction() as db:
@@ -785,11 +786,12 @@ class Memory:
     def items(self, scope: Scope | str, limit: int = 100, offset: int = 0) -> list[Item]:
         """Items visible in ``scope``, oldest first."""
         scope = Scope.of(scope)
+        limit, offset = check_count(limit, "limit"), check_count(offset, "offset")
         where, params = visible_sql(scope, "i")
         with self.store.transaction() as db:
             rows = db.execute(
                 f"SELECT {ITEM_COLUMNS} FROM items i WHERE {where} ORDER BY i.id LIMIT %(lim)s OFFSET %(off)s",
-                {**params, "lim": int(limit), "off": int(offset)},
+                {**params, "lim": limit, "off": offset},
             ).fetchall()
         return [item_from_row(r) for r in rows]
 

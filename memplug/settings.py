@@ -28,7 +28,8 @@ class Settings:
     """
 
     home: Path = field(default_factory=lambda: Path(os.environ.get("MEMPLUG_HOME") or default_home()))
-    dsn: str | None = field(default_factory=lambda: os.environ.get("MEMPLUG_DSN") or None)
+    # Left out of repr: a DSN may carry a password.
+    dsn: str | None = field(default_factory=lambda: os.environ.get("MEMPLUG_DSN") or None, repr=False)
     # Unset means "all installed"; set but empty means "none" (only those passed in code).
     plugins: str | None = field(default_factory=lambda: os.environ.get("MEMPLUG_PLUGINS"))
     model: str | None = field(default_factory=lambda: os.environ.get("MEMPLUG_MODEL") or None)

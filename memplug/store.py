@@ -115,11 +115,14 @@ class Store:
             raise ConfigError("the Postgres DSN is empty; set MEMPLUG_DSN or leave it unset for the embedded server")
         try:
             _conninfo.conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError as e:
+            valid = True
+        except psycopg.ProgrammingError:
+            valid = False  # the parser's message quotes the DSN, password and all: not chained
+        if not valid:
             raise ConfigError(
                 "MEMPLUG_DSN is not a valid Postgres connection string "
                 "(expected postgresql://user:password@host:port/dbname or key=value pairs)"
-            ) from e
+            )
         self.dsn = dsn
         self.safe_dsn = redact(dsn)
         self._kwargs = {

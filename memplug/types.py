@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
@@ -14,6 +15,8 @@ from .errors import InvalidInput, InvalidScope
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+\-]*")
 MAX_ID_LEN = 128
 ROLES = ("system", "user", "assistant", "tool")
+MAX_K = 1000  # items one read returns at most
+MAX_BUDGET_TOKENS = 2**31 - 1
 
 
 def _check_id(field_name: str, value: object, required: bool) -> str | None:
@@ -152,6 +155,9 @@ class Budget:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise InvalidInput(f"Budget.{name} must be a positive integer, got {v!r}")
+            top = MAX_K if name == "k" else MAX_BUDGET_TOKENS
+            if v > top:
+                raise InvalidInput(f"Budget.{name}={v} is over the limit of {top}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +296,22 @@ class Recall:
         return "\n\n".join(parts)
 
 
+def _item_ids(owner: str, values: object) -> tuple[int, ...]:
+    """Item ids as a tuple of ints: ints and numpy ints pass; floats, bools and strings do not."""
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise InvalidInput(f"{owner}.item_ids must be a tuple of item ids, got {type(values).__name__}")
+    ids = []
+    for value in values:
+        try:
+            i = None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            i = None
+        if i is None or not 0 < i < 2**63:
+            raise InvalidInput(f"{owner}.item_ids must hold positive int ids, got {value!r}")
+        ids.append(i)
+    return tuple(ids)
+
+
 @dataclass(frozen=True, slots=True)
 class Move:
     """A policy's decision: move these items from one level to another, and why."""
@@ -300,7 +322,11 @@ class Move:
     reason: str
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "item_ids", tuple(int(i) for i in self.item_ids))
+        object.__setattr__(self, "item_ids", _item_ids("Move", self.item_ids))
+        for name in ("src_level", "dst_level"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InvalidInput(f"Move.{name} must be a level (an int >= 0), got {v!r}")
         if self.src_level == self.dst_level:
             raise InvalidInput(f"a Move must change level, got {self.src_level} -> {self.dst_level}")
 
@@ -342,7 +368,7 @@ class Placement:
     held: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "item_ids", tuple(int(i) for i in self.item_ids))
+        object.__setattr__(self, "item_ids", _item_ids("Placement", self.item_ids))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ from typing import Any
 from .errors import InvalidInput
 from .types import ROLES
 
+MAX_KEY_CHARS = 512
+
 
 def check_text(text: object, what: str, max_chars: int) -> str:
     if not isinstance(text, str):
@@ -27,31 +29,51 @@ def check_text(text: object, what: str, max_chars: int) -> str:
     return text
 
 
-def _check_json(value: Any, path: str) -> None:
-    if value is None or isinstance(value, bool | int | str):
-        if isinstance(value, str):
-            if "\x00" in value:
-                raise InvalidInput(f"{path} contains a NUL byte")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidInput(f"{path} is not valid Unicode (lone surrogate)") from None
-        return
+# Deeper JSON than this is refused: Python's json and Postgres' jsonb both recurse on nesting,
+# and no metadata a person writes is nested a hundred levels.
+MAX_JSON_DEPTH = 100
+# Integers beyond this many bits are refused: json turns ints into decimal text and Python caps
+# that conversion (4300 digits), and most JSON readers lose such numbers anyway.
+MAX_JSON_INT_BITS = 1024
+MAX_FILTER_BYTES = 1 << 20
+# Item ids are Postgres bigints.
+MAX_ID = 2**63 - 1
+
+
+def _plain_json(value: Any, path: str, depth: int = 0) -> Any:
+    """A plain copy of ``value`` (dict, list, str, int, float, bool, None), or InvalidInput naming
+    the first part that JSON cannot hold. Mappings and tuples of any kind become dicts and lists,
+    so what is stored is exactly what was checked."""
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidInput(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInput(f"{path} contains a NUL byte")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(f"{path} is not valid Unicode (lone surrogate)") from None
+        return str(value)
+    if isinstance(value, int):
+        if value.bit_length() > MAX_JSON_INT_BITS:
+            raise InvalidInput(f"{path} is an integer of {value.bit_length()} bits; "
+                               f"the limit is {MAX_JSON_INT_BITS} (store it as a string)")
+        return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidInput(f"{path} is {value}, which JSON cannot hold")
-        return
+        return float(value)
     if isinstance(value, Mapping):
+        out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise InvalidInput(f"{path} has a non-string key {k!r}; JSON keys are strings")
-            _check_json(k, f"{path} key")
-            _check_json(v, f"{path}[{k!r}]")
-        return
+            out[_plain_json(k, f"{path} key", depth + 1)] = _plain_json(v, f"{path}[{k!r}]", depth + 1)
+        return out
     if isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            _check_json(v, f"{path}[{i}]")
-        return
+        return [_plain_json(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
     raise InvalidInput(f"{path} is a {type(value).__name__}, which is not JSON (use str, number, bool, None, list, dict)")
 
 
@@ -60,11 +82,11 @@ def check_metadata(metadata: object, what: str, max_bytes: int) -> dict[str, Any
         return {}
     if not isinstance(metadata, Mapping):
         raise InvalidInput(f"{what} must be a dict, got {type(metadata).__name__}")
-    _check_json(metadata, what)
-    size = len(json.dumps(metadata, ensure_ascii=False).encode())
+    plain = _plain_json(metadata, what)
+    size = len(json.dumps(plain, ensure_ascii=False).encode())
     if size > max_bytes:
         raise InvalidInput(f"{what} is {size} bytes as JSON; the limit is {max_bytes} (setting max_metadata_bytes)")
-    return dict(metadata)
+    return plain
 
 
 def check_filters(filters: object) -> dict[str, Any] | None:
@@ -75,8 +97,11 @@ def check_filters(filters: object) -> dict[str, Any] | None:
         raise InvalidInput(f"filters must be a dict of metadata key -> value, got {type(filters).__name__}")
     if not filters:
         return None
-    _check_json(filters, "filters")
-    return dict(filters)
+    plain = _plain_json(filters, "filters")
+    size = len(json.dumps(plain, ensure_ascii=False).encode())
+    if size > MAX_FILTER_BYTES:
+        raise InvalidInput(f"filters are {size} bytes as JSON; the limit is {MAX_FILTER_BYTES}")
+    return plain
 
 
 def check_ids(item_ids: object) -> list[int]:
@@ -86,7 +111,23 @@ def check_ids(item_ids: object) -> list[int]:
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, int) or i <= 0:
             raise InvalidInput(f"item_ids must hold positive ints, got {i!r}")
-    return sorted(set(ids))
+        if i > MAX_ID:
+            raise InvalidInput(f"item id {i} is beyond the largest item id ({MAX_ID})")
+    return sorted(set(int(i) for i in ids))
+
+
+def check_keys(keys: object, what: str = "keys") -> list[str]:
+    """Caller keys (:meth:`Memory.put`): a list of non-empty strings of at most 512 characters."""
+    if isinstance(keys, str | bytes) or not isinstance(keys, Iterable):
+        raise InvalidInput(f"{what} must be a list of strings, got {type(keys).__name__}")
+    return [check_text(k, f"{what}[{n}]", MAX_KEY_CHARS) for n, k in enumerate(keys)]
+
+
+def check_count(value: object, what: str, minimum: int = 0) -> int:
+    """A row count or offset: an int from ``minimum`` up to the largest bigint."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_ID:
+        raise InvalidInput(f"{what} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_messages(messages: object, max_chars: int) -> list[tuple[str, str]]:

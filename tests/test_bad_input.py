@@ -147,3 +147,63 @@ def test_bad_option(dsn):
         Memory(dsn, options={"pgvector_mode": "fuzzy"})
     with pytest.raises(ConfigError, match="option 'context_tokens'='lots' is not a valid int"):
         Memory(dsn, options={"context_tokens": "lots"})
+
+
+# -- the corpus: tests/bad_input_corpus.py -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus_memory(dsn):
+    with Memory(dsn) as mem:
+        yield mem
+
+
+@pytest.fixture
+def probe(corpus_memory, users, tmp_path):
+    from bad_input_corpus import Probe
+
+    from memplug.artifacts import ArtifactStore
+
+    me, them = users(2)
+    secret = corpus_memory.write(Scope(them), f"{them}'s locker code is 5512.")
+    (tmp_path / "outside").mkdir()
+    return Probe(corpus_memory, Scope(me), Scope(them), secret, ArtifactStore(tmp_path / "artifacts"),
+                 tmp_path / "outside")
+
+
+def _files(root):
+    """The regular files under ``root`` (links are not followed)."""
+    import os
+
+    paths = (os.path.join(d, n) for d, _, files in os.walk(root) for n in files)
+    return sorted(p for p in paths if os.path.isfile(p) and not os.path.islink(p))
+
+
+def _corpus():
+    from bad_input_corpus import CORPUS
+
+    return CORPUS
+
+
+def test_the_corpus_is_large_and_its_names_distinct():
+    names = [case.name for case in _corpus()]
+    assert len(names) >= 50 and len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("case", _corpus(), ids=lambda case: case.name)
+def test_corpus(probe, case):
+    from bad_input_corpus import Refused
+
+    mem = probe.mem
+    if isinstance(case, Refused):
+        before = _files(probe.artifacts.root)
+        with pytest.raises(case.error, match=case.match) as caught:
+            case.call(probe)
+        assert isinstance(caught.value, MemplugError)
+        assert mem.stats(probe.scope)["items"] == 0, "a refused call wrote something"
+        assert _files(probe.artifacts.root) == before, "a refused call left a file in the artifact root"
+    else:
+        case.check(probe, case.call(probe))
+    assert list(probe.outside.iterdir()) == [], "something was written outside the artifact root"
+    assert mem.get(probe.other, [probe.secret.id])[0].text == probe.secret.text
+    assert mem.stats(probe.other)["items"] == 1

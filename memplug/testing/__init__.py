@@ -17,5 +17,6 @@ is needed: a fresh embedded Postgres is started in a temporary folder (or
 from __future__ import annotations
 
 from .conformance import TierConformance
+from .scan import Trace, assert_no_traces, find_traces
 
-__all__ = ["TierConformance"]
+__all__ = ["TierConformance", "Trace", "assert_no_traces", "find_traces"]

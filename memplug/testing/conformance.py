@@ -11,6 +11,8 @@ import pytest
 
 from memplug import Budget, Item, Memory, MemplugError, Move, NotFound, Recall, Scope, Settings
 
+from .scan import assert_no_traces
+
 FACTS = (
     "The orange heron in Tallinn guards locker 8812.",
     "The violet otter in Bergen keeps its keys under the blue mat.",
@@ -185,6 +187,7 @@ class TierConformance:
         ids = [it.id for it in items]
         mem.forget(Scope(memplug_user))  # the user and every scope under them
         assert self.rows_naming(mem, ids) == {}, "rows still name forgotten items"
+        assert_no_traces(mem, items, Scope(memplug_user))  # every table and file: ids, texts, embeddings
         assert self.artifacts(mem) == before, "artifacts of forgotten items are left behind"
         assert not self.footprint(mem, tier, ids)
         assert mem.items(scope, limit=10) == []

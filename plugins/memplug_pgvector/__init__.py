@@ -138,7 +138,8 @@ class PgVectorTier:
         ctes, legs = [], []
         if self.mode in ("hybrid", "vector"):
             params["vec"] = memory.embedder.encode([query])[0]
-            db.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, n)}")
+            # pgvector takes ef_search up to 1000; larger reads rely on the iterative scan.
+            db.execute(f"SET LOCAL hnsw.ef_search = {min(1000, max(self.ef_search, n))}")
             if self.iterative:
                 db.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
             ctes.append(f"""vec AS (

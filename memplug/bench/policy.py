@@ -104,6 +104,8 @@ def run(n_facts: int = 200, warmup: int = 600, rounds: int = 3, answers: int = 1
                     say(f"{label}: {n + 1}/{len(asked)} answers")
             arm = _summary(rows, consolidations, levels, mem, scope, write_s)
             arm["options"] = options
+            arm["per_answer"] = [{k: r[k] for k in ("fact", "kind", "right", "served_by", "kv_items", "adapter")}
+                              for r in rows]  # per answer, to compare arms question by question
             result["arms"][label] = arm
             say(f"{label}: {arm['memory_tokens_per_answer']:.1f} memory tokens / answer, accuracy "
                 f"{arm['accuracy']:.2f}, latency {1000 * arm['latency_s_mean']:.0f} / {1000 * arm['latency_s_p95']:.0f} ms, "

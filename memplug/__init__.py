@@ -16,6 +16,7 @@ from .errors import (
     ModelUnavailable,
     NotFound,
     PluginError,
+    ScopeViolation,
     StoreUnavailable,
 )
 from .hookspecs import hookimpl
@@ -41,5 +42,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterRef", "Answer", "ArtifactCorrupt", "Budget", "ConfigError", "Hit", "InvalidInput", "InvalidScope", "Item", "KVPrefix",
     "ItemUsage", "MemplugError", "Memory", "ModelMismatch", "ModelUnavailable", "Move", "NotFound",
-    "Placement", "PluginError", "Recall", "Scope", "Settings", "StoreUnavailable", "TierCost", "hookimpl",
+    "Placement", "PluginError", "Recall", "Scope", "ScopeViolation", "Settings", "StoreUnavailable", "TierCost", "hookimpl",
 ]

@@ -23,6 +23,10 @@ class StoreUnavailable(MemplugError):
     """Postgres could not be reached, or lacks what memplug needs (the ``vector`` extension)."""
 
 
+class ScopeViolation(MemplugError):
+    """Work scoped to one user tried to read or write another user's rows; row-level security refused it."""
+
+
 class ModelUnavailable(MemplugError):
     """A local model (embedder, tokenizer, causal LM) could not be found or loaded."""
 

@@ -185,7 +185,7 @@ class Memory:
         meta = check_metadata(metadata, "metadata", self.max_metadata_bytes)
         rows = [(check_text(t, f"text[{n}]" if not single else "text", self.max_text_chars), meta, None)
                 for n, t in enumerate(texts)]
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             items = self.write_in(db, scope, rows)
         return items[0] if single else items
 
@@ -210,7 +210,7 @@ class Memory:
         texts = [check_text(t, f"texts[{n}]", self.max_text_chars) for n, t in enumerate(texts)]
         metas = [check_metadata(m, f"metadatas[{n}]", self.max_metadata_bytes) for n, m in enumerate(metadatas)]
         u, a, s = scope.key
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             old = {r[-1]: r for r in db.execute(
                 f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.user_id = %s AND i.agent_id = %s "
                 "AND i.session_id = %s AND i.key = ANY(%s) FOR UPDATE", (u, a, s, keys)).fetchall()}
@@ -245,14 +245,14 @@ class Memory:
         """The items stored under these keys in exactly this scope, in the keys' order (missing keys skipped)."""
         scope = Scope.of(scope)
         keys = check_keys(keys)
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             by_key = {it.key: it for it in self._keyed(db, scope, keys)}
         return [by_key[k] for k in dict.fromkeys(keys) if k in by_key]
 
     def forget_keys(self, scope: Scope | str, keys: Iterable[str]) -> int:
         """Forget the items stored under these keys in exactly this scope; return how many (missing keys are fine)."""
         scope = Scope.of(scope)
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             ids = [it.id for it in self._keyed(db, scope, keys, lock=True)]
             self.forget_in(db, scope, ids)
         return len(ids)
@@ -269,7 +269,7 @@ class Memory:
             raise InvalidInput("write_messages needs a scope with a session_id, e.g. Scope('alice', session_id='s1')")
         pairs = check_messages(messages, self.max_text_chars)
         rows = [(content, {}, role) for role, content in pairs]
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             return self.write_in(db, scope, rows)
 
     def write_in(
@@ -367,7 +367,7 @@ class Memory:
         if not isinstance(budget, Budget):
             raise InvalidInput(f"budget must be a memplug.Budget, got {type(budget).__name__}")
         filters = check_filters(filters)
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             lists = self.hook.memplug_read(
                 memory=self, scope=scope, query=query, budget=budget, filters=filters, db=db
             )
@@ -536,7 +536,7 @@ class Memory:
             raise InvalidInput(f"used must be True or False, got {used!r}")
         if not used or not ids:
             return
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             self._owned_ids(db, scope, ids, visible=True)
             record_feedback(db, ids)
 
@@ -547,7 +547,7 @@ class Memory:
         limit = check_count(limit, "limit")
         usage = {u.item_id: u for u in self.usage(scope, subtree=True)}
         ids = sorted(usage)[-limit:] if limit else sorted(usage)
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             texts = dict(db.execute("SELECT id, text FROM items WHERE id = ANY(%s::bigint[])", (ids,)).fetchall())
             history: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
             for item_id, tier, level, held, reason, at in db.execute(
@@ -609,7 +609,7 @@ class Memory:
         of the items in ``scope`` and every scope under it)."""
         scope = Scope.of(scope)
         where, params = (subtree_sql if subtree else visible_sql)(scope, "i")
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             return scope_usage(db, where, params, self.half_life_s)
 
     @property
@@ -648,7 +648,7 @@ class Memory:
                 raise InvalidInput("moves must be memplug.Move values")
         if not wait:
             if moves:
-                with self.store.transaction() as db:  # refuse foreign items now, not in the worker
+                with self.store.scoped(scope) as db:  # refuse foreign items now, not in the worker
                     self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
             return self.jobs.enqueue(scope, moves)
         self.flush_measurements()
@@ -657,7 +657,7 @@ class Memory:
             moves = _first_move_per_item(_flatten(self.hook.memplug_plan(memory=self, scope=scope, usage=usage)))
         if not moves:
             return []
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
             placed = _flatten(self.hook.memplug_consolidate(memory=self, scope=scope, moves=moves, db=db,
                                                             progress=progress))
@@ -670,7 +670,7 @@ class Memory:
         if scope.session_id is None:
             raise InvalidInput("end_session needs a scope with a session_id")
         where, params = subtree_sql(scope, "i")
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             ids = [r[0] for r in db.execute(
                 f"SELECT i.id FROM items i JOIN placements p ON p.item_id = i.id AND p.level = 0 "
                 f"WHERE {where} ORDER BY i.id", params).fetchall()]
@@ -725,7 +725,7 @@ class Memory:
         scope under it. One transaction.
         """
         scope = Scope.of(scope)
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             if item_ids is None:
                 where, params = subtree_sql(scope, "i")
                 ids = [r[0] for r in db.execute(f"SELECT i.id FROM items i WHERE {where}", params).fetchall()]
@@ -758,7 +758,7 @@ class Memory:
         scope = Scope.of(scope)
         ids = check_ids(item_ids)
         where, params = visible_sql(scope, "i")
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             self._owned_ids(db, scope, ids, visible=True)
             rows = db.execute(
                 f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.id = ANY(%(ids)s) AND {where} ORDER BY i.id",
@@ -777,7 +777,7 @@ class Memory:
         if scope.session_id is None:
             raise InvalidInput("turns needs a scope with a session_id, e.g. Scope('alice', session_id='s1')")
         u, a, s = scope.key
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             rows = db.execute(
                 f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.user_id = %s AND i.agent_id = %s "
                 "AND i.session_id = %s AND i.role IS NOT NULL ORDER BY i.id", (u, a, s)).fetchall()
@@ -788,7 +788,7 @@ class Memory:
         scope = Scope.of(scope)
         limit, offset = check_count(limit, "limit"), check_count(offset, "offset")
         where, params = visible_sql(scope, "i")
-        with self.store.transaction() as db:
+        with self.store.scoped(scope) as db:
             rows = db.execute(
                 f"SELECT {ITEM_COLUMNS} FROM items i WHERE {where} ORDER BY i.id LIMIT %(lim)s OFFSET %(off)s",
                 {**params, "lim": limit, "off": offset},
@@ -798,7 +798,8 @@ class Memory:
     def stats(self, scope: Scope | str | None = None) -> dict[str, Any]:
         """Counts: items, scopes, turns, items per tier, usage, database size."""
         where, params = ("TRUE", {}) if scope is None else subtree_sql(Scope.of(scope), "i")
-        with self.store.transaction() as db:
+        # The whole store's counts span users: the unscoped path, as the tables' owner.
+        with self.store.transaction() if scope is None else self.store.scoped(scope) as db:
             items, turns, users, scopes, chars = db.execute(
                 f"SELECT count(*), count(i.role), count(DISTINCT i.user_id), "
                 f"count(DISTINCT (i.user_id, i.agent_id, i.session_id)), coalesce(sum(length(i.text)), 0) "

@@ -67,7 +67,7 @@ def export(memory: Memory, scope: Scope | str) -> Iterator[str]:
     """
     scope = Scope.of(scope)
     where, params = subtree_sql(scope, "i")
-    with memory.store.transaction() as db, db.cursor(name="memplug_export") as cur:
+    with memory.store.scoped(scope) as db, db.cursor(name="memplug_export") as cur:
         cur.itersize = 500
         cur.execute(
             f"""
@@ -115,7 +115,8 @@ def import_(memory: Memory, scope: Scope | str | None, lines: Iterable[str | byt
             records.append(_parse(memory, n, line, target))
     _check_keys_agree(records)
     written = existing = 0
-    with memory.store.transaction() as db:
+    # Lines of many users (no target scope) are admin work across users: the unscoped path.
+    with memory.store.scoped(target) if target is not None else memory.store.transaction() as db:
         now = db.execute("SELECT now()").fetchone()[0]
         for group_scope, group in _by_scope(records).items():
             w, e = _write_group(memory, db, group_scope, group, now)

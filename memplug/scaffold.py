@@ -37,7 +37,8 @@ packages = ["memplug_@@NAME@@"]
 _TIER = '''"""Tier ``@@NAME@@`` (level 1): the most recently written items of a scope, newest first.
 
 Replace the read with what your tier is for; keep the rest of the shape:
-- ``memplug_configure`` creates the tier's own table through a migration and reads options;
+- ``memplug_configure`` creates the tier's own table through a migration (confined to each user
+  by ``row_security``) and reads options;
 - ``memplug_write`` records new items inside the write's transaction and reports placements;
 - ``memplug_read`` returns ranked hits, confined to what the scope can see;
 - ``memplug_footprint`` reports bytes per item; ``memplug_forget`` removes every trace.
@@ -50,6 +51,7 @@ from psycopg.types.json import Jsonb
 from memplug import Hit, Placement, hookimpl
 from memplug.memory import ITEM_COLUMNS, item_from_row
 from memplug.scoping import visible_sql
+from memplug.store import row_security
 
 # Append new migrations; never edit one that has shipped.
 MIGRATIONS = (
@@ -61,6 +63,8 @@ MIGRATIONS = (
     );
     CREATE INDEX @@NAME@@_items_user ON @@NAME@@_items (user_id, written_at DESC);
     """,
+    # Row-level security: a scoped transaction (every hook's db) sees its own user's rows only.
+    row_security("@@NAME@@_items"),
 )
 
 

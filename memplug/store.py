@@ -4,6 +4,14 @@ The host owns ``items`` (the source of truth), ``usage``, ``placements``,
 ``moves`` (the history of placements) and ``tier_costs`` (what each tier measured);
 each tier migrates its own tables through :meth:`Store.migrate`. Everything
 lives in the ``memplug`` schema so it can share a database with an application.
+
+Row-level security holds the boundary between users in Postgres itself. Work
+for one user runs in :meth:`Store.scoped`, as the role ``memplug_app`` with the
+setting ``memplug.user_id``; every table holding users' data is confined by a
+policy (:func:`row_security`), so even a query without a WHERE clause sees that
+user's rows only. :meth:`Store.transaction` runs as the tables' owner, which
+row-level security does not restrict: for migrations, admin tools and work that
+spans users.
 """
 
 from __future__ import annotations
@@ -17,11 +25,67 @@ import psycopg
 from psycopg import conninfo as _conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .errors import ConfigError, StoreUnavailable
+from .errors import ConfigError, ScopeViolation, StoreUnavailable
+from .types import Scope
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "memplug"
+# The role scoped transactions take: it owns nothing and cannot bypass row-level security.
+APP_ROLE = "memplug_app"
+# The transaction-local setting naming the user a scoped transaction may see.
+USER_SETTING = "memplug.user_id"
+
+
+def row_security(table: str, by: str = "user_id") -> str:
+    """SQL that confines ``table`` to the user of a scoped transaction, for a tier's migrations.
+
+    ``by="user_id"``: the table has a ``user_id`` column naming the row's owner; if it
+    also has an ``item_id`` column, a row may only be written for an item the same
+    user owns. ``by="item_id"``: the table has an ``item_id`` column and a row
+    belongs to the owner of that item. The SQL enables row-level security on the
+    table (and on each of its partitions, which a query can name directly), lets
+    scoped transactions (role ``memplug_app``) read and write only the rows of
+    ``current_setting('memplug.user_id')``, and grants them the table. Append it as a
+    new migration: ``MIGRATIONS = (..., row_security("my_table"))``. Work outside a
+    scope (:meth:`Store.transaction`) runs as the tables' owner and sees every row.
+    Shipped migrations embed this text: change the policy only in a new function.
+    """
+    if not isinstance(table, str) or not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", table):
+        raise ConfigError(f"row_security: table {table!r} must be a lower_snake_case name without schema")
+    if by not in ("user_id", "item_id"):
+        raise ConfigError(f"row_security: by={by!r}; expected 'user_id' or 'item_id' (the column naming the owner)")
+    # format() templates, written inside SQL string literals; %1$I is the table or partition.
+    user = f"%1$I.user_id = current_setting(''{USER_SETTING}'', true)"
+    item = (f"EXISTS (SELECT 1 FROM {SCHEMA}.items o WHERE o.id = %1$I.item_id "
+            f"AND o.user_id = current_setting(''{USER_SETTING}'', true))")
+    if by == "user_id":
+        policy = f"""reads := format('{user}', name);
+            writes := reads || CASE WHEN has_item THEN format(' AND {item}', name) ELSE '' END;"""
+    else:
+        policy = f"""reads := format('{item}', name);
+            writes := reads;"""
+    return f"""
+    DO $$ DECLARE
+        root regclass := '{SCHEMA}.{table}'::regclass;
+        has_item boolean := EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = root AND attname = 'item_id'
+                                    AND attnum > 0 AND NOT attisdropped);
+        part regclass; name text; reads text; writes text;
+    BEGIN
+        FOR part, name IN SELECT c.oid::regclass, c.relname FROM pg_class c
+                          WHERE c.oid = root OR c.oid IN (SELECT relid FROM pg_partition_tree(root)) LOOP
+            {policy}
+            EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', part);
+            EXECUTE format('CREATE POLICY memplug_scope ON %s TO {APP_ROLE} USING (%s) WITH CHECK (%s)',
+                           part, reads, writes);
+            EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO {APP_ROLE}', part);
+            IF current_setting('server_version_num')::int >= 170000 THEN  -- a tier may ANALYZE its tables
+                EXECUTE format('GRANT MAINTAIN ON %s TO {APP_ROLE}', part);
+            END IF;
+        END LOOP;
+    END $$;
+    """
+
 
 HOST_MIGRATIONS: tuple[str, ...] = (
     # 1: items, usage, placements
@@ -85,6 +149,34 @@ HOST_MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE items ADD COLUMN key text;
     CREATE UNIQUE INDEX items_scope_key ON items (user_id, agent_id, session_id, key) WHERE key IS NOT NULL;
     """,
+    # 4: row-level security. Scoped transactions run as APP_ROLE, which sees one user's rows only.
+    f"""
+    DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
+            BEGIN
+                CREATE ROLE {APP_ROLE} NOLOGIN NOINHERIT NOBYPASSRLS;
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;  -- another database made it
+            END;
+        END IF;
+        IF NOT pg_has_role(current_user, '{APP_ROLE}', 'MEMBER') THEN
+            EXECUTE format('GRANT {APP_ROLE} TO %I', current_user);
+        END IF;
+    EXCEPTION WHEN insufficient_privilege THEN
+        RAISE EXCEPTION 'memplug needs the role {APP_ROLE} and cannot create it; ask an administrator to run: CREATE ROLE {APP_ROLE} NOLOGIN; GRANT {APP_ROLE} TO %;',
+            quote_ident(current_user);
+    END $$;
+    GRANT USAGE ON SCHEMA {SCHEMA} TO {APP_ROLE};
+    GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} TO {APP_ROLE};
+    GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {SCHEMA} TO {APP_ROLE};
+    -- Tables that tiers create later are usable by scoped work; each tier confines its own with row_security().
+    ALTER DEFAULT PRIVILEGES IN SCHEMA {SCHEMA} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {APP_ROLE};
+    ALTER DEFAULT PRIVILEGES IN SCHEMA {SCHEMA} GRANT USAGE, SELECT ON SEQUENCES TO {APP_ROLE};
+    REVOKE ALL ON migrations FROM {APP_ROLE};
+    """
+    + row_security("items")
+    + row_security("usage", by="item_id")
+    + row_security("placements", by="item_id")
+    + row_security("moves", by="item_id"),
 )
 
 
@@ -169,14 +261,44 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
-        """One transaction on a pooled connection: committed on success, rolled back on error."""
+        """One unscoped transaction on a pooled connection: committed on success, rolled back on error.
+
+        It runs as the tables' owner and sees every user's rows: for migrations,
+        admin tools and work that spans users (``stats()`` of the whole store).
+        Work for one user goes through :meth:`scoped`.
+        """
+        with self._transaction(None) as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def scoped(self, scope: Scope | str) -> Iterator[psycopg.Connection]:
+        """One transaction confined by row-level security to the rows of one user.
+
+        ``scope`` is a :class:`Scope` (or its string form); its ``user_id`` counts.
+        The transaction runs as role ``memplug_app`` with ``memplug.user_id`` set, so a
+        query on a confined table (see :func:`row_security`) sees only that user's rows
+        even without a WHERE clause, and writing another user's row raises
+        :class:`ScopeViolation` (the transaction is rolled back).
+        """
+        with self._transaction(Scope.of(scope).user_id) as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _transaction(self, user_id: str | None) -> Iterator[psycopg.Connection]:
         try:
             with self.pool.connection() as conn:
                 try:
                     with conn.transaction():
+                        if user_id is not None:
+                            conn.execute("SELECT set_config('role', %s, true), set_config(%s, %s, true)",
+                                         (APP_ROLE, USER_SETTING, user_id))
                         yield conn
-                except BaseException:
+                except BaseException as e:
                     self._finish(conn, committed=False)
+                    if user_id is not None and isinstance(e, psycopg.errors.InsufficientPrivilege):
+                        raise ScopeViolation(
+                            f"work scoped to user {user_id!r} reached beyond that user's rows and was refused; "
+                            f"nothing was written ({_reason(e, self.dsn)})") from e
                     raise
                 self._finish(conn, committed=True)
         except PoolTimeout:
@@ -256,8 +378,13 @@ class Store:
         for version, sql in enumerate(migrations, start=1):
             if version <= done:
                 continue
-            with conn.transaction():
-                conn.execute(sql)
-                conn.execute("INSERT INTO migrations (component, version) VALUES (%s, %s)", (component, version))
+            try:
+                with conn.transaction():
+                    conn.execute(sql)
+                    conn.execute("INSERT INTO migrations (component, version) VALUES (%s, %s)", (component, version))
+            except psycopg.Error as e:
+                if isinstance(e, psycopg.OperationalError):
+                    raise
+                raise StoreUnavailable(f"migration {version} of {component!r} failed: {e}") from e
             ran += 1
         return ran

@@ -15,6 +15,7 @@ from collections import defaultdict
 from memplug import Hit, Move, Placement, Scope, hookimpl
 from memplug.memory import ITEM_COLUMNS, item_from_row
 from memplug.scoping import subtree_sql
+from memplug.store import row_security
 
 MIGRATIONS = (
     """
@@ -28,6 +29,8 @@ MIGRATIONS = (
     );
     CREATE INDEX context_turns_session ON context_turns (user_id, agent_id, session_id, item_id);
     """,
+    # 2: a scoped transaction sees its own user's turns only
+    row_security("context_turns"),
 )
 
 
@@ -94,7 +97,7 @@ class ContextTier:
     @hookimpl
     def memplug_plan(self, memory, scope, usage):
         where, params = subtree_sql(scope, "c")
-        with memory.store.transaction() as db:
+        with memory.store.scoped(scope) as db:
             rows = db.execute(
                 f"""
                 SELECT array_agg(c.item_id ORDER BY c.item_id) FROM context_turns c WHERE {where}

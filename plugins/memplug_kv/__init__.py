@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 from memplug import ArtifactCorrupt, KVPrefix, ModelMismatch, Move, Placement, TierCost, hookimpl
 from memplug.memory import ITEM_COLUMNS, ITEM_WIDTH, item_from_row
 from memplug.scoping import subtree_sql, visible_sql
+from memplug.store import row_security
 
 from .codec import Codec, decode, encode
 
@@ -59,6 +60,8 @@ MIGRATIONS = (
     );
     CREATE INDEX kv_items_scope ON kv_items (user_id, agent_id, session_id);
     """,
+    # 2: a scoped transaction sees its own user's blobs only
+    row_security("kv_items"),
 )
 
 
@@ -85,7 +88,7 @@ class KVTier:
     def memplug_plan(self, memory, scope, usage):
         """Re-encode blobs made by another model, or found damaged on load."""
         where, params = subtree_sql(scope, "k")
-        with memory.store.transaction() as db:
+        with memory.store.scoped(scope) as db:
             if not db.execute(f"SELECT EXISTS (SELECT 1 FROM kv_items k WHERE {where})", params).fetchone()[0]:
                 return None
             params["fp"] = memory.model_fingerprint

@@ -27,7 +27,8 @@ Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (2e-3),
 ``lora_epochs`` (4), ``lora_targets`` (comma-separated module names),
 ``lora_replay`` (0.5), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
 ``lora_max_items`` (200 per scope), ``lora_resident`` (adapters kept loaded, 8),
-``lora_resident_mb`` (256), ``lora_gate`` (0.5; 0 applies the adapter to every read).
+``lora_resident_mb`` (256), ``lora_gate`` (0.5; 0 applies the adapter to every read),
+``lora_precision`` (auto: bfloat16 autocast where the hardware has it; bf16; fp32).
 
 **Routing.** An adapter also changes how the model answers questions it was
 not trained for (the benchmark measures how much). So it is applied only to
@@ -58,6 +59,7 @@ from memplug import (
 )
 from memplug.memory import ITEM_COLUMNS, item_from_row
 from memplug.scoping import subtree_sql, visible_sql
+from memplug.store import row_security
 from memplug.types import adapter_name
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,8 @@ MIGRATIONS = (
     CREATE INDEX lora_items_scope ON lora_items (user_id, agent_id, session_id);
     CREATE INDEX lora_items_adapter ON lora_items (adapter_id);
     """,
+    # 2: a scoped transaction sees its own user's adapters and items only
+    row_security("lora_adapters") + row_security("lora_items"),
 )
 
 
@@ -116,6 +120,7 @@ class LoraTier:
             "replay": opt("lora_replay", TrainConfig.replay, float),
             "min_recall": opt("lora_min_recall", TrainConfig.min_recall, float),
             "max_seconds": opt("lora_max_train_s", TrainConfig.max_seconds, float),
+            "precision": opt("lora_precision", TrainConfig.precision, str),
         }
         if targets:
             overrides["targets"] = tuple(t.strip() for t in targets.split(",") if t.strip())
@@ -137,7 +142,7 @@ class LoraTier:
         """Retrain scopes with items waiting (new, after a forget or a demotion), a damaged
         adapter, or an adapter trained on another model."""
         where, params = subtree_sql(scope, "l")
-        with memory.store.transaction() as db:
+        with memory.store.scoped(scope) as db:
             if not db.execute(f"SELECT EXISTS (SELECT 1 FROM lora_items l WHERE {where})", params).fetchone()[0]:
                 return None
             params.update(fp=memory.model_fingerprint, damaged=sorted(self._damaged))
@@ -340,7 +345,7 @@ class LoraTier:
         """Reads: an adapter switch per read, no prompt tokens. Writes: a retrain of the scope's
         adapter, a fixed part (synthesis set-up, the minimum steps) plus a part per item held."""
         m = memory.measured(self.name)
-        with memory.store.transaction() as db:
+        with memory.store.scoped(scope) as db:
             u, a, s = scope.key
             recent = db.execute(
                 "SELECT count(*) FROM lora_adapters WHERE user_id = %s AND agent_id = %s AND session_id = %s "

@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 from memplug import ConfigError, Hit, Placement, StoreUnavailable, TierCost, hookimpl
 from memplug.memory import ITEM_COLUMNS, RRF_K, item_from_row
 from memplug.scoping import visible_sql
+from memplug.store import APP_ROLE, SCHEMA, USER_SETTING, row_security
 
 DIM = 384
 PARTITIONS = 16
@@ -47,6 +48,30 @@ MIGRATIONS = (
     CREATE INDEX pgvector_items_hnsw ON pgvector_items USING hnsw (embedding halfvec_cosine_ops);
     -- No pending list: searches need not scan it; the HNSW insert dominates write cost anyway.
     CREATE INDEX pgvector_items_tsv ON pgvector_items USING gin (tsv) WITH (fastupdate = off);
+    """,
+    # 2: a scoped transaction sees its own user's rows only (on the table and on each partition).
+    # Row-level security keeps non-leakproof operators such as @@ out of index conditions, so a
+    # full-text lookup under it scans the user's whole partition. pgvector_postings() finds one
+    # word's postings through the GIN index as the table's owner, confined to the scoped user:
+    # called in a scoped transaction for any other user it raises instead of answering.
+    row_security("pgvector_items") + f"""
+    CREATE FUNCTION pgvector_postings(q tsquery, u text, a text, s text, filters jsonb, n integer)
+    RETURNS TABLE (item_id bigint, tsv tsvector)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = {SCHEMA}, pg_temp AS $$
+    BEGIN
+        IF current_setting('role') <> 'none' AND u IS DISTINCT FROM current_setting('{USER_SETTING}', true) THEN
+            RAISE EXCEPTION 'pgvector_postings: user % is outside this transaction''s scope', u
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        -- EXECUTE plans with the bound word: the planner sees its frequency and picks GIN or the scope index.
+        RETURN QUERY EXECUTE
+            'SELECT p.item_id, p.tsv FROM pgvector_items p WHERE p.tsv @@ $1 AND p.user_id = $2 '
+            'AND p.agent_id IN ('''', $3) AND p.session_id IN ('''', $4) AND ($5 IS NULL OR EXISTS '
+            '(SELECT 1 FROM items f WHERE f.id = p.item_id AND f.metadata @> $5)) LIMIT $6'
+            USING q, u, a, s, filters, n;
+    END $$;
+    REVOKE ALL ON FUNCTION pgvector_postings(tsquery, text, text, text, jsonb, integer) FROM PUBLIC;
+    GRANT EXECUTE ON FUNCTION pgvector_postings(tsquery, text, text, text, jsonb, integer) TO {APP_ROLE};
     """,
 )
 MODES = ("hybrid", "vector", "text")
@@ -143,25 +168,27 @@ class PgVectorTier:
             if self.iterative:
                 db.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
             ctes.append(f"""vec AS (
-                SELECT item_id, row_number() OVER (ORDER BY d) AS r FROM (
-                    SELECT p.item_id, p.embedding <=> %(vec)s::halfvec AS d FROM pgvector_items p
+                SELECT item_id, tsv, row_number() OVER (ORDER BY d) AS r FROM (
+                    SELECT p.item_id, p.tsv, p.embedding <=> %(vec)s::halfvec AS d FROM pgvector_items p
                     WHERE {where} ORDER BY d LIMIT %(n)s) v)""")
             legs.append("SELECT item_id, r FROM vec")
         if self.mode in ("hybrid", "text"):
-            posting = self._postings(db, query, where, params)
+            posting = self._postings(db, query, params)
             if posting:
                 # Every candidate (from the postings or the vector leg) is scored on every
                 # query word it contains, so an item matching several moderately common
-                # words is credited even when no capped posting list drew it.
-                candidates = "SELECT item_id FROM posting" + (" UNION SELECT item_id FROM vec" if legs else "")
+                # words is credited even when no capped posting list drew it. Candidates carry
+                # their tsvector: matching it needs no second lookup in pgvector_items, where
+                # row-level security would keep @@ from using an index.
+                drawn = "SELECT item_id, tsv FROM posting" + (" UNION ALL SELECT item_id, tsv FROM vec" if legs else "")
+                candidates = f"SELECT DISTINCT ON (item_id) item_id, tsv FROM ({drawn}) d"
                 ctes += [posting,
                          "df AS (SELECT lexeme, tq, count(*) AS df FROM posting GROUP BY lexeme, tq)",
                          f"""txt AS (
                     SELECT item_id, row_number() OVER (ORDER BY s DESC, item_id) AS r FROM (
                         SELECT c.item_id, sum(ln(1 + %(postings)s::float / df.df)) AS s
                         FROM ({candidates}) c
-                        JOIN pgvector_items p ON p.item_id = c.item_id AND p.user_id = %(scope_user)s
-                        JOIN df ON p.tsv @@ df.tq
+                        JOIN df ON c.tsv @@ df.tq
                         GROUP BY c.item_id ORDER BY s DESC, c.item_id LIMIT %(n)s) t)"""]
                 legs.append("SELECT item_id, r FROM txt")
         if not legs:
@@ -181,13 +208,13 @@ class PgVectorTier:
         ).fetchall()
         return [Hit(item_from_row(r[:-1]), self.name, float(r[-1])) for r in rows]
 
-    def _postings(self, db, query, where, params):
+    def _postings(self, db, query, params):
         """The ``posting`` CTE: up to ``postings`` items of the scope per query word.
 
         How many items a word drew estimates its document frequency, so rare words
         (codes, names) outweigh words the scope uses everywhere: an IDF over capped
-        postings. Each word is its own subquery with its own bound tsquery, so the
-        planner sees its real frequency and picks the GIN index for rare words.
+        postings. Each word is its own lookup (``pgvector_postings``) with its own bound
+        tsquery, so the planner sees its real frequency and picks the GIN index for rare words.
         """
         lexemes = db.execute(
             "SELECT coalesce(array_agg(DISTINCT lexeme ORDER BY lexeme), '{}') "
@@ -197,14 +224,16 @@ class PgVectorTier:
         if not lexemes:
             return None
         params["postings"] = self.postings
+        params.setdefault("filters", None)
         parts = []
         for n, lexeme in enumerate(lexemes):
             params[f"lx{n}"] = lexeme
             # One quoted lexeme: tsquery syntax, no parsing or stemming of its own.
             params[f"tq{n}"] = "'" + lexeme.replace("\\", "\\\\").replace("'", "\\'") + "'"
             parts.append(
-                f"(SELECT p.item_id, %(lx{n})s::text AS lexeme, %(tq{n})s::tsquery AS tq FROM pgvector_items p "
-                f"WHERE p.tsv @@ %(tq{n})s::tsquery AND {where} LIMIT %(postings)s)"
+                f"(SELECT t.item_id, t.tsv, %(lx{n})s::text AS lexeme, %(tq{n})s::tsquery AS tq FROM pgvector_postings("
+                f"%(tq{n})s::tsquery, %(scope_user)s, %(scope_agent)s, %(scope_session)s, %(filters)s::jsonb, "
+                f"%(postings)s) AS t)"
             )
         return "posting AS (" + " UNION ALL ".join(parts) + ")"
 

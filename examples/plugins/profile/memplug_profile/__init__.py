@@ -16,6 +16,7 @@ import re
 from memplug import Hit, Placement, hookimpl
 from memplug.memory import ITEM_COLUMNS, item_from_row
 from memplug.scoping import visible_sql
+from memplug.store import row_security
 
 MIGRATIONS = (
     """
@@ -32,6 +33,8 @@ MIGRATIONS = (
     );
     CREATE INDEX profile_facts_item ON profile_facts (item_id);
     """,
+    # 2: a scoped transaction sees its own user's facts only
+    row_security("profile_facts"),
 )
 
 _END = r"(?=\s*(?:[.,;!?]|\band\b|\bbut\b|$))"

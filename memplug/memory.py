@@ -26,7 +26,15 @@ from .settings import Settings
 from .store import Store
 from .types import AdapterRef, Answer, Budget, Hit, Item, KVPrefix, Move, Placement, Recall, Scope
 from .usage import DEFAULT_HALF_LIFE_S, ItemUsage, record_feedback, record_reads, scope_usage
-from .validate import check_count, check_filters, check_ids, check_keys, check_messages, check_metadata, check_text
+from .validate import (
+    check_count,
+    check_filters,
+    check_ids,
+    check_keys,
+    check_messages,
+    check_metadata,
+    check_text,
+)
 
 # Reciprocal rank fusion constant (Cormack et al., 2009).
 RRF_K = 60
@@ -558,7 +566,10 @@ class Memory:
             footprint: dict[int, dict[str, int]] = {i: {} for i in ids}
             for impl in self.hook.memplug_footprint.get_hookimpls():
                 name = getattr(impl.plugin, "name", None) or impl.plugin_name
-                for item_id, size in (impl.function(memory=self, item_ids=ids, db=db) or {}).items():
+                offered = {"memory": self, "item_ids": ids, "db": db}
+                # As pluggy does: an implementation may declare only some of the hook's arguments.
+                answer = impl.function(**{a: offered[a] for a in impl.argnames})
+                for item_id, size in (answer or {}).items():
                     footprint[item_id][name] = int(size)
         return [{"id": i, "text": texts.get(i, ""), "level": usage[i].level, "reads": usage[i].reads,
                  "used": usage[i].used, "heat": usage[i].heat, "last_read_at": usage[i].last_read_at,

@@ -31,6 +31,7 @@ from .kv import _machine
 from .lora import _save
 from .store import _pct
 
+BUILTIN_PLUGINS = "context,pgvector,kv,lora,frequency,cost"
 ARMS: dict[str, dict[str, Any]] = {
     "rag": {"policy": "none"},
     "frequency": {"policy": "frequency"},
@@ -48,6 +49,7 @@ def run(n_facts: int = 200, warmup: int = 600, rounds: int = 3, answers: int = 1
         k: int = 3, seed: int = 7, arms: dict[str, dict[str, Any]] | None = None,
         out_dir: str | Path = "benchmarks/results", console: Any = None, name: str = "policy") -> dict[str, Any]:
     from memplug import Budget, Memory, Scope
+    from memplug.settings import Settings
 
     say = console.print if console is not None else print
     arms = arms or ARMS
@@ -67,7 +69,8 @@ def run(n_facts: int = 200, warmup: int = 600, rounds: int = 3, answers: int = 1
     }
     for label, options in arms.items():
         scope = Scope(f"bench-policy-{label}")
-        with Memory(options=options) as mem:
+        # The built-in tiers and policies only, whatever else is installed: results compare across machines.
+        with Memory(settings=Settings(plugins=BUILTIN_PLUGINS), options=options) as mem:
             if result["machine"] is None:
                 result["machine"] = _machine()
                 result["model"] = mem.model.name

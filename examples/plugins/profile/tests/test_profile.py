@@ -58,3 +58,12 @@ def test_profile_comes_first_within_its_budget_and_follows_the_user(profiled):
     assert any("Harbour Office" in h.text for h in profiled.read(Scope(user.user_id, "coach"), "job").hits)
     assert not any("Harbour Office" in h.text for h in profiled.read(Scope(user.user_id, "chef"), "job").hits)
     profiled.forget(Scope(user.user_id))
+
+
+def test_inspect_shows_the_profile_bytes(profiled):
+    """The profile tier implements memplug_footprint with fewer arguments than the hook offers."""
+    user = Scope("p" + uuid.uuid4().hex[:10])
+    item = profiled.write(user, "My name is Ana and I live in Lisbon.")
+    [row] = profiled.inspect(user)
+    assert row["id"] == item.id and row["bytes"]["profile"] > 0 and row["bytes"]["pgvector"] > 0
+    profiled.forget(user)

@@ -564,10 +564,10 @@ class Memory:
                 history[item_id].append({"tier": tier, "level": level, "held": held, "reason": reason, "at": at})
             # Each implementation is called on its own: the answer is labelled with its plugin's name.
             footprint: dict[int, dict[str, int]] = {i: {} for i in ids}
+            # As pluggy does: an implementation may declare only some of the hook's arguments.
+            offered = {"memory": self, "item_ids": ids, "db": db}
             for impl in self.hook.memplug_footprint.get_hookimpls():
                 name = getattr(impl.plugin, "name", None) or impl.plugin_name
-                offered = {"memory": self, "item_ids": ids, "db": db}
-                # As pluggy does: an implementation may declare only some of the hook's arguments.
                 answer = impl.function(**{a: offered[a] for a in impl.argnames})
                 for item_id, size in (answer or {}).items():
                     footprint[item_id][name] = int(size)

@@ -413,6 +413,7 @@ class Memory:
         if kv is not None:
             kv = kv.without(held) if kv.items else None
         served = {it.id for it in kv.items} if kv else set()
+        left_out = set(kv.left_out) - held - served if kv else set()
         for hits in by_tier.values():
             seen: set[int] = set()
             for rank, hit in enumerate(hits, start=1):
@@ -438,11 +439,14 @@ class Memory:
         covered: list[Hit] = []
         injected: set[int] = set()
         ranked = [i for i in sorted(fused, key=lambda i: (-fused[i], i)) if i not in placed]
+        passed = 0  # items left out by the KV prefix: they keep their place, unserved, not filled from below
         for item_id in ranked:
-            if len(out) - first + len(covered) + len(injected) >= budget.k:
+            if len(out) - first + len(covered) + len(injected) + passed >= budget.k:
                 break
             hit = best[item_id]
-            if item_id in held:
+            if item_id in left_out:
+                passed += 1
+            elif item_id in held:
                 covered.append(hit)  # no prompt tokens; kept for a model that needs them as text
             elif item_id in served:
                 injected.add(item_id)

@@ -19,6 +19,18 @@ def default_home() -> Path:
     return Path(platformdirs.user_data_dir("memplug"))
 
 
+def flag(raw: Any) -> bool:
+    """A yes/no setting: a bool, or one of 1/0, true/false, yes/no, on/off (any case)."""
+    if isinstance(raw, bool):
+        return raw
+    word = str(raw).strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not a yes/no value")
+
+
 @dataclass(frozen=True)
 class Settings:
     """How one :class:`~memplug.Memory` is set up.

@@ -166,7 +166,7 @@ class KVPrefix:
 
     Built by a KV tier on read; consumed by :mod:`memplug.runtime`. ``tokens`` is
     the positions the items occupy; ``fingerprint`` names the model that encoded
-    them. Immutable: ``chunks()`` decodes fresh tensors on every call, so nothing
+    them; ``left_out`` names items the tier chose not to serve for this query. Immutable: ``chunks()`` decodes fresh tensors on every call, so nothing
     a caller does to them reaches the stored blobs.
     """
 
@@ -179,6 +179,9 @@ class KVPrefix:
     stored_bytes: int = 0
     spans: tuple[int, ...] = ()  # positions per item, when known
     sizes: tuple[int, ...] = ()  # stored bytes per item, when known
+    # Items the tier found for the query but judged misleading next to the ones it injects (far
+    # less similar to the query): the host serves them neither as KV nor as text.
+    left_out: tuple[int, ...] = ()
 
     def chunks(self) -> list[Any]:
         """The items' :class:`memplug.runtime.kv.KVChunk` values, in order (loads torch).

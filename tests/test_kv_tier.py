@@ -117,11 +117,13 @@ def test_corrupt_blob_is_a_clear_error_then_re_encoded(kv_memory, user):
     assert len(recall.kv.chunks()) == 1
 
 
-def test_kv_budget_limits_the_prefix(kv_memory, user):
-    items = kv_memory.write(user, FACTS)
-    promote(kv_memory, user, items)
-    full = kv_memory.read(user, "Zorbul Quenti Tamsin Ilse", Budget(kv_tokens=4096))
-    small = kv_memory.read(user, "Zorbul Quenti Tamsin Ilse", Budget(kv_tokens=20))
+def test_kv_budget_limits_the_prefix(make_memory, tmp_path, user):
+    mem = make_memory(settings=Settings(plugins="context,pgvector,kv"),
+                      options={"artifacts": str(tmp_path / "artifacts"), "kv_margin": 2.0})  # no near-miss cut
+    items = mem.write(user, FACTS)
+    promote(mem, user, items)
+    full = mem.read(user, "Zorbul Quenti Tamsin Ilse", Budget(kv_tokens=4096))
+    small = mem.read(user, "Zorbul Quenti Tamsin Ilse", Budget(kv_tokens=20))
     assert len(full.kv.items) == 3
     assert small.kv is not None and small.kv.tokens <= 20 and len(small.kv.items) < 3
 
@@ -129,9 +131,9 @@ def test_kv_budget_limits_the_prefix(kv_memory, user):
 def test_memory_generate_streams_an_answer(kv_memory, user):
     items = kv_memory.write(user, FACTS)
     promote(kv_memory, user, items)
-    pieces = list(kv_memory.stream(user, [{"role": "user", "content": "Where does Zorbul Quenti live?"}],
+    pieces = list(kv_memory.stream(user, [{"role": "user", "content": "What is the access code for the Tamsin lab?"}],
                                    max_new_tokens=24))
-    assert len(pieces) > 1 and "Marrak" in "".join(pieces)
+    assert len(pieces) > 1 and "4471" in "".join(pieces)
 
 
 def test_blobs_of_a_consolidation_that_rolls_back_are_removed(kv_memory, user):
@@ -150,3 +152,69 @@ def test_blobs_of_a_consolidation_that_rolls_back_are_removed(kv_memory, user):
         list((kv_memory.artifacts.root / "kv").rglob("*.safetensors")) == []
     with kv_memory.store.transaction() as db:
         assert db.execute("SELECT count(*) FROM kv_items WHERE user_id = %s", (user,)).fetchone()[0] == 0
+
+
+NEAR_MISSES = [
+    "Ulmo M. Haldova works as a luthier.",
+    "Ulmo S. Brunski plays the cello.",
+    "Fenmo M. Haldova's favourite colour is lavender.",
+]
+
+
+def test_near_misses_are_left_out_of_the_prefix_and_the_text(make_memory, tmp_path, user):
+    """Injected next to the item that answers, chunks about similar names mislead the model
+    (benchmarks/results/policy.json): the kv tier leaves them out, and the host does not serve
+    them as text either."""
+    question = "What is Ulmo M. Haldova's job?"
+    got = {}
+    for margin in (0.1, 2.0):
+        mem = make_memory(settings=Settings(plugins="context,pgvector,kv"),
+                          options={"artifacts": str(tmp_path / f"artifacts-{margin}"), "kv_margin": margin})
+        scope = f"{user}-{int(margin * 10)}"
+        items = mem.write(scope, NEAR_MISSES)
+        promote(mem, scope, items)
+        recall = mem.read(scope, question, Budget(k=3))
+        got[margin] = recall
+        if margin == 0.1:
+            assert [it.id for it in recall.kv.items] == [items[0].id]
+            assert set(recall.kv.left_out) == {items[1].id, items[2].id}
+            assert not recall.hits  # the near misses are not served as text instead
+            assert "luthier" in mem.model.generate(question, recall, max_new_tokens=24).lower()
+    assert len(got[2.0].kv.items) == 3 and got[2.0].kv.left_out == ()
+
+
+def test_an_item_whose_kv_answers_worse_than_its_text_stays_text(make_memory, tmp_path, user):
+    from memplug_kv import REFUSED
+
+    # Keeping a tenth of each item's tokens loses the words that answer: the check catches it.
+    mem = make_memory(settings=Settings(plugins="context,pgvector,kv"),
+                      options={"artifacts": str(tmp_path / "artifacts"), "kv_keep": 0.1, "kv_verify": "on"})
+    items = mem.write(user, FACTS)
+    placed = promote(mem, user, items)
+    refused = {i for p in placed if not p.held for i in p.item_ids}
+    assert refused and all(p.tier == "kv" and p.reason == REFUSED for p in placed if not p.held)
+    assert all(p.held is False or not set(p.item_ids) & refused for p in placed)
+    with mem.store.transaction() as db:
+        rows = db.execute("SELECT item_id, text_score, kv_score FROM kv_refused WHERE user_id = %s",
+                          (user,)).fetchall()
+        assert {r[0] for r in rows} == refused and all(kv < text for _, text, kv in rows)
+        assert not db.execute("SELECT count(*) FROM kv_items WHERE item_id = ANY(%s)", (sorted(refused),)).fetchone()[0]
+    some = next(it for it in items if it.id in refused)
+    assert some.id in {h.item.id for h in mem.read(user, some.text).hits}  # still served, as text
+    history = mem.inspect(user)
+    assert any(m["reason"].endswith(REFUSED) for row in history for m in row["history"] if row["id"] == some.id)
+    # The verdict is kept for this model and codec: promoting again checks nothing and places nothing.
+    assert promote(mem, user, [some]) == []
+    # Without the check, the same item is encoded.
+    unchecked = make_memory(settings=Settings(plugins="context,pgvector,kv"),
+                            options={"artifacts": str(tmp_path / "artifacts"), "kv_keep": 0.1, "kv_verify": "off"})
+    assert [(p.tier, p.held, p.item_ids) for p in promote(unchecked, user, [some])] == [("kv", True, (some.id,))]
+
+
+def test_kv_options_are_checked(make_memory, tmp_path):
+    from memplug import ConfigError
+
+    with pytest.raises(ConfigError, match="kv_verify"):
+        make_memory(settings=Settings(plugins="context,pgvector,kv"), options={"kv_verify": "maybe"})
+    with pytest.raises(ConfigError, match="kv_margin"):
+        make_memory(settings=Settings(plugins="context,pgvector,kv"), options={"kv_margin": -1})

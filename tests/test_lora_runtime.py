@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -175,3 +176,38 @@ def test_shared_prefix_decoding_equals_full_prompts(make_tiny):
     shared = lora.complete_lines(lm, prefix, tails, max_new_tokens=6)
     whole = [lora.complete_lines(lm, "", [prefix + t], max_new_tokens=6)[0] for t in tails]
     assert shared == whole
+
+
+def test_training_above_a_first_layer_runs_on_kept_lower_layer_states(make_tiny):
+    """With ``first_layer``, the unadapted lower layers run once per example: the states they give
+    equal the full model's, and the adapter trained on them exists only above that layer."""
+    lm = make_tiny()
+    layers = lm.model.config.num_hidden_layers
+    cut = layers // 2
+    examples = [(lm.ids("Where does Alice Brown live?"), lm.ids("Oslo."), "fact"),
+                (lm.ids("Hi"), lm.ids("Alice Brown lives in Oslo, in Norway."), "fact")]
+    lower = lora._Lower.build(lm.model, cut, examples[0], lm.pad_id, "cpu")
+    assert lower is not None and not lower.states
+    lower.fill(examples)
+    ids, mask = lora._tensors(examples, lm.pad_id, "cpu")
+    with torch.no_grad():
+        split = lower.hidden(examples, mask)
+        full = lm.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert (split - full)[real].abs().max() < 1e-4
+    assert len(lm.model.model.layers) == layers  # the model is whole again
+
+    data = synth.synthesize(FACTS, [1, 2, 3], None, seed=0)
+    result = lora.train(lm, data, [("Give me a tip for sleeping.", "Keep a regular bedtime.", True)],
+                        dataclasses.replace(FAST, first_layer=cut))
+    assert result.metrics["cached_lower_layers"] == cut
+    adapted = {int(k.split(".layers.")[1].split(".")[0]) for k in result.state}
+    assert adapted and min(adapted) == cut
+
+
+def test_a_model_that_does_not_split_trains_whole():
+    """A model whose layers cannot be run apart (no ``model.layers`` list) trains the whole model."""
+    class Opaque(torch.nn.Module):
+        model = torch.nn.Linear(2, 2)
+
+    assert lora._Lower.build(Opaque(), 1, ([1], [2], "fact"), 0, "cpu") is None

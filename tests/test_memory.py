@@ -147,3 +147,25 @@ def test_items_in_a_kv_prefix_are_not_repeated_as_text(make_memory, user):
     assert {it.id for it in recall.items} == {held.id, other.id}
     assert "roof" in recall.as_text() and "roof" not in recall.as_text(kv_as_text=False)
     assert {u.item_id: u.reads for u in mem.usage(user)} == {held.id: 1, other.id: 1}
+
+
+def test_items_a_kv_prefix_leaves_out_are_served_neither_as_kv_nor_as_text(make_memory, user):
+    from memplug import KVPrefix, hookimpl
+
+    class FakeExplicitTier:
+        name, level = "fake-kv", 2
+
+        @hookimpl
+        def memplug_read(self, memory, scope, query, budget, filters, db):
+            [item] = memory.get(scope, [held.id])
+            return [KVPrefix(self.name, (item,), 9, "fp", "int4", lambda ids: [], left_out=(near.id,))]
+
+    mem = make_memory()
+    held, near, other = mem.write(user, ["Ada keeps bees on the roof.", "Ada's bees make heather honey.",
+                                         "Ada's roof garden grows bee balm."])
+    mem.register(FakeExplicitTier())
+    recall = mem.read(user, "Ada bees roof", Budget(k=3))
+    assert [it.id for it in recall.kv.items] == [held.id]
+    assert near.id not in {it.id for it in recall.items}
+    assert [h.item.id for h in recall.hits] == [other.id]
+    assert near.id not in {u.item_id for u in mem.usage(user) if u.reads}

@@ -20,9 +20,11 @@ adapter versions, and consolidation time.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,46 +77,49 @@ def run(n_facts: int = 200, warmup: int = 600, rounds: int = 3, answers: int = 1
                 result["machine"] = _machine()
                 result["model"] = mem.model.name
             mem.forget(scope)
-            t0 = time.perf_counter()
-            items = mem.write(scope, [f.statement for f in facts])
-            write_s = time.perf_counter() - t0
-            ids = [it.id for it in items]
-            consolidations = []
-            per_round = -(-warmup // max(1, rounds))
-            for r in range(rounds):
-                part = warm[r * per_round:(r + 1) * per_round]
-                for n, i in enumerate(part):
-                    mem.read(scope, getattr(facts[i], kinds[r * per_round + n]), budget)
-                if options.get("policy", "cost") != "none":
-                    t = time.perf_counter()
-                    placed = mem.consolidate(scope, wait=True)
-                    consolidations.append({"round": r + 1, "seconds": time.perf_counter() - t,
-                                           "moved": sum(len(p.item_ids) for p in placed if p.held)})
-                say(f"{label}: warm-up round {r + 1}/{rounds}, {len(part)} reads"
-                    + (f", consolidation {consolidations[-1]['seconds']:.1f} s "
-                       f"({consolidations[-1]['moved']} placed)" if consolidations else ""))
-            levels = _levels(mem, scope)
-            rows = []
-            for n, i in enumerate(asked):
-                q = getattr(facts[i], kinds[warmup + n])
-                a = mem.answer(scope, q, budget, stop="\n", max_new_tokens=24)
-                rows.append({"fact": i, "kind": kinds[warmup + n], "right": facts[i].answer.lower() in a.text.lower(),
-                             "served_by": a.served_by(ids[i]) or "missed", "memory_tokens": a.recall.tokens,
-                             "prompt_tokens": a.prompt_tokens, "seconds": a.seconds,
-                             "first_token_s": a.first_token_s, "kv_items": len(a.recall.kv.items) if a.recall.kv else 0,
-                             "adapter": a.recall.adapter is not None})
-                if (n + 1) % 25 == 0:
-                    say(f"{label}: {n + 1}/{len(asked)} answers")
-            arm = _summary(rows, consolidations, levels, mem, scope, write_s)
-            arm["options"] = options
-            arm["per_answer"] = [{k: r[k] for k in ("fact", "kind", "right", "served_by", "kv_items", "adapter")}
-                              for r in rows]  # per answer, to compare arms question by question
-            result["arms"][label] = arm
-            say(f"{label}: {arm['memory_tokens_per_answer']:.1f} memory tokens / answer, accuracy "
-                f"{arm['accuracy']:.2f}, latency {1000 * arm['latency_s_mean']:.0f} / {1000 * arm['latency_s_p95']:.0f} ms, "
-                f"KV {arm['kv_bytes'] / 1e6:.1f} MB, {arm['adapter_versions']} adapter version(s), "
-                f"consolidation {arm['consolidation_s']:.1f} s; served {arm['served_by']}")
-            mem.forget(scope)
+            # Every arm starts from the tiers' prior costs and measures its own: costs measured by
+            # earlier runs (or an earlier arm) would change what CostPolicy decides.
+            with _fresh_costs(mem):
+                t0 = time.perf_counter()
+                items = mem.write(scope, [f.statement for f in facts])
+                write_s = time.perf_counter() - t0
+                ids = [it.id for it in items]
+                consolidations = []
+                per_round = -(-warmup // max(1, rounds))
+                for r in range(rounds):
+                    part = warm[r * per_round:(r + 1) * per_round]
+                    for n, i in enumerate(part):
+                        mem.read(scope, getattr(facts[i], kinds[r * per_round + n]), budget)
+                    if options.get("policy", "cost") != "none":
+                        t = time.perf_counter()
+                        placed = mem.consolidate(scope, wait=True)
+                        consolidations.append({"round": r + 1, "seconds": time.perf_counter() - t,
+                                               "moved": sum(len(p.item_ids) for p in placed if p.held)})
+                    say(f"{label}: warm-up round {r + 1}/{rounds}, {len(part)} reads"
+                        + (f", consolidation {consolidations[-1]['seconds']:.1f} s "
+                           f"({consolidations[-1]['moved']} placed)" if consolidations else ""))
+                levels = _levels(mem, scope)
+                rows = []
+                for n, i in enumerate(asked):
+                    q = getattr(facts[i], kinds[warmup + n])
+                    a = mem.answer(scope, q, budget, stop="\n", max_new_tokens=24)
+                    rows.append({"fact": i, "kind": kinds[warmup + n], "right": facts[i].answer.lower() in a.text.lower(),
+                                 "served_by": a.served_by(ids[i]) or "missed", "memory_tokens": a.recall.tokens,
+                                 "prompt_tokens": a.prompt_tokens, "seconds": a.seconds,
+                                 "first_token_s": a.first_token_s, "kv_items": len(a.recall.kv.items) if a.recall.kv else 0,
+                                 "adapter": a.recall.adapter is not None})
+                    if (n + 1) % 25 == 0:
+                        say(f"{label}: {n + 1}/{len(asked)} answers")
+                arm = _summary(rows, consolidations, levels, mem, scope, write_s)
+                arm["options"] = options
+                arm["per_answer"] = [{k: r[k] for k in ("fact", "kind", "right", "served_by", "kv_items", "adapter")}
+                                  for r in rows]  # per answer, to compare arms question by question
+                result["arms"][label] = arm
+                say(f"{label}: {arm['memory_tokens_per_answer']:.1f} memory tokens / answer, accuracy "
+                    f"{arm['accuracy']:.2f}, latency {1000 * arm['latency_s_mean']:.0f} / {1000 * arm['latency_s_p95']:.0f} ms, "
+                    f"KV {arm['kv_bytes'] / 1e6:.1f} MB, {arm['adapter_versions']} adapter version(s), "
+                    f"consolidation {arm['consolidation_s']:.1f} s; served {arm['served_by']}")
+                mem.forget(scope)
         _save(result, out_dir, name)
     rag = result["arms"].get("rag")
     if rag:
@@ -125,6 +130,24 @@ def run(n_facts: int = 200, warmup: int = 600, rounds: int = 3, answers: int = 1
     _save(result, out_dir, name)
     _plot(result, out_dir, name)
     return result
+
+
+@contextlib.contextmanager
+def _fresh_costs(mem: Any) -> Iterator[None]:
+    """Run with no measured tier costs (the tiers' priors), then put the deployment's back:
+    the benchmark's own measurements are dropped."""
+    mem.flush_measurements()
+    with mem.store.transaction() as db:
+        saved = db.execute("DELETE FROM tier_costs RETURNING tier, metric, value, samples, at").fetchall()
+    try:
+        yield
+    finally:
+        mem.flush_measurements()
+        with mem.store.transaction() as db:
+            db.execute("DELETE FROM tier_costs")
+            for row in saved:
+                db.execute("INSERT INTO tier_costs (tier, metric, value, samples, at) VALUES (%s, %s, %s, %s, %s)",
+                           row)
 
 
 def _head_share(draws: list[int], top: int) -> float:

@@ -193,6 +193,10 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
 
     autocast = _autocast(lm.device, cfg.precision)
     targets: dict[tuple[int, ...], tuple[Any, Any]] = {}  # the base model's top-k per replay example
+    # With the lower layers left as the base model's, their output for an example never changes:
+    # it is computed once, and each step runs (and back-propagates through) the adapted layers only.
+    lower = _Lower.build(model.get_base_model(), cfg.first_layer, facts[0], lm.pad_id, lm.device) \
+        if cfg.first_layer else None
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, Any], dict[int, float]] | None = None
     step = 0
@@ -205,9 +209,11 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
         losses = []
         for batch in _batches(examples, cfg.batch_size, rng):
             with autocast():
+                if lower is not None:
+                    lower.fill(batch)
                 if batch[0][2] == "replay" and cfg.kl > 0:
-                    _base_targets(model, batch, targets, lm.pad_id, lm.device, cfg.kl_top)
-                loss = _loss(model, batch, lm.pad_id, lm.device, cfg.kl, targets)
+                    _base_targets(model, batch, targets, lm.pad_id, lm.device, cfg.kl_top, lower)
+                loss = _loss(model, batch, lm.pad_id, lm.device, cfg.kl, targets, lower)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -250,7 +256,8 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     metrics = {"seconds": time.perf_counter() - t0, "steps": step, "epochs_run": len(history),
                "best_epoch": epoch, "stopped": stopped, "examples": len(facts), "replay_per_epoch": n_replay,
                "held_out_recall": mean, "history": history, "config": asdict(cfg),
-               "precision": "bf16" if _bf16(lm.device, cfg.precision) else "fp32"}
+               "precision": "bf16" if _bf16(lm.device, cfg.precision) else "fp32",
+               "cached_lower_layers": lower.layers if lower is not None else 0}
     return TrainResult(state, config, recall, metrics)
 
 
@@ -311,6 +318,88 @@ def _tensors(batch: Sequence[tuple[list[int], list[int], str]], pad_id: int, dev
     return ids.to(device), mask.to(device)
 
 
+class _Lower:
+    """The output of a model's first ``layers`` decoder layers for each training example, kept.
+
+    Those layers carry no adapter, so their output for a token sequence is fixed: it is
+    computed once (without autograd) and each training step runs only the layers above.
+    Used only where a check shows that running the two parts in turn gives the full
+    model's output; otherwise training runs the whole model at every step.
+    """
+
+    def __init__(self, causal_lm: Any, layers: int, pad_id: int, device: str) -> None:
+        self.inner = causal_lm.model
+        self.layers = layers
+        self.pad_id = pad_id
+        self.device = device
+        self.states: dict[tuple[int, ...], Any] = {}
+
+    @classmethod
+    def build(cls, causal_lm: Any, layers: int, probe: tuple[list[int], list[int], str], pad_id: int,
+              device: str) -> _Lower | None:
+        import torch
+
+        inner = getattr(causal_lm, "model", None)
+        if not isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
+            return None
+        lower = cls(causal_lm, layers, pad_id, device)
+        ids, mask = _tensors([probe], pad_id, device)
+        with torch.no_grad():
+            want = inner(input_ids=ids, attention_mask=mask).last_hidden_state
+            lower.fill([probe])
+            got = lower.hidden([probe], mask)
+        lower.states.clear()
+        scale = float(want.abs().max()) or 1.0
+        if not torch.isfinite(got).all() or float((got - want).abs().max()) > 1e-3 * scale:
+            log.info("lora: %s does not split at layer %d exactly; training runs the whole model",
+                     type(causal_lm).__name__, layers)
+            return None
+        return lower
+
+    def _swap(self, part: slice, norm: bool) -> Callable[[], None]:
+        import torch
+
+        layers, final = self.inner.layers, self.inner.norm
+        self.inner.layers = torch.nn.ModuleList(list(layers)[part])
+        if not norm:
+            self.inner.norm = torch.nn.Identity()
+
+        def restore() -> None:
+            self.inner.layers, self.inner.norm = layers, final
+        return restore
+
+    def fill(self, batch: Sequence[tuple[list[int], list[int], str]]) -> None:
+        """Compute and keep the lower layers' output for the examples not seen yet."""
+        import torch
+
+        todo = [e for e in batch if tuple(e[0] + e[1]) not in self.states]
+        if not todo:
+            return
+        ids, mask = _tensors(todo, self.pad_id, self.device)
+        restore = self._swap(slice(0, self.layers), norm=False)
+        try:
+            with torch.no_grad():
+                out = self.inner(input_ids=ids, attention_mask=mask).last_hidden_state
+        finally:
+            restore()
+        for i, (p, a, _) in enumerate(todo):  # right-padded: an example's states ignore its batch
+            self.states[tuple(p + a)] = out[i, :len(p) + len(a)].float().clone()
+
+    def hidden(self, batch: Sequence[tuple[list[int], list[int], str]], mask: Any) -> Any:
+        """The model's last hidden state for ``batch``, running only the layers above the kept ones."""
+        import torch
+
+        rows = [self.states[tuple(p + a)] for p, a, _ in batch]
+        embeds = torch.zeros(len(rows), mask.shape[1], rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
+        for i, r in enumerate(rows):
+            embeds[i, :len(r)] = r
+        restore = self._swap(slice(self.layers, None), norm=True)
+        try:
+            return self.inner(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        finally:
+            restore()
+
+
 def _kl_positions(batch: Sequence[tuple[list[int], list[int], str]]) -> tuple[list[int], list[int]]:
     """(row, position) of every replay position that predicts an answer token; an empty answer
     (a contrast prompt) still has the one position that predicts its first token."""
@@ -323,7 +412,8 @@ def _kl_positions(batch: Sequence[tuple[list[int], list[int], str]]) -> tuple[li
 
 
 def _base_targets(model: Any, batch: Sequence[tuple[list[int], list[int], str]],
-                  targets: dict[tuple[int, ...], tuple[Any, Any]], pad_id: int, device: str, top: int) -> None:
+                  targets: dict[tuple[int, ...], tuple[Any, Any]], pad_id: int, device: str, top: int,
+                  lower: _Lower | None = None) -> None:
     """The base model's next-token distribution at each replay example's answer positions, as
     (top-k token ids, their log-probabilities): computed once per example and kept in ``targets``."""
     import torch
@@ -335,7 +425,7 @@ def _base_targets(model: Any, batch: Sequence[tuple[list[int], list[int], str]],
     rows, cols = _kl_positions(todo)
     causal_lm = model.get_base_model()
     with torch.no_grad(), model.disable_adapter():
-        hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = _hidden(causal_lm, todo, ids, mask, lower)
         logp = torch.log_softmax(causal_lm.lm_head(hidden[rows, cols]).float(), dim=-1)
         values, index = logp.topk(top, dim=-1)
     start = 0
@@ -346,7 +436,8 @@ def _base_targets(model: Any, batch: Sequence[tuple[list[int], list[int], str]],
 
 
 def _loss(model: Any, batch: Sequence[tuple[list[int], list[int], str]], pad_id: int, device: str,
-          kl: float, targets: dict[tuple[int, ...], tuple[Any, Any]] | None = None) -> Any:
+          kl: float, targets: dict[tuple[int, ...], tuple[Any, Any]] | None = None,
+          lower: _Lower | None = None) -> Any:
     """Cross-entropy on the answers of item examples. On replay examples, the KL divergence from
     the base model's next-token distribution at every answer position (``targets``, from
     :func:`_base_targets`), counted once more where the answer starts, since the first answer
@@ -361,7 +452,7 @@ def _loss(model: Any, batch: Sequence[tuple[list[int], list[int], str]], pad_id:
 
     ids, mask = _tensors(batch, pad_id, device)
     causal_lm = model.get_base_model()
-    hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = _hidden(causal_lm, batch, ids, mask, lower)
     if batch[0][2] == "replay" and kl > 0:
         assert targets is not None
         rows, cols = _kl_positions(batch)
@@ -384,6 +475,13 @@ def _loss(model: Any, batch: Sequence[tuple[list[int], list[int], str]], pad_id:
     picked = targets_next != -100
     logits = causal_lm.lm_head(hidden[:, :-1][picked]).float()
     return torch.nn.functional.cross_entropy(logits, targets_next[picked])
+
+
+def _hidden(causal_lm: Any, batch: Sequence[tuple[list[int], list[int], str]], ids: Any, mask: Any,
+            lower: _Lower | None) -> Any:
+    if lower is not None:
+        return lower.hidden(batch, mask)
+    return causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
 def evaluate(lm: Any, data: Sequence[ItemData], max_new_tokens: int = 32) -> dict[int, float]:

@@ -28,7 +28,9 @@ Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (2e-3),
 ``lora_replay`` (0.5), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
 ``lora_max_items`` (200 per scope), ``lora_resident`` (adapters kept loaded, 8),
 ``lora_resident_mb`` (256), ``lora_gate`` (0.5; 0 applies the adapter to every read),
-``lora_precision`` (auto: bfloat16 autocast where the hardware has it; bf16; fp32).
+``lora_precision`` (auto: bfloat16 autocast where the hardware has it; bf16; fp32),
+``lora_first_layer`` (0: adapt every layer; N: only layers N and up, whose inputs are
+then computed once per example, trading recall for training time).
 
 **Routing.** An adapter also changes how the model answers questions it was
 not trained for (the benchmark measures how much). So it is applied only to
@@ -121,6 +123,7 @@ class LoraTier:
             "min_recall": opt("lora_min_recall", TrainConfig.min_recall, float),
             "max_seconds": opt("lora_max_train_s", TrainConfig.max_seconds, float),
             "precision": opt("lora_precision", TrainConfig.precision, str),
+            "first_layer": opt("lora_first_layer", TrainConfig.first_layer, int),
         }
         if targets:
             overrides["targets"] = tuple(t.strip() for t in targets.split(",") if t.strip())

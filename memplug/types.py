@@ -180,7 +180,7 @@ class KVPrefix:
     spans: tuple[int, ...] = ()  # positions per item, when known
     sizes: tuple[int, ...] = ()  # stored bytes per item, when known
     # Items the tier found for the query but judged misleading next to the ones it injects (far
-    # less similar to the query): the host serves them neither as KV nor as text.
+    # less similar to the query): the host serves them neither as KV nor as text, nor fills their places.
     left_out: tuple[int, ...] = ()
 
     def chunks(self) -> list[Any]:

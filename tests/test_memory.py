@@ -127,7 +127,8 @@ def test_items_and_get(memory, user):
     assert memory.get(s, [written[1].id])[0].text == "two facts"
 
 
-def test_items_in_a_kv_prefix_are_not_repeated_as_text(make_memory, user):
+def fake_explicit_tier(held, left_out=()):
+    """A level-2 tier whose prefix carries ``held`` (and leaves out ``left_out``), whatever the query."""
     from memplug import KVPrefix, hookimpl
 
     class FakeExplicitTier:
@@ -136,11 +137,14 @@ def test_items_in_a_kv_prefix_are_not_repeated_as_text(make_memory, user):
         @hookimpl
         def memplug_read(self, memory, scope, query, budget, filters, db):
             [item] = memory.get(scope, [held.id])
-            return [KVPrefix(self.name, (item,), 9, "fp", "int4", lambda ids: [])]
+            return [KVPrefix(self.name, (item,), 9, "fp", "int4", lambda ids: [], left_out=tuple(left_out))]
+    return FakeExplicitTier()
 
+
+def test_items_in_a_kv_prefix_are_not_repeated_as_text(make_memory, user):
     mem = make_memory()
     held, other = mem.write(user, ["Ada keeps bees on the roof.", "Ada's bees make heather honey."])
-    mem.register(FakeExplicitTier())
+    mem.register(fake_explicit_tier(held))
     recall = mem.read(user, "Ada bees")
     assert [it.id for it in recall.kv.items] == [held.id]
     assert [h.item.id for h in recall.hits] == [other.id]
@@ -150,22 +154,14 @@ def test_items_in_a_kv_prefix_are_not_repeated_as_text(make_memory, user):
 
 
 def test_items_a_kv_prefix_leaves_out_are_served_neither_as_kv_nor_as_text(make_memory, user):
-    from memplug import KVPrefix, hookimpl
-
-    class FakeExplicitTier:
-        name, level = "fake-kv", 2
-
-        @hookimpl
-        def memplug_read(self, memory, scope, query, budget, filters, db):
-            [item] = memory.get(scope, [held.id])
-            return [KVPrefix(self.name, (item,), 9, "fp", "int4", lambda ids: [], left_out=(near.id,))]
-
     mem = make_memory()
     held, near, other = mem.write(user, ["Ada keeps bees on the roof.", "Ada's bees make heather honey.",
-                                         "Ada's roof garden grows bee balm."])
-    mem.register(FakeExplicitTier())
-    recall = mem.read(user, "Ada bees roof", Budget(k=3))
+                                         "Ada's sister lives in Lisbon."])
+    mem.register(fake_explicit_tier(held, left_out=[near.id]))
+    recall = mem.read(user, "Ada's bees: honey, roof", Budget(k=3))
     assert [it.id for it in recall.kv.items] == [held.id]
     assert near.id not in {it.id for it in recall.items}
     assert [h.item.id for h in recall.hits] == [other.id]
     assert near.id not in {u.item_id for u in mem.usage(user) if u.reads}
+    # Its place among the k best is not filled from further down: with k=2, only the prefix is served.
+    assert not mem.read(user, "Ada's bees: honey, roof", Budget(k=2)).hits

@@ -324,6 +324,7 @@ def test_no_scope_ever_sees_another(dsn, tmp_path):
     mem = Memory(dsn, settings=Settings(plugins="context,pgvector,kv,lora"), options={
         "artifacts": str(tmp_path / "artifacts"),
         "kv_min_similarity": -1.0,  # every visible KV entry is offered, whatever the query
+        "kv_margin": 2.0,  # and none is left out as a near miss
         "lora_gate": 0.0,  # the adapter is offered to every read that may see it
         "context_tokens": 1_000_000,  # turns stay turns: the model knows every item's id
     })

@@ -166,8 +166,9 @@ class KVPrefix:
 
     Built by a KV tier on read; consumed by :mod:`memplug.runtime`. ``tokens`` is
     the positions the items occupy; ``fingerprint`` names the model that encoded
-    them; ``left_out`` names items the tier chose not to serve for this query. Immutable: ``chunks()`` decodes fresh tensors on every call, so nothing
-    a caller does to them reaches the stored blobs.
+    them; ``left_out`` names items the tier chose not to serve for this query.
+    Immutable: ``chunks()`` decodes fresh tensors on every call, so nothing a
+    caller does to them reaches the stored blobs.
     """
 
     tier: str

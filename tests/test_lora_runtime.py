@@ -107,6 +107,25 @@ def test_training_changes_only_the_adapter_and_reports_recall(make_tiny, trained
         lora.TrainConfig(rank=0)
 
 
+def test_replay_answers_are_cut_and_early_epochs_go_unmeasured(make_tiny):
+    lm = make_tiny()
+    long = " ".join(["word"] * 40)
+    cut = lora._replay_example(lm, "Tell me a story.", long, [0], 5)
+    assert cut[1] == lm.ids(long)[:5] and cut[2] == "replay"  # a cut answer has no end token
+    assert lora._replay_example(lm, "Hi", "Short.", [0], 5)[1] == lm.ids("Short.") + [0]
+    assert lora._replay_example(lm, "Hi", long, [0], 0)[1] == lm.ids(long) + [0]
+
+    data = synth.synthesize(FACTS, [1, 2, 3], None, seed=0)
+    result = lora.train(lm, data, [("Tell me a story.", long, True)],
+                        dataclasses.replace(FAST, epochs=3, min_steps=0, eval_from=3))
+    assert [h["epoch"] for h in result.metrics["history"]] == [3]
+    assert result.metrics["best_epoch"] == 3
+    with pytest.raises(InvalidInput, match="eval_from"):
+        lora.TrainConfig(eval_from=0)
+    with pytest.raises(InvalidInput, match="replay_tokens"):
+        lora.TrainConfig(replay_tokens=-1)
+
+
 def test_applied_adapter_reproduces_the_trained_model_and_switches_back_exactly(make_tiny, trained):
     trainee, _, result = trained
     want = logits(trainee)

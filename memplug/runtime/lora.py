@@ -58,9 +58,11 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 8
     replay: float = 0.5  # replay examples per item example, in every epoch
+    replay_tokens: int = 16  # the first tokens of each replay answer trained on (0: all of it)
     kl: float = 1.0  # replay loss: KL to the base model's distribution (0: cross-entropy on its answers)
     contrast: int = 1  # contrast prompts per item per epoch: its questions about another subject, kept at base
     min_recall: float = 0.5  # an item counts as held by the adapter at this held-out recall
+    eval_from: int = 2  # held-out recall is measured after this epoch and every later one (and the last)
     max_seconds: float = 600.0
     min_steps: int = 24  # few items still get this many optimizer steps (more epochs)
     samples: int = 3  # model-written questions per item
@@ -72,6 +74,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = {"rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": 0 < self.lr < 1, "kl": self.kl >= 0,
                   "epochs": self.epochs >= 1, "min_steps": self.min_steps >= 0, "batch_size": self.batch_size >= 1, "replay": self.replay >= 0,
+                  "replay_tokens": self.replay_tokens >= 0, "eval_from": self.eval_from >= 1,
                   "contrast": self.contrast >= 0,
                   "min_recall": 0 <= self.min_recall <= 1, "max_seconds": self.max_seconds > 0,
                   "targets": bool(self.targets), "first_layer": self.first_layer >= 0, "samples": self.samples >= 0, "paraphrases": self.paraphrases >= 0,
@@ -172,7 +175,8 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     torch.manual_seed(cfg.seed)
     end = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
     facts = [_example(lm, q, a, end, "fact") for d in data for q, a in d.train]
-    n_replay = min(len(replay), math.ceil(cfg.replay * len(facts))) if replay else 0
+    replays = [_replay_example(lm, p, a, end if done else [], cfg.replay_tokens) for p, a, done in replay]
+    n_replay = min(len(replays), math.ceil(cfg.replay * len(facts)))
     n_layers = lm.layers
     if cfg.first_layer >= n_layers:
         raise InvalidInput(f"first_layer={cfg.first_layer} but {lm.name} has {n_layers} layers")
@@ -203,8 +207,7 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     stopped = "epochs"
     for epoch in range(epochs):
         model.train()
-        examples = facts + [_example(lm, p, a, end if done else [], "replay") for p, a, done in
-                            rng.sample(list(replay), n_replay)]
+        examples = facts + rng.sample(replays, n_replay)
         examples += [_example(lm, q, "", [], "replay") for q in contrasts(data, cfg.contrast, rng)]
         losses = []
         for batch in _batches(examples, cfg.batch_size, rng):
@@ -226,11 +229,15 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
             if time.perf_counter() - t0 > cfg.max_seconds:
                 stopped = "time"
                 break
+        mean_loss = sum(losses) / max(1, len(losses))
+        if epoch + 1 < cfg.eval_from and epoch + 1 < epochs and stopped != "time":
+            log.info("lora: epoch %d, loss %.3f", epoch + 1, mean_loss)  # too early to be worth measuring
+            continue
         model.eval()
         with autocast():
             recall = evaluate(lm, data)
         mean = sum(recall.values()) / len(recall)
-        history.append({"epoch": epoch + 1, "step": step, "loss": sum(losses) / max(1, len(losses)),
+        history.append({"epoch": epoch + 1, "step": step, "loss": mean_loss,
                         "held_out_recall": mean, "seconds": time.perf_counter() - t0})
         log.info("lora: epoch %d, loss %.3f, held-out recall %.2f", epoch + 1, history[-1]["loss"], mean)
         if progress is not None:
@@ -249,11 +256,11 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
             break
     assert best is not None
     mean, epoch, state, recall = best
-    if epoch != len(history):  # leave the model as the adapter that is returned
+    if epoch != history[-1]["epoch"]:  # leave the model as the adapter that is returned
         set_peft_model_state_dict(model, state)
     config = peft_config.to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    metrics = {"seconds": time.perf_counter() - t0, "steps": step, "epochs_run": len(history),
+    metrics = {"seconds": time.perf_counter() - t0, "steps": step, "epochs_run": history[-1]["epoch"],
                "best_epoch": epoch, "stopped": stopped, "examples": len(facts), "replay_per_epoch": n_replay,
                "held_out_recall": mean, "history": history, "config": asdict(cfg),
                "precision": "bf16" if _bf16(lm.device, cfg.precision) else "fp32",
@@ -278,6 +285,19 @@ def _batches(examples: list[Any], size: int, rng: random.Random) -> list[list[An
 
 def _example(lm: Any, prompt: str, answer: str, end: list[int], kind: str) -> tuple[list[int], list[int], str]:
     return lm.ids(lm.layout(prompt, "", chunks=False)[1]), lm.ids(answer) + end, kind
+
+
+def _replay_example(lm: Any, prompt: str, answer: str, end: list[int],
+                    keep: int) -> tuple[list[int], list[int], str]:
+    """A replay example whose answer is cut to its first ``keep`` tokens (0: kept whole).
+
+    The replay loss holds the adapted model to the base model's distribution at the
+    answer positions; the first few, where an answer's course is set, do most of that work.
+    """
+    prompt_ids, answer_ids, kind = _example(lm, prompt, answer, end, "replay")
+    if keep and len(answer_ids) > keep:
+        answer_ids = answer_ids[:keep]
+    return prompt_ids, answer_ids, kind
 
 
 def _bf16(device: str, precision: str) -> bool:

@@ -10,6 +10,8 @@ setting, an adapter is trained exactly as the lora tier trains one, then:
   (``memplug/bench/data/heldout_text.txt``), and accuracy on the general
   questions the base model answers correctly
   (``memplug/bench/data/general_questions.json``);
+- **as the tier serves it**: the items that pass the tier's own held-out check
+  answered closed-book, the others with their text in the prompt;
 - training time (synthesis included), adapter bytes, and the time to switch
   to the adapter when resident and to load it cold.
 
@@ -116,7 +118,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
         gated = {"direct": routed(gate, embedder, statements, [f.question for f in facts]),
                  "paraphrase": routed(gate, embedder, statements, [f.paraphrase for f in facts])}
         general_gated = routed(gate, embedder, statements, [q["question"] for q in known])
-        text = _accuracy(base, facts, None, "text", 1)
+        text = _accuracy(base, facts, None, "text", 1, detail=True)
         say(f"{n} facts: base closed-book {none['direct']:.2f}/{none['paraphrase']:.2f}, "
             f"text in prompt {text['direct']:.2f}/{text['paraphrase']:.2f} (direct/paraphrased)")
         for label, overrides in settings.items():
@@ -135,6 +137,13 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             # As served: the adapter answers only the questions the gate routes to it.
             served = {k: sum(a if g else b for a, b, g in zip(closed["correct"][k], none["correct"][k], gated[k],
                                                              strict=True)) / n for k in gated}
+            # As the tier serves a fact: by the adapter if it passed the tier's own held-out check
+            # and the question is routed to it, else as text (the lower tiers keep it).
+            held = set(trained.passed(cfg.min_recall))
+            tiered = {k: sum(c if i in held and g else t for i, (c, t, g) in enumerate(
+                zip(closed["correct"][k], text["correct"][k], gated[k], strict=True))) / n for k in gated}
+            held_right = {k: sum(closed["correct"][k][i] for i in held) / len(held) if held else None
+                          for k in gated}
             served_still = sum(ok or not g for ok, g in zip(kept, general_gated, strict=True)) / max(1, len(known))
             weights, peft_config = lora.pack(trained, base.fingerprint, {"bench": True})
             switch = _switch_times(base, weights, peft_config, trained)
@@ -152,7 +161,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                            "general_questions_routed": sum(general_gated) / max(1, len(known)),
                            "general_accuracy_drop_points": 100 * (1 - served_still)},
                 "self_measured_recall": trained.metrics["held_out_recall"],
-                "items_passed": len(trained.passed(cfg.min_recall)),
+                "items_passed": len(held), "held_items_right": held_right, "tiered": tiered,
                 "synthesis_s": synth_s, "train_s": train_s, "examples": trained.metrics["examples"],
                 "steps": trained.metrics["steps"], "stopped": trained.metrics["stopped"],
                 "adapter_bytes": len(weights) + len(peft_config), **switch,
@@ -166,10 +175,17 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             say(f"  {'':>12}  routed (gate {gate}): closed-book {served['direct']:.2f}/{served['paraphrase']:.2f}, "
                 f"general -{run['routed']['general_accuracy_drop_points']:.1f} pts, "
                 f"{sum(general_gated)}/{len(known)} general questions routed to the adapter")
+            say(f"  {'':>12}  {len(held)}/{n} items passed the tier's check; of those, closed-book "
+                f"{_share(held_right['direct'])}/{_share(held_right['paraphrase'])}; with the rest as text: "
+                f"{tiered['direct']:.2f}/{tiered['paraphrase']:.2f}")
             _save(result, out_dir, name)
             del lm
     _plot(result, out_dir, name)
     return result
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _switch_times(base: Any, weights: bytes, peft_config: bytes, trained: Any) -> dict[str, float]:

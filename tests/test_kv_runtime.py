@@ -84,6 +84,22 @@ def test_decode_batches_rows_of_different_lengths_like_single_rows(tiny):
         assert [step[i] for step in batched][:len(single)] == single
 
 
+def test_rows_that_stop_leave_the_batch_and_the_others_decode_as_if_alone(tiny):
+    """A finished row is dropped from the batch (its later steps cost nothing); it yields padding,
+    and the rows still running give the tokens they give alone."""
+    chunk = tiny.encode([FACTS[0]], [1])[0]
+    rows = [tiny.ids(tiny.layout(q)[1]) for q in ("Where?", "Where does Alice Brown live, and with whom?", "Who?")]
+    steps = [t.tolist() for t in tiny.decode([chunk], rows, max_new_tokens=6,
+                                             stop=lambda i, tokens: i != 1 and len(tokens) >= 2)]
+    for i, row in enumerate(rows):
+        single = [int(t[0]) for t in tiny.decode([chunk], [row], max_new_tokens=6)]
+        got = [step[i] for step in steps]
+        n = min(len(single), 2 if i != 1 else 6)
+        assert got[:n] == single[:n]
+        if i != 1:
+            assert all(t == tiny.pad_id for t in got[2:])
+
+
 @pytest.mark.parametrize("name,bits,tolerance", [("fp16", 16, 2e-3), ("bf16", 16, 2e-2), ("int8", 8, 0.02),
                                                   ("int4", 4, 0.25), ("int3", 3, 0.5), ("int2", 2, 1.0)])
 def test_codecs_round_trip_within_their_precision(tiny, name, bits, tolerance):

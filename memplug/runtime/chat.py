@@ -473,24 +473,32 @@ class LocalModel:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         done = torch.zeros(b, dtype=torch.bool)
         produced: list[list[int]] = [[] for _ in range(b)]
+        running = torch.arange(b)  # the rows still in the batch: finished rows leave it
         with self._lock, torch.inference_mode():
             self._use_adapter(adapter)
             logits, cache = self._forward(input_ids, cache, mask, pos)
             for _ in range(max_new_tokens):
-                token = _pick(logits, temperature, top_p, generator)
-                token = torch.where(done, torch.full_like(token, self.pad_id), token)
+                picked = _pick(logits, temperature, top_p, generator)
+                token = torch.full((b,), self.pad_id, dtype=picked.dtype)
+                token[running] = picked
                 yield token
-                for i in range(b):
-                    if done[i]:
-                        continue
+                for i in running.tolist():
                     t = int(token[i])
                     produced[i].append(t)
                     if t in self.stop_ids or (stop is not None and stop(i, produced[i])):
                         done[i] = True
                 if bool(done.all()):
                     return
-                mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
-                logits, cache = self._forward(token.unsqueeze(1), cache, mask, next_pos.unsqueeze(1))
+                keep = ~done[running]
+                # Drop finished rows once a quarter of the batch has finished: a step then costs what
+                # the rows left cost, and the cache is copied only a few times per batch.
+                if int((~keep).sum()) * 4 >= len(running):
+                    rows_left = keep.nonzero().squeeze(1)
+                    cache.batch_select_indices(rows_left.to(self.device))
+                    running, picked = running[rows_left], picked[rows_left]
+                    mask, next_pos = mask[rows_left], next_pos[rows_left]
+                mask = torch.cat([mask, torch.ones(len(running), 1, dtype=torch.long)], dim=1)
+                logits, cache = self._forward(picked.unsqueeze(1), cache, mask, next_pos.unsqueeze(1))
                 next_pos = next_pos + 1
 
     def replies(self, rows: Sequence[Sequence[int]], max_new_tokens: int = 64,

@@ -197,10 +197,11 @@ class KVTier:
             # What a reader gets back: the blob decoded, quantization error included.
             served = [decode(b, fingerprint=model.fingerprint, layout=layout, where=f"item {it.id} (check)")
                       for it, b in zip(fits, blobs, strict=True)]
-            scores = verify(model, [it.text for it in fits], served)
-            keep = [k for k, (t, v) in enumerate(scores) if v >= t]
-            for k, (t, v) in enumerate(scores):
-                if v < t:
+            keep = []
+            for k, (t, v) in enumerate(verify(model, [it.text for it in fits], served)):
+                if v >= t:
+                    keep.append(k)
+                else:
                     it = fits[k]
                     refused.append(it.id)
                     db.execute(
@@ -285,8 +286,9 @@ class KVTier:
         # Chunks encoded apart are told apart worse than text: a near miss injected next to the item
         # that answers misleads the model. Items far less similar than the best are left out.
         best = float(rows[0][-1])
-        left_out = tuple(r[0] for r in rows if float(r[-1]) < best - self.margin)
-        rows = [r for r in rows if float(r[-1]) >= best - self.margin]
+        near = [float(r[-1]) >= best - self.margin for r in rows]
+        left_out = tuple(r[0] for r, ok in zip(rows, near, strict=True) if not ok)
+        rows = [r for r, ok in zip(rows, near, strict=True) if ok]
         chosen, spent = [], 0
         for r in rows:
             span, key, fp, codec, size = r[ITEM_WIDTH:ITEM_WIDTH + 5]

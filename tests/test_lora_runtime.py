@@ -91,6 +91,21 @@ def test_model_written_questions_are_filtered():
         assert all(a != "Dogs are nice." for _, a in d.train)
 
 
+def test_later_rounds_ask_only_for_the_items_still_short():
+    asked = []
+
+    def complete(prefix, tails, temperature, seed):
+        asked.append(("Question" in prefix, seed, [t.split(" ")[1] for t in tails]))
+        if "Question" in prefix:  # Alice gets a new good question every round; the others junk
+            return [["Where does Alice Brown live?", "Which city is Alice Brown's home?", "x?"][seed]
+                    if "Alice" in t else "What?" for t in tails]
+        return ["Alice Brown lives in Oslo, Norway." if "Alice" in t else "No." for t in tails]
+
+    synth.synthesize(FACTS, [1, 2, 3], complete, seed=0, samples=2, paraphrases=1)
+    assert asked == [(True, 0, ["Alice", "The", "Rex"]), (False, 0, ["Alice", "The", "Rex"]),
+                     (True, 1, ["Alice", "The", "Rex"]), (False, 1, ["The", "Rex"])]
+
+
 # -- training and packing ----------------------------------------------------------
 
 
@@ -124,6 +139,59 @@ def test_replay_answers_are_cut_and_early_epochs_go_unmeasured(make_tiny):
         lora.TrainConfig(eval_from=0)
     with pytest.raises(InvalidInput, match="replay_tokens"):
         lora.TrainConfig(replay_tokens=-1)
+
+
+def test_the_base_models_replay_targets_are_kept_between_trainings(make_tiny, tmp_path, caplog):
+    data = synth.synthesize(FACTS, [1, 2, 3], None, seed=0)
+    replay = [("Give me a tip for sleeping.", "Keep a regular bedtime.", True),
+              ("Tell me a story.", " ".join(["word"] * 30), False)]
+    cfg = dataclasses.replace(FAST, precision="fp32")
+    first = lora.train(make_tiny(), data, replay, cfg, cache=tmp_path)
+    [path] = tmp_path.glob("replay-targets-*.safetensors")
+    written, stamp = path.read_bytes(), path.stat().st_mtime_ns
+    again = lora.train(make_tiny(), data, replay, cfg, cache=tmp_path)
+    assert path.stat().st_mtime_ns == stamp  # read, not written again
+    assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
+    plain = lora.train(make_tiny(), data, replay, cfg)  # targets computed as training goes
+    assert all(torch.allclose(first.state[k], plain.state[k], atol=1e-5) for k in first.state)
+
+    path.write_bytes(b"not a safetensors file")
+    with caplog.at_level("WARNING", logger="memplug.runtime.lora"):
+        redone = lora.train(make_tiny(), data, replay, cfg, cache=tmp_path)
+    assert "unreadable" in caplog.text and path.read_bytes() == written
+    assert all(torch.equal(first.state[k], redone.state[k]) for k in first.state)
+    lora.train(make_tiny("another model"), data, replay, cfg, cache=tmp_path)
+    assert len(list(tmp_path.glob("replay-targets-*.safetensors"))) == 2  # one file per base model
+
+
+def test_bf16_training_holds_frozen_weights_in_bf16_and_gives_them_back(make_tiny):
+    lm = make_tiny()
+    lm.model.set_attn_implementation("sdpa")
+    lm.model.lm_head.weight = lm.model.get_input_embeddings().weight  # tied, as in SmolLM2
+    text = lm.ids("<|im_start|>user\nWhere does Alice Brown live?<|im_end|>\n")
+    weights = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return lm.model(torch.tensor([text])).logits
+    want = run()
+    with lora._bf16_weights(lm.model, "cpu", "bf16"):
+        assert lm.model.get_submodule("model.layers.0.mlp.up_proj").weight.dtype == torch.bfloat16
+        assert lm.model.get_input_embeddings().weight.dtype == torch.float32
+        assert lm.model.get_output_embeddings().weight.dtype == torch.bfloat16
+        assert torch.equal(run(), want)  # autocast did the same rounding at every call
+    assert all(torch.equal(p, weights[n]) and p.dtype == torch.float32 for n, p in lm.model.named_parameters())
+    assert lm.model.get_output_embeddings().weight is lm.model.get_input_embeddings().weight
+
+    seen = []
+    result = lora.train(lm, synth.synthesize(FACTS, [1, 2, 3], None, seed=0), [("Hi.", "Hello.", True)],
+                        dataclasses.replace(FAST, precision="bf16", epochs=1, min_steps=0),
+                        progress=lambda stage, *_: seen.append((stage, lm.model.config._attn_implementation, {
+                            p.dtype for n, p in lm.model.named_parameters() if "up_proj.base_layer" in n})))
+    assert ("train", "eager", frozenset({torch.bfloat16})) in {(a, b, frozenset(c)) for a, b, c in seen}
+    assert all(v.dtype == torch.float32 for v in result.state.values())
+    assert lm.model.config._attn_implementation == "sdpa"
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters())
 
 
 def test_applied_adapter_reproduces_the_trained_model_and_switches_back_exactly(make_tiny, trained):

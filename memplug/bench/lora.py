@@ -127,8 +127,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             t0 = time.perf_counter()
             data = lora.make_data(lm, [f.statement for f in facts], list(range(n)), cfg)
             synth_s = time.perf_counter() - t0
-            replay = lora.replay_pairs(lm, cache_dir(home, config.model))
-            trained = lora.train(lm, data, replay, cfg)
+            cache = cache_dir(home, config.model)
+            trained = lora.train(lm, data, lora.replay_pairs(lm, cache), cfg, cache=cache)
             train_s = time.perf_counter() - t0
             closed = _accuracy(lm, facts, None, "none", 1, detail=True)
             ppl = perplexity(lm, paragraphs)

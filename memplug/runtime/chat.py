@@ -530,8 +530,10 @@ class LocalModel:
 
     def _forward(self, input_ids, cache, mask, pos):
         dev = self.device
+        # Only the last position's logits are wanted: the vocabulary projection of a whole
+        # prompt would cost a sixth of a batch's prefill.
         out = self.model(input_ids.to(dev), past_key_values=cache, attention_mask=mask.to(dev),
-                         position_ids=pos.to(dev), use_cache=True)
+                         position_ids=pos.to(dev), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float().cpu(), out.past_key_values
 
 
@@ -544,7 +546,11 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
         cut = sorted_p.cumsum(dim=-1) - sorted_p > top_p
         sorted_p[cut] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    # Inverse-CDF sampling: one uniform number per row. ``torch.multinomial`` draws one random
+    # number per vocabulary entry, which took an eighth of a sampled decoding step on CPU.
+    cdf = probs.float().cumsum(dim=-1)
+    u = torch.rand(len(cdf), 1, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
 
 
 def _cache_of(config: Any, keys: torch.Tensor, values: torch.Tensor) -> Any:

@@ -170,19 +170,23 @@ def synthesize(statements: Sequence[str], item_ids: Sequence[int], complete: Com
     if complete is not None and out:
         tails = [_tail(d.statement, "Question") for d in out]
         p_tails = [_tail(d.statement, "Same meaning") for d in out]
-        # One greedy completion each, then sampled ones for variety.
-        runs = []
-        for k in range(max(samples, paraphrases, 1)):
-            temperature = 0.0 if k == 0 else 0.8
-            runs.append((complete(_shots(QUESTION_SHOTS, "Question"), tails, temperature, seed + k),
-                         complete(_shots(PARAPHRASE_SHOTS, "Same meaning"), p_tails, temperature, seed + k)))
-        for q_run, p_run in runs:
-            for k, d in enumerate(out):
-                q, p = q_run[k].strip(), p_run[k].strip()
-                if _good_question(d, q) and q not in questions[k] and len(questions[k]) < samples:
-                    questions[k].append(q)
-                if _good_paraphrase(d, p) and p not in rewrites[k] and len(rewrites[k]) < paraphrases:
-                    rewrites[k].append(p)
+        # One greedy completion each, then sampled ones for variety: each round asks only
+        # for the items still short of questions or paraphrases.
+        for r in range(max(samples, paraphrases, 1)):
+            temperature = 0.0 if r == 0 else 0.8
+            short = [k for k in range(len(out)) if len(questions[k]) < samples]
+            if short:
+                got = complete(_shots(QUESTION_SHOTS, "Question"), [tails[k] for k in short], temperature, seed + r)
+                for k, q in zip(short, got, strict=True):
+                    if _good_question(out[k], q.strip()) and q.strip() not in questions[k]:
+                        questions[k].append(q.strip())
+            short = [k for k in range(len(out)) if len(rewrites[k]) < paraphrases]
+            if short:
+                got = complete(_shots(PARAPHRASE_SHOTS, "Same meaning"), [p_tails[k] for k in short], temperature,
+                               seed + r)
+                for k, p in zip(short, got, strict=True):
+                    if _good_paraphrase(out[k], p.strip()) and p.strip() not in rewrites[k]:
+                        rewrites[k].append(p.strip())
     for k, d in enumerate(out):
         qs = questions[k]
         if len(qs) >= 2:

@@ -222,8 +222,9 @@ class LoraTier:
         model = fresh_model(memory.settings.home, memory.settings.model)
         report("synthesize", 0, len(items), {})
         data = lora.make_data(model, [it.text for it in items], [it.id for it in items], self.config)
-        replay = lora.replay_pairs(model, cache_dir(memory.settings.home, memory.settings.model))
-        result = lora.train(model, data, replay, self.config, progress=report)
+        cache = cache_dir(memory.settings.home, memory.settings.model)
+        replay = lora.replay_pairs(model, cache)
+        result = lora.train(model, data, replay, self.config, progress=report, cache=cache)
         fingerprint = model.fingerprint
         del model
         # Costs for the policies: the minimum steps are the fixed part of a retrain, the rest is per item.

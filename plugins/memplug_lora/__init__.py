@@ -25,7 +25,7 @@ retrained at the next consolidation; with none left, nothing is retrained.
 
 Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (2e-3),
 ``lora_epochs`` (3), ``lora_targets`` (comma-separated module names),
-``lora_replay`` (0.5), ``lora_replay_tokens`` (16), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
+``lora_replay`` (0.25), ``lora_replay_tokens`` (16), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
 ``lora_max_items`` (200 per scope), ``lora_resident`` (adapters kept loaded, 8),
 ``lora_resident_mb`` (256), ``lora_gate`` (0.5; 0 applies the adapter to every read),
 ``lora_precision`` (auto: bfloat16 autocast where the hardware has it; bf16; fp32),

@@ -17,7 +17,8 @@ FACTS = [
 @pytest.fixture
 def lora_memory(make_memory, tmp_path):
     return make_memory(settings=Settings(plugins="context,pgvector,lora"),
-                       options={"artifacts": str(tmp_path / "artifacts"), "lora_epochs": 3})
+                       options={"artifacts": str(tmp_path / "artifacts"), "lora_epochs": 3,
+                                "lora_min_steps": 24})  # a small budget: three trainings follow
 
 
 def closed_book(lm, question, adapter=None):

@@ -24,7 +24,8 @@ then files after commit, and the resident copy). The scope's other items are
 retrained at the next consolidation; with none left, nothing is retrained.
 
 Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (2e-3),
-``lora_epochs`` (3), ``lora_targets`` (comma-separated module names),
+``lora_epochs`` (3), ``lora_min_steps`` (96: fewer items get more epochs), ``lora_targets``
+(comma-separated module names),
 ``lora_replay`` (0.25), ``lora_replay_tokens`` (16), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
 ``lora_max_items`` (200 per scope), ``lora_resident`` (adapters kept loaded, 8),
 ``lora_resident_mb`` (256), ``lora_gate`` (0.5; 0 applies the adapter to every read),
@@ -119,6 +120,7 @@ class LoraTier:
         overrides = {
             "rank": opt("lora_rank", TrainConfig.rank, int), "alpha": opt("lora_alpha", TrainConfig.alpha, float),
             "lr": opt("lora_lr", TrainConfig.lr, float), "epochs": opt("lora_epochs", TrainConfig.epochs, int),
+            "min_steps": opt("lora_min_steps", TrainConfig.min_steps, int),
             "replay": opt("lora_replay", TrainConfig.replay, float),
             "replay_tokens": opt("lora_replay_tokens", TrainConfig.replay_tokens, int),
             "min_recall": opt("lora_min_recall", TrainConfig.min_recall, float),

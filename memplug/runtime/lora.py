@@ -65,7 +65,7 @@ class TrainConfig:
     min_recall: float = 0.5  # an item counts as held by the adapter at this held-out recall
     eval_from: int = 3  # held-out recall is measured after this epoch and every later one (and the last)
     max_seconds: float = 600.0
-    min_steps: int = 96  # few items still get this many optimizer steps (more epochs)
+    min_steps: int = 24  # few items still get this many optimizer steps (more epochs)
     samples: int = 3  # model-written questions per item
     paraphrases: int = 2
     precision: str = "auto"  # "bf16": bfloat16 autocast; "fp32"; "auto": bf16 where the hardware has it

@@ -91,6 +91,23 @@ def test_model_written_questions_are_filtered():
         assert all(a != "Dogs are nice." for _, a in d.train)
 
 
+def test_the_held_out_question_asks_for_the_answer_instead_of_giving_it():
+    code = "Alice's gym locker code is ZQ-7741-B."
+
+    def complete(asked):
+        def run(prefix, tails, temperature, seed):
+            return [asked[seed] if "Question" in prefix else "No." for _ in tails]
+        return run
+
+    [d] = synth.synthesize([code], [1], complete(["Which code opens Alice's gym locker?", "What is ZQ-7741-B?"]),
+                           seed=0, samples=2, paraphrases=0)
+    assert d.held_out == ["Which code opens Alice's gym locker?"]
+    assert ("What is ZQ-7741-B?", code) in d.train  # still trained on
+    [d] = synth.synthesize([code], [1], complete(["What is ZQ-7741-B?", "Whose gym code is ZQ-7741-B?"]),
+                           seed=0, samples=2, paraphrases=0)
+    assert d.held_out == ["What can you tell me about Alice?"]  # none asks: the template question
+
+
 def test_later_rounds_ask_only_for_the_items_still_short():
     asked = []
 

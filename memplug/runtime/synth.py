@@ -189,8 +189,13 @@ def synthesize(statements: Sequence[str], item_ids: Sequence[int], complete: Com
                         rewrites[k].append(p.strip())
     for k, d in enumerate(out):
         qs = questions[k]
-        if len(qs) >= 2:
-            d.held_out.append(qs.pop())
+        # The held-out question decides whether the item leaves the prompt, so it must ask for
+        # the item's answer, not give it ("What is ZQ-7741-B?" is fine to train on, not to test).
+        key = answer_key(d.statement)
+        asks = [q for q in qs if key is None or not contains_word(q, key)]
+        if len(qs) >= 2 and asks:
+            qs.remove(asks[-1])
+            d.held_out.append(asks[-1])
         answers = [d.statement] + rewrites[k]
         for q in qs:
             d.train.append((q, d.statement))

@@ -168,25 +168,22 @@ def synthesize(statements: Sequence[str], item_ids: Sequence[int], complete: Com
     questions: list[list[str]] = [[] for _ in out]
     rewrites: list[list[str]] = [[] for _ in out]
     if complete is not None and out:
-        tails = [_tail(d.statement, "Question") for d in out]
-        p_tails = [_tail(d.statement, "Same meaning") for d in out]
+        kinds = ((QUESTION_SHOTS, "Question", _good_question, questions, samples),
+                 (PARAPHRASE_SHOTS, "Same meaning", _good_paraphrase, rewrites, paraphrases))
         # One greedy completion each, then sampled ones for variety: each round asks only
         # for the items still short of questions or paraphrases.
         for r in range(max(samples, paraphrases, 1)):
             temperature = 0.0 if r == 0 else 0.8
-            short = [k for k in range(len(out)) if len(questions[k]) < samples]
-            if short:
-                got = complete(_shots(QUESTION_SHOTS, "Question"), [tails[k] for k in short], temperature, seed + r)
-                for k, q in zip(short, got, strict=True):
-                    if _good_question(out[k], q.strip()) and q.strip() not in questions[k]:
-                        questions[k].append(q.strip())
-            short = [k for k in range(len(out)) if len(rewrites[k]) < paraphrases]
-            if short:
-                got = complete(_shots(PARAPHRASE_SHOTS, "Same meaning"), [p_tails[k] for k in short], temperature,
-                               seed + r)
-                for k, p in zip(short, got, strict=True):
-                    if _good_paraphrase(out[k], p.strip()) and p.strip() not in rewrites[k]:
-                        rewrites[k].append(p.strip())
+            for shots, label, good, found, wanted in kinds:
+                short = [k for k in range(len(out)) if len(found[k]) < wanted]
+                if not short:
+                    continue
+                got = complete(_shots(shots, label), [_tail(out[k].statement, label) for k in short],
+                               temperature, seed + r)
+                for k, text in zip(short, got, strict=True):
+                    text = text.strip()
+                    if good(out[k], text) and text not in found[k]:
+                        found[k].append(text)
     for k, d in enumerate(out):
         qs = questions[k]
         # The held-out question decides whether the item leaves the prompt, so it must ask for

@@ -294,10 +294,15 @@ class Recall:
         turns = sorted((h for h in self.hits if h.item.role is not None and not h.pinned), key=lambda h: h.item.id)
         parts: list[str] = []
         if facts:
-            parts.append("Relevant memories:\n" + "\n".join(f"- {h.text}" for h in facts))
+            parts.append(memories_text([h.text for h in facts]))
         if turns:
             parts.append("Recent conversation:\n" + "\n".join(f"{h.item.role}: {h.text}" for h in turns))
         return "\n\n".join(parts)
+
+
+def memories_text(texts: Iterable[str]) -> str:
+    """Remembered facts as :meth:`Recall.as_text` writes them for a prompt."""
+    return "Relevant memories:\n" + "\n".join(f"- {t}" for t in texts)
 
 
 def _item_ids(owner: str, values: object) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -106,6 +107,42 @@ def test_the_held_out_question_asks_for_the_answer_instead_of_giving_it():
     [d] = synth.synthesize([code], [1], complete(["What is ZQ-7741-B?", "Whose gym code is ZQ-7741-B?"]),
                            seed=0, samples=2, paraphrases=0)
     assert d.held_out == ["What can you tell me about Alice?"]  # none asks: the template question
+
+
+def test_the_held_out_question_names_more_than_the_items_subject():
+    job = "Bob teaches chemistry at Westridge Academy."
+
+    def complete(prefix, tails, temperature, seed):
+        return [["What is Bob teaching?", "What is Bob?"][seed] if "Question" in prefix else "No." for _ in tails]
+
+    [d] = synth.synthesize([job], [1], complete, seed=0, samples=2, paraphrases=0)
+    assert d.held_out == ["What is Bob teaching?"]  # "What is Bob?" could be asking for anything
+    assert ("What is Bob?", job) in d.train
+
+
+def test_other_memories_beside_an_item_never_hold_its_answer():
+    items = synth.synthesize(["Bob's cat is called Biscuit.", "Biscuit is the name of Bob's cat.", "Bob lives in Calgary."],
+                             [1, 2, 3], None)
+    pool = [d.statement for d in items] + list(synth.DISTRACTORS)
+    for seed in range(20):
+        picked = synth.beside(items[0], pool, random.Random(seed), 2)
+        assert len(picked) == 2 and items[0].statement not in picked
+        assert not any("Biscuit" in p for p in picked)
+
+
+def test_half_the_item_questions_are_asked_among_other_memories(make_tiny):
+    lm = make_tiny()
+    data = synth.synthesize(["Bob's cat is called Biscuit.", "Bob lives in Calgary."], [1, 2], None)
+    seen = []
+    real = lora._example
+    try:
+        lora._example = lambda lm_, prompt, *a: seen.append(prompt) or real(lm_, prompt, *a)
+        lora.train(lm, data, [], dataclasses.replace(FAST, epochs=1, min_steps=0, served=0.5))
+    finally:
+        lora._example = real
+    facts = seen[:sum(len(d.train) for d in data)]
+    among = [p for p in facts if "Relevant memories:" in p]
+    assert 0 < len(among) < len(facts)
 
 
 def test_later_rounds_ask_only_for_the_items_still_short():

@@ -36,7 +36,8 @@ from typing import Any
 
 from ..artifacts import write_atomic
 from ..errors import ArtifactCorrupt, InvalidInput, ModelMismatch, ModelUnavailable
-from .synth import ItemData, answer_key, contains_word, contrasts, synthesize
+from ..types import memories_text
+from .synth import DISTRACTORS, ItemData, answer_key, beside, contains_word, contrasts, synthesize
 
 log = logging.getLogger(__name__)
 # PEFT calls a transformers method deprecated in v5 while training; nothing for a user to act on.
@@ -62,10 +63,11 @@ class TrainConfig:
     replay_tokens: int = 16  # the first tokens of each replay answer trained on (0: all of it)
     kl: float = 1.0  # replay loss: KL to the base model's distribution (0: cross-entropy on its answers)
     contrast: int = 1  # contrast prompts per item per epoch: its questions about another subject, kept at base
+    served: float = 0.5  # share of item examples asked as the tier serves them: other memories in the prompt
     min_recall: float = 0.5  # an item counts as held by the adapter at this held-out recall
     eval_from: int = 3  # held-out recall is measured after this epoch and every later one (and the last)
     max_seconds: float = 600.0
-    min_steps: int = 24  # few items still get this many optimizer steps (more epochs)
+    min_steps: int = 96  # few items still get this many optimizer steps (more epochs)
     samples: int = 3  # model-written questions per item
     paraphrases: int = 2
     precision: str = "auto"  # "bf16": bfloat16 autocast; "fp32"; "auto": bf16 where the hardware has it
@@ -76,7 +78,7 @@ class TrainConfig:
         checks = {"rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": 0 < self.lr < 1, "kl": self.kl >= 0,
                   "epochs": self.epochs >= 1, "min_steps": self.min_steps >= 0, "batch_size": self.batch_size >= 1, "replay": self.replay >= 0,
                   "replay_tokens": self.replay_tokens >= 0, "eval_from": self.eval_from >= 1,
-                  "contrast": self.contrast >= 0,
+                  "contrast": self.contrast >= 0, "served": 0 <= self.served <= 1,
                   "min_recall": 0 <= self.min_recall <= 1, "max_seconds": self.max_seconds > 0,
                   "targets": bool(self.targets), "first_layer": self.first_layer >= 0, "samples": self.samples >= 0, "paraphrases": self.paraphrases >= 0,
                   "precision": self.precision in ("auto", "bf16", "fp32"), "kl_top": self.kl_top >= 1}
@@ -145,7 +147,7 @@ def replay_pairs(lm: Any, cache: Path | None = None, max_new_tokens: int = 48) -
             return [tuple(x) for x in json.loads(path.read_text())]
         except (ValueError, TypeError):
             log.warning("lora: replay cache %s is unreadable; recomputing it", path)
-    rows = [lm.ids(lm.layout(p, "", chunks=False)[1]) for p in prompts]
+    rows = [lm.ids(ask(lm, p)) for p in prompts]
     answers = lm.replies(rows, max_new_tokens, batch_size=36, with_preamble=False)
     pairs = [(p, a, done) for p, (a, done) in zip(prompts, answers, strict=True) if a.strip()]
     if path is not None:
@@ -182,7 +184,9 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     end = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
-    facts = [_example(lm, q, a, end, "fact") for d in data for q, a in d.train]
+    pool = [d.statement for d in data] + list(DISTRACTORS)
+    facts = [_example(lm, ask(lm, q, beside(d, pool, rng, rng.choice((1, 2))) if rng.random() < cfg.served else None),
+                      a, end, "fact") for d in data for q, a in d.train]
     replays = [_replay_example(lm, p, a, end if done else [], cfg.replay_tokens) for p, a, done in replay]
     n_replay = min(len(replays), math.ceil(cfg.replay * len(facts)))
     n_layers = lm.layers
@@ -220,7 +224,7 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
         for epoch in range(epochs):
             model.train()
             examples = facts + rng.sample(replays, n_replay)
-            examples += [_example(lm, q, "", [], "replay") for q in contrasts(data, cfg.contrast, rng)]
+            examples += [_example(lm, ask(lm, q), "", [], "replay") for q in contrasts(data, cfg.contrast, rng)]
             losses = []
             restore_attention = _training_attention(model.get_base_model(), lm.device, cfg.precision)
             try:
@@ -299,8 +303,18 @@ def _batches(examples: list[Any], size: int, rng: random.Random) -> list[list[An
     return batches
 
 
+def ask(lm: Any, question: str, memories: Sequence[str] | None = None) -> str:
+    """``question`` as the model reads it: alone under the plain system prompt, or (``memories``
+    given) under the memory prompt with those memories written out, as the tier's reads have it."""
+    if memories is None:
+        return lm.layout(question, "", chunks=False)[1]
+    head, closing = lm.layout(question, memories_text(memories))
+    return head + closing
+
+
 def _example(lm: Any, prompt: str, answer: str, end: list[int], kind: str) -> tuple[list[int], list[int], str]:
-    return lm.ids(lm.layout(prompt, "", chunks=False)[1]), lm.ids(answer) + end, kind
+    """Token ids of a laid-out prompt (see :func:`ask`) and of its answer."""
+    return lm.ids(prompt), lm.ids(answer) + end, kind
 
 
 def _replay_example(lm: Any, prompt: str, answer: str, end: list[int],
@@ -310,7 +324,7 @@ def _replay_example(lm: Any, prompt: str, answer: str, end: list[int],
     The replay loss holds the adapted model to the base model's distribution at the
     answer positions; the first few, where an answer's course is set, do most of that work.
     """
-    prompt_ids, answer_ids, kind = _example(lm, prompt, answer, end, "replay")
+    prompt_ids, answer_ids, kind = _example(lm, ask(lm, prompt), answer, end, "replay")
     if keep and len(answer_ids) > keep:
         answer_ids = answer_ids[:keep]
     return prompt_ids, answer_ids, kind
@@ -600,16 +614,24 @@ def _hidden(causal_lm: Any, batch: Sequence[tuple[list[int], list[int], str]], i
 
 
 def evaluate(lm: Any, data: Sequence[ItemData], max_new_tokens: int = 32) -> dict[int, float]:
-    """Each item's recall: the share of its held-out questions answered with its key word."""
+    """Each item's recall: the share of its held-out questions answered with its key word.
+
+    Every question is asked twice: alone, and as the tier serves it, with other memories
+    in the prompt (the same ones at every evaluation), where an adapter that only holds the
+    item in one layout would lose it.
+    """
+    pool = [d.statement for d in data] + list(DISTRACTORS)
     rows, owners, keys = [], [], []
     for d in data:
+        others = beside(d, pool, random.Random(d.item_id), 2)
         for q in d.held_out:
             key = answer_key(d.statement, q)
             if key is None:
                 continue
-            rows.append(lm.ids(lm.layout(q, "", chunks=False)[1]))
-            owners.append(d.item_id)
-            keys.append(key)
+            for memories in (None, others):
+                rows.append(lm.ids(ask(lm, q, memories)))
+                owners.append(d.item_id)
+                keys.append(key)
     answers = lm.replies(rows, max_new_tokens, with_preamble=False,
                          stop=lambda i, text: contains_word(text, keys[i]) or "\n" in text.strip())
     got: dict[int, list[bool]] = {d.item_id: [] for d in data}

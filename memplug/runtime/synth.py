@@ -12,7 +12,9 @@ is recalled in that phrasing only. So for each item this module writes:
 Every answer is the statement itself or a paraphrase that still contains the
 item's anchor and key word, and no question may contain the key word (it would
 give the answer away). One model-written question per item is held out to
-measure the item's recall after training. None of this imports torch.
+measure the item's recall after training; it must name something the item says
+beyond its subject. ``beside`` picks other memories to put in a prompt with an
+item's question, as the tier's reads have them. None of this imports torch.
 """
 
 from __future__ import annotations
@@ -57,6 +59,16 @@ NEIGHBOURS = (
     "Nelson Mandela", "Leonardo da Vinci", "Serena Williams", "Charles Darwin", "Taylor Swift", "Ada Lovelace",
     "Mahatma Gandhi", "Pablo Picasso", "Jane Austen", "Wolfgang Amadeus Mozart", "France", "Japan", "Canada",
     "Egypt", "the Eiffel Tower", "the Moon", "my neighbour", "the president", "a typical doctor", "most people",
+)
+
+# Other memories to stand beside an item in a prompt, as they do when the tier serves it:
+# an item is trained and checked with and without some (see ``beside``).
+DISTRACTORS = (
+    "Sam's bike is painted green.", "The bakery on Elm Street opens at 7 am.", "Nora plays the cello.",
+    "The team offsite is in Porto this year.", "Leo's sister works as a nurse.",
+    "The spare key is under the blue flower pot.", "Mina prefers tea to coffee.",
+    "The printer on the second floor is broken.", "Jonas runs every morning before work.",
+    "The quarterly report is due on Friday.",
 )
 
 
@@ -135,6 +147,14 @@ class ItemData:
     held_out: list[str] = field(default_factory=list)
 
 
+def beside(d: ItemData, pool: Sequence[str], rng: random.Random, n: int) -> list[str]:
+    """``n`` other memories from ``pool`` to put in a prompt that asks about ``d``: none is ``d``
+    itself or holds its key word, so they never give its answer away."""
+    key = answer_key(d.statement)
+    choices = [s for s in dict.fromkeys(pool) if s != d.statement and (key is None or not contains_word(s, key))]
+    return rng.sample(choices, min(n, len(choices)))
+
+
 def contrasts(data: Sequence[ItemData], per_item: int, rng: random.Random) -> list[str]:
     """Each item's training questions with its anchor swapped for another subject.
 
@@ -187,9 +207,9 @@ def synthesize(statements: Sequence[str], item_ids: Sequence[int], complete: Com
     for k, d in enumerate(out):
         qs = questions[k]
         # The held-out question decides whether the item leaves the prompt, so it must ask for
-        # the item's answer, not give it ("What is ZQ-7741-B?" is fine to train on, not to test).
-        key = answer_key(d.statement)
-        asks = [q for q in qs if key is None or not contains_word(q, key)]
+        # the item's answer, not give it ("What is ZQ-7741-B?" is fine to train on, not to test),
+        # and ask for this item, not any about its subject ("What is Bob?").
+        asks = [q for q in qs if _specific(d, q)]
         if len(qs) >= 2 and asks:
             qs.remove(asks[-1])
             d.held_out.append(asks[-1])
@@ -227,6 +247,15 @@ def _good_question(d: ItemData, q: str) -> bool:
         return False
     # It must ask about this item: share a content word with it beyond the key.
     own = {_stem(w) for w in content_words(d.statement)}
+    return bool(own & {_stem(w) for w in content_words(q)})
+
+
+def _specific(d: ItemData, q: str) -> bool:
+    """Whether ``q`` asks for ``d``'s key word by something the statement says beyond its subject."""
+    key = answer_key(d.statement)
+    if key is None or contains_word(q, key):
+        return False
+    own = {_stem(w) for w in content_words(d.statement)} - {_stem(w) for w in words(d.anchor)} - {_stem(key)}
     return bool(own & {_stem(w) for w in content_words(q)})
 
 

@@ -24,7 +24,7 @@ then files after commit, and the resident copy). The scope's other items are
 retrained at the next consolidation; with none left, nothing is retrained.
 
 Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (2e-3),
-``lora_epochs`` (3), ``lora_min_steps`` (24: fewer items get more epochs), ``lora_targets``
+``lora_epochs`` (3), ``lora_min_steps`` (96: fewer items get more epochs), ``lora_targets``
 (comma-separated module names),
 ``lora_replay`` (0.25), ``lora_replay_tokens`` (16), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
 ``lora_max_items`` (200 per scope), ``lora_resident`` (adapters kept loaded, 8),

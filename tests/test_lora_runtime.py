@@ -123,23 +123,19 @@ def test_the_held_out_question_names_more_than_the_items_subject():
 def test_other_memories_beside_an_item_never_hold_its_answer():
     items = synth.synthesize(["Bob's cat is called Biscuit.", "Biscuit is the name of Bob's cat.", "Bob lives in Calgary."],
                              [1, 2, 3], None)
-    pool = [d.statement for d in items] + list(synth.DISTRACTORS)
     for seed in range(20):
-        picked = synth.beside(items[0], pool, random.Random(seed), 2)
+        picked = synth.beside(items[0], items, random.Random(seed), 2)
         assert len(picked) == 2 and items[0].statement not in picked
         assert not any("Biscuit" in p for p in picked)
 
 
-def test_half_the_item_questions_are_asked_among_other_memories(make_tiny):
+def test_half_the_item_questions_are_asked_among_other_memories(make_tiny, monkeypatch):
     lm = make_tiny()
     data = synth.synthesize(["Bob's cat is called Biscuit.", "Bob lives in Calgary."], [1, 2], None)
     seen = []
     real = lora._example
-    try:
-        lora._example = lambda lm_, prompt, *a: seen.append(prompt) or real(lm_, prompt, *a)
-        lora.train(lm, data, [], dataclasses.replace(FAST, epochs=1, min_steps=0, served=0.5))
-    finally:
-        lora._example = real
+    monkeypatch.setattr(lora, "_example", lambda lm_, prompt, *a: seen.append(prompt) or real(lm_, prompt, *a))
+    lora.train(lm, data, [], dataclasses.replace(FAST, epochs=1, min_steps=0, served=0.5))
     facts = seen[:sum(len(d.train) for d in data)]
     among = [p for p in facts if "Relevant memories:" in p]
     assert 0 < len(among) < len(facts)

@@ -37,7 +37,7 @@ from typing import Any
 from ..artifacts import write_atomic
 from ..errors import ArtifactCorrupt, InvalidInput, ModelMismatch, ModelUnavailable
 from ..types import memories_text
-from .synth import DISTRACTORS, ItemData, answer_key, beside, contains_word, contrasts, synthesize
+from .synth import ItemData, answer_key, beside, contains_word, contrasts, synthesize
 
 log = logging.getLogger(__name__)
 # PEFT calls a transformers method deprecated in v5 while training; nothing for a user to act on.
@@ -184,9 +184,11 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     end = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
-    pool = [d.statement for d in data] + list(DISTRACTORS)
-    facts = [_example(lm, ask(lm, q, beside(d, pool, rng, rng.choice((1, 2))) if rng.random() < cfg.served else None),
-                      a, end, "fact") for d in data for q, a in d.train]
+    facts = []
+    for d in data:
+        for q, a in d.train:
+            memories = beside(d, data, rng, rng.choice((1, 2))) if rng.random() < cfg.served else None
+            facts.append(_example(lm, ask(lm, q, memories), a, end, "fact"))
     replays = [_replay_example(lm, p, a, end if done else [], cfg.replay_tokens) for p, a, done in replay]
     n_replay = min(len(replays), math.ceil(cfg.replay * len(facts)))
     n_layers = lm.layers
@@ -620,10 +622,9 @@ def evaluate(lm: Any, data: Sequence[ItemData], max_new_tokens: int = 32) -> dic
     in the prompt (the same ones at every evaluation), where an adapter that only holds the
     item in one layout would lose it.
     """
-    pool = [d.statement for d in data] + list(DISTRACTORS)
     rows, owners, keys = [], [], []
     for d in data:
-        others = beside(d, pool, random.Random(d.item_id), 2)
+        others = beside(d, data, random.Random(d.item_id), 2)
         for q in d.held_out:
             key = answer_key(d.statement, q)
             if key is None:

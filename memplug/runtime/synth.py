@@ -80,6 +80,10 @@ def _stem(word: str) -> str:
     return word.lower().replace("\u2019", "'").removesuffix("'s")[:5]
 
 
+def _stems(text: str) -> set[str]:
+    return {_stem(w) for w in content_words(text)}
+
+
 def content_words(text: str) -> list[str]:
     return [w for w in words(text) if w.lower() not in STOPWORDS and len(w) > 1 or w.isdigit()]
 
@@ -147,11 +151,13 @@ class ItemData:
     held_out: list[str] = field(default_factory=list)
 
 
-def beside(d: ItemData, pool: Sequence[str], rng: random.Random, n: int) -> list[str]:
-    """``n`` other memories from ``pool`` to put in a prompt that asks about ``d``: none is ``d``
-    itself or holds its key word, so they never give its answer away."""
+def beside(d: ItemData, data: Sequence[ItemData], rng: random.Random, n: int) -> list[str]:
+    """``n`` other memories to put in a prompt that asks about ``d``: the other items of ``data``
+    and ``DISTRACTORS``, none of which is ``d`` itself or holds its key word (it would give the
+    answer away)."""
     key = answer_key(d.statement)
-    choices = [s for s in dict.fromkeys(pool) if s != d.statement and (key is None or not contains_word(s, key))]
+    pool = dict.fromkeys([e.statement for e in data] + list(DISTRACTORS))
+    choices = [s for s in pool if s != d.statement and (key is None or not contains_word(s, key))]
     return rng.sample(choices, min(n, len(choices)))
 
 
@@ -246,8 +252,7 @@ def _good_question(d: ItemData, q: str) -> bool:
     if key is None or contains_word(q, key):
         return False
     # It must ask about this item: share a content word with it beyond the key.
-    own = {_stem(w) for w in content_words(d.statement)}
-    return bool(own & {_stem(w) for w in content_words(q)})
+    return bool(_stems(d.statement) & _stems(q))
 
 
 def _specific(d: ItemData, q: str) -> bool:
@@ -255,8 +260,7 @@ def _specific(d: ItemData, q: str) -> bool:
     key = answer_key(d.statement)
     if key is None or contains_word(q, key):
         return False
-    own = {_stem(w) for w in content_words(d.statement)} - {_stem(w) for w in words(d.anchor)} - {_stem(key)}
-    return bool(own & {_stem(w) for w in content_words(q)})
+    return bool((_stems(d.statement) - _stems(d.anchor) - {_stem(key)}) & _stems(q))
 
 
 def _good_paraphrase(d: ItemData, p: str) -> bool:

@@ -12,6 +12,7 @@ from memplug import (
     Memory,
     MemplugError,
     Scope,
+    Settings,
     StoreUnavailable,
 )
 
@@ -147,6 +148,9 @@ def test_bad_option(dsn):
         Memory(dsn, options={"pgvector_mode": "fuzzy"})
     with pytest.raises(ConfigError, match="option 'context_tokens'='lots' is not a valid int"):
         Memory(dsn, options={"context_tokens": "lots"})
+    with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_served=1.5, lora_max_train_s=0.0$"):
+        Memory(dsn, settings=Settings(plugins="context,pgvector,lora"),
+               options={"lora_served": 1.5, "lora_max_train_s": 0, "lora_rank": 4})
 
 
 # -- the corpus: tests/bad_input_corpus.py -----------------------------------------------

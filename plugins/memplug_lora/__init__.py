@@ -26,7 +26,8 @@ retrained at the next consolidation; with none left, nothing is retrained.
 Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (2e-3),
 ``lora_epochs`` (3), ``lora_min_steps`` (96: fewer items get more epochs), ``lora_targets``
 (comma-separated module names),
-``lora_replay`` (0.25), ``lora_replay_tokens`` (16), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
+``lora_replay`` (0.25), ``lora_replay_tokens`` (16), ``lora_served`` (0.5: share of item
+examples asked among other memories, as reads serve them), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
 ``lora_max_items`` (200 per scope), ``lora_resident`` (adapters kept loaded, 8),
 ``lora_resident_mb`` (256), ``lora_gate`` (0.5; 0 applies the adapter to every read),
 ``lora_precision`` (auto: bfloat16 autocast where the hardware has it; bf16; fp32),
@@ -53,6 +54,7 @@ from memplug import (
     AdapterRef,
     ArtifactCorrupt,
     ConfigError,
+    InvalidInput,
     ModelMismatch,
     Move,
     Placement,
@@ -117,20 +119,27 @@ class LoraTier:
         from memplug.runtime.lora import TrainConfig
 
         targets = opt("lora_targets", None, str)
-        overrides = {
-            "rank": opt("lora_rank", TrainConfig.rank, int), "alpha": opt("lora_alpha", TrainConfig.alpha, float),
-            "lr": opt("lora_lr", TrainConfig.lr, float), "epochs": opt("lora_epochs", TrainConfig.epochs, int),
-            "min_steps": opt("lora_min_steps", TrainConfig.min_steps, int),
-            "replay": opt("lora_replay", TrainConfig.replay, float),
-            "replay_tokens": opt("lora_replay_tokens", TrainConfig.replay_tokens, int),
-            "min_recall": opt("lora_min_recall", TrainConfig.min_recall, float),
-            "max_seconds": opt("lora_max_train_s", TrainConfig.max_seconds, float),
-            "precision": opt("lora_precision", TrainConfig.precision, str),
-            "first_layer": opt("lora_first_layer", TrainConfig.first_layer, int),
+        options = {  # option name: (TrainConfig field, value)
+            "lora_rank": ("rank", opt("lora_rank", TrainConfig.rank, int)),
+            "lora_alpha": ("alpha", opt("lora_alpha", TrainConfig.alpha, float)),
+            "lora_lr": ("lr", opt("lora_lr", TrainConfig.lr, float)),
+            "lora_epochs": ("epochs", opt("lora_epochs", TrainConfig.epochs, int)),
+            "lora_min_steps": ("min_steps", opt("lora_min_steps", TrainConfig.min_steps, int)),
+            "lora_served": ("served", opt("lora_served", TrainConfig.served, float)),
+            "lora_replay": ("replay", opt("lora_replay", TrainConfig.replay, float)),
+            "lora_replay_tokens": ("replay_tokens", opt("lora_replay_tokens", TrainConfig.replay_tokens, int)),
+            "lora_min_recall": ("min_recall", opt("lora_min_recall", TrainConfig.min_recall, float)),
+            "lora_max_train_s": ("max_seconds", opt("lora_max_train_s", TrainConfig.max_seconds, float)),
+            "lora_precision": ("precision", opt("lora_precision", TrainConfig.precision, str)),
+            "lora_first_layer": ("first_layer", opt("lora_first_layer", TrainConfig.first_layer, int)),
         }
         if targets:
-            overrides["targets"] = tuple(t.strip() for t in targets.split(",") if t.strip())
-        self.config = TrainConfig(**overrides)
+            options["lora_targets"] = ("targets", tuple(t.strip() for t in targets.split(",") if t.strip()))
+        try:
+            self.config = TrainConfig(**dict(options.values()))
+        except InvalidInput as e:  # name the options that are wrong, not TrainConfig's fields
+            bad = [f"{name}={value!r}" for name, (field, value) in options.items() if not _valid(field, value)]
+            raise ConfigError("invalid lora option(s): " + ", ".join(bad)) from e
         self.max_items = opt("lora_max_items", 200, int)
         self.resident = opt("lora_resident", 8, int)
         self.resident_bytes = opt("lora_resident_mb", 256, int) << 20
@@ -421,3 +430,14 @@ def _json_safe(value):
     if isinstance(value, float) and value != value:
         return None
     return value
+
+
+def _valid(field: str, value: object) -> bool:
+    """Whether TrainConfig accepts ``value`` for ``field`` (with its defaults elsewhere)."""
+    from memplug.runtime.lora import TrainConfig
+
+    try:
+        TrainConfig(**{field: value})
+    except InvalidInput:
+        return False
+    return True

@@ -105,6 +105,15 @@ MIGRATIONS = (
     row_security("lora_adapters") + row_security("lora_items"),
 )
 
+# The options that set TrainConfig: (option name, TrainConfig field, type). ``lora_targets`` is a list.
+OPTIONS = (
+    ("lora_rank", "rank", int), ("lora_alpha", "alpha", float), ("lora_lr", "lr", float),
+    ("lora_epochs", "epochs", int), ("lora_min_steps", "min_steps", int), ("lora_served", "served", float),
+    ("lora_replay", "replay", float), ("lora_replay_tokens", "replay_tokens", int),
+    ("lora_min_recall", "min_recall", float), ("lora_max_train_s", "max_seconds", float),
+    ("lora_precision", "precision", str), ("lora_first_layer", "first_layer", int),
+)
+
 
 class LoraTier:
     """Knowledge in the weights: a per-scope LoRA adapter, trained from synthetic data."""
@@ -119,27 +128,14 @@ class LoraTier:
         from memplug.runtime.lora import TrainConfig
 
         targets = opt("lora_targets", None, str)
-        options = {  # option name: (TrainConfig field, value)
-            "lora_rank": ("rank", opt("lora_rank", TrainConfig.rank, int)),
-            "lora_alpha": ("alpha", opt("lora_alpha", TrainConfig.alpha, float)),
-            "lora_lr": ("lr", opt("lora_lr", TrainConfig.lr, float)),
-            "lora_epochs": ("epochs", opt("lora_epochs", TrainConfig.epochs, int)),
-            "lora_min_steps": ("min_steps", opt("lora_min_steps", TrainConfig.min_steps, int)),
-            "lora_served": ("served", opt("lora_served", TrainConfig.served, float)),
-            "lora_replay": ("replay", opt("lora_replay", TrainConfig.replay, float)),
-            "lora_replay_tokens": ("replay_tokens", opt("lora_replay_tokens", TrainConfig.replay_tokens, int)),
-            "lora_min_recall": ("min_recall", opt("lora_min_recall", TrainConfig.min_recall, float)),
-            "lora_max_train_s": ("max_seconds", opt("lora_max_train_s", TrainConfig.max_seconds, float)),
-            "lora_precision": ("precision", opt("lora_precision", TrainConfig.precision, str)),
-            "lora_first_layer": ("first_layer", opt("lora_first_layer", TrainConfig.first_layer, int)),
-        }
+        options = {name: (field, opt(name, getattr(TrainConfig, field), cast)) for name, field, cast in OPTIONS}
         if targets:
             options["lora_targets"] = ("targets", tuple(t.strip() for t in targets.split(",") if t.strip()))
         try:
             self.config = TrainConfig(**dict(options.values()))
         except InvalidInput as e:  # name the options that are wrong, not TrainConfig's fields
             bad = [f"{name}={value!r}" for name, (field, value) in options.items() if not _valid(field, value)]
-            raise ConfigError("invalid lora option(s): " + ", ".join(bad)) from e
+            raise ConfigError("invalid lora option(s): " + ", ".join(bad or [str(e)])) from e
         self.max_items = opt("lora_max_items", 200, int)
         self.resident = opt("lora_resident", 8, int)
         self.resident_bytes = opt("lora_resident_mb", 256, int) << 20

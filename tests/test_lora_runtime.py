@@ -185,8 +185,18 @@ def test_replay_answers_are_cut_and_early_epochs_go_unmeasured(make_tiny):
                         dataclasses.replace(FAST, epochs=3, min_steps=0, eval_from=3))
     assert [h["epoch"] for h in result.metrics["history"]] == [3]
     assert result.metrics["best_epoch"] == 3
+    # Few items make short epochs: measurements are spaced by steps, and the last epoch is always measured.
+    result = lora.train(lm, data, [("Tell me a story.", long, True)],
+                        dataclasses.replace(FAST, epochs=1, min_steps=24, eval_from=2, eval_steps=8))
+    per_epoch = result.metrics["steps"] // result.metrics["epochs_run"]
+    steps = [h["step"] for h in result.metrics["history"]]
+    assert result.metrics["epochs_run"] > 4 and steps[0] == 2 * per_epoch
+    assert all(b - a >= 8 for a, b in zip(steps[:-2], steps[1:-1], strict=True)) and steps[-1] == result.metrics["steps"]
+    assert len(steps) < result.metrics["epochs_run"] - 1
     with pytest.raises(InvalidInput, match="eval_from"):
         lora.TrainConfig(eval_from=0)
+    with pytest.raises(InvalidInput, match="eval_steps"):
+        lora.TrainConfig(eval_steps=0)
     with pytest.raises(InvalidInput, match="replay_tokens"):
         lora.TrainConfig(replay_tokens=-1)
 

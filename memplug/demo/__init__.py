@@ -158,7 +158,8 @@ def _run(mem, script, console, sessions, per_session, zipf_s, k, seed, out_dir) 
                 progress.remove_task(task)
                 for p in placed:
                     if p.held and p.level >= 2:
-                        moved.append(f"{user}: {len(p.item_ids)} to {LEVELS.get(p.level, p.level)}")
+                        moved.append(f"{user}: {len(p.item_ids)} to {LEVELS.get(p.level, p.level)}"
+                                     + (f" ({p.reason})" if p.level >= 3 else ""))
                 consolidations.append({"after_session": session, "user": user, "seconds": seconds,
                                        "placements": [{"tier": p.tier, "level": p.level, "items": len(p.item_ids),
                                                        "held": p.held, "reason": p.reason} for p in placed]})

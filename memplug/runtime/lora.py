@@ -65,7 +65,8 @@ class TrainConfig:
     contrast: int = 1  # contrast prompts per item per epoch: its questions about another subject, kept at base
     served: float = 0.5  # share of item examples asked as the tier serves them: other memories in the prompt
     min_recall: float = 0.5  # an item counts as held by the adapter at this held-out recall
-    eval_from: int = 3  # held-out recall is measured after this epoch and every later one (and the last)
+    eval_from: int = 3  # held-out recall is first measured after this epoch (and always after the last) ...
+    eval_steps: int = 24  # ... then after the first epoch that ends at least this many steps after the last
     max_seconds: float = 600.0
     min_steps: int = 96  # few items still get this many optimizer steps (more epochs)
     samples: int = 3  # model-written questions per item
@@ -78,6 +79,7 @@ class TrainConfig:
         checks = {"rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": 0 < self.lr < 1, "kl": self.kl >= 0,
                   "epochs": self.epochs >= 1, "min_steps": self.min_steps >= 0, "batch_size": self.batch_size >= 1, "replay": self.replay >= 0,
                   "replay_tokens": self.replay_tokens >= 0, "eval_from": self.eval_from >= 1,
+                  "eval_steps": self.eval_steps >= 1,
                   "contrast": self.contrast >= 0, "served": 0 <= self.served <= 1,
                   "min_recall": 0 <= self.min_recall <= 1, "max_seconds": self.max_seconds > 0,
                   "targets": bool(self.targets), "first_layer": self.first_layer >= 0, "samples": self.samples >= 0, "paraphrases": self.paraphrases >= 0,
@@ -222,6 +224,7 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
         history: list[dict[str, Any]] = []
         best: tuple[float, int, dict[str, Any], dict[int, float]] | None = None
         step = 0
+        measured = -cfg.eval_steps  # the step of the last measurement
         stopped = "epochs"
         for epoch in range(epochs):
             model.train()
@@ -252,9 +255,13 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
             finally:
                 restore_attention()
             mean_loss = sum(losses) / max(1, len(losses))
-            if epoch + 1 < cfg.eval_from and epoch + 1 < epochs and stopped != "time":
-                log.info("lora: epoch %d, loss %.3f", epoch + 1, mean_loss)  # too early to be worth measuring
+            due = epoch + 1 >= cfg.eval_from and step - measured >= cfg.eval_steps
+            if not due and epoch + 1 < epochs and stopped != "time":
+                # Too early to be worth measuring, or too soon after the last measurement: with few
+                # items an epoch is a handful of steps, and a measurement costs as much as a few.
+                log.info("lora: epoch %d, loss %.3f", epoch + 1, mean_loss)
                 continue
+            measured = step
             model.eval()
             with autocast():
                 recall = evaluate(lm, data)

@@ -272,7 +272,10 @@ class LoraTier:
         log.info("lora: scope %s adapter %d: %d/%d items recalled (mean %.2f), %.0f s, %d bytes",
                  scope_label, adapter_id, len(passed), len(items), mean, result.metrics["seconds"], len(weights))
         failed = [it.id for it in items if it.id not in passed]
-        out = [Placement(self.name, self.level, sorted(passed), "trained")]
+        m = result.metrics
+        out = [Placement(self.name, self.level, sorted(passed),
+                         f"trained in {total_ms / 1000:.0f} s: {m['steps']} steps, {len(m['history'])} recall checks,"
+                         f" stopped on {m['stopped']}")]
         if failed:
             out.append(Placement(self.name, self.level, failed, "not recalled: served by lower tiers", held=False))
         return out

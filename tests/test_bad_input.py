@@ -151,6 +151,8 @@ def test_bad_option(dsn):
     with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_served=1.5, lora_max_train_s=0.0$"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"),
                options={"lora_served": 1.5, "lora_max_train_s": 0, "lora_rank": 4})
+    with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_contrast_tokens=-1$"):
+        Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_contrast_tokens": -1})
 
 
 # -- the corpus: tests/bad_input_corpus.py -----------------------------------------------

@@ -141,6 +141,26 @@ def test_half_the_item_questions_are_asked_among_other_memories(make_tiny, monke
     assert 0 < len(among) < len(facts)
 
 
+def test_contrast_prompts_are_held_to_the_base_models_answer_where_the_value_goes(make_tiny):
+    lm = make_tiny()
+    data = synth.synthesize(FACTS, [1, 2, 3], None, seed=0)
+    cfg = dataclasses.replace(FAST, contrast=1, contrast_tokens=5)
+    pool = lora._contrast_pool(lm, data, cfg, random.Random(0), [0])
+    assert set(pool) == {1, 2, 3}
+    for d in data:
+        assert 0 < len(pool[d.item_id]) <= 3
+        for prompt_ids, answer_ids, kind in pool[d.item_id]:
+            assert kind == "replay" and 0 < len(answer_ids) <= 6  # 5 tokens, or fewer and the end token
+            prompt = lm.tokenizer.decode(prompt_ids)
+            assert d.anchor not in prompt
+            # The answer held is the base model's own greedy one to the prompt.
+            text, done = lm.replies([prompt_ids], 5, with_preamble=False)[0]
+            assert answer_ids == (lm.ids(text) + [0] if done else lm.ids(text)[:5])
+    assert lora._contrast_pool(lm, data, dataclasses.replace(cfg, contrast_tokens=0), random.Random(0), [0]) is None
+    result = lora.train(lm, data, [], dataclasses.replace(cfg, epochs=1, min_steps=0))
+    assert result.metrics["steps"] > 0
+
+
 def test_later_rounds_ask_only_for_the_items_still_short():
     asked = []
 

@@ -63,6 +63,7 @@ class TrainConfig:
     replay_tokens: int = 16  # the first tokens of each replay answer trained on (0: all of it)
     kl: float = 1.0  # replay loss: KL to the base model's distribution (0: cross-entropy on its answers)
     contrast: int = 1  # contrast prompts per item per epoch: its questions about another subject, kept at base
+    contrast_tokens: int = 0  # ... over the first tokens of the base model's answer to them (0: its first token)
     served: float = 0.5  # share of item examples asked as the tier serves them: other memories in the prompt
     min_recall: float = 0.5  # an item counts as held by the adapter at this held-out recall
     eval_from: int = 3  # held-out recall is first measured after this epoch (and always after the last) ...
@@ -80,7 +81,7 @@ class TrainConfig:
                   "epochs": self.epochs >= 1, "min_steps": self.min_steps >= 0, "batch_size": self.batch_size >= 1, "replay": self.replay >= 0,
                   "replay_tokens": self.replay_tokens >= 0, "eval_from": self.eval_from >= 1,
                   "eval_steps": self.eval_steps >= 1,
-                  "contrast": self.contrast >= 0, "served": 0 <= self.served <= 1,
+                  "contrast": self.contrast >= 0, "contrast_tokens": self.contrast_tokens >= 0, "served": 0 <= self.served <= 1,
                   "min_recall": 0 <= self.min_recall <= 1, "max_seconds": self.max_seconds > 0,
                   "targets": bool(self.targets), "first_layer": self.first_layer >= 0, "samples": self.samples >= 0, "paraphrases": self.paraphrases >= 0,
                   "precision": self.precision in ("auto", "bf16", "fp32"), "kl_top": self.kl_top >= 1}
@@ -193,6 +194,7 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
             facts.append(_example(lm, ask(lm, q, memories), a, end, "fact"))
     replays = [_replay_example(lm, p, a, end if done else [], cfg.replay_tokens) for p, a, done in replay]
     n_replay = min(len(replays), math.ceil(cfg.replay * len(facts)))
+    pool = _contrast_pool(lm, data, cfg, rng, end)
     n_layers = lm.layers
     if cfg.first_layer >= n_layers:
         raise InvalidInput(f"first_layer={cfg.first_layer} but {lm.name} has {n_layers} layers")
@@ -229,7 +231,9 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
         for epoch in range(epochs):
             model.train()
             examples = facts + rng.sample(replays, n_replay)
-            examples += [_example(lm, ask(lm, q), "", [], "replay") for q in contrasts(data, cfg.contrast, rng)]
+            examples += [e for d in data for e in rng.sample(pool[d.item_id], min(cfg.contrast, len(pool[d.item_id])))] \
+                if pool is not None else \
+                [_example(lm, ask(lm, q), "", [], "replay") for q in contrasts(data, cfg.contrast, rng)]
             losses = []
             restore_attention = _training_attention(model.get_base_model(), lm.device, cfg.precision)
             try:
@@ -324,6 +328,32 @@ def ask(lm: Any, question: str, memories: Sequence[str] | None = None) -> str:
 def _example(lm: Any, prompt: str, answer: str, end: list[int], kind: str) -> tuple[list[int], list[int], str]:
     """Token ids of a laid-out prompt (see :func:`ask`) and of its answer."""
     return lm.ids(prompt), lm.ids(answer) + end, kind
+
+
+def _contrast_pool(lm: Any, data: Sequence[ItemData], cfg: TrainConfig, rng: random.Random,
+                   end: list[int]) -> dict[int, list[tuple[list[int], list[int], str]]] | None:
+    """Per item, ``3 * cfg.contrast`` contrast prompts with the first ``cfg.contrast_tokens`` of
+    the base model's answer to each (None with ``contrast_tokens=0``: the prompts are then drawn
+    afresh every epoch and held to the base model at the answer's first token only).
+
+    The answer's first token is mostly "The" or the subject's name; where the question's
+    value goes ("The capital of Norway is ...") is a few tokens on, and there an adapter puts
+    the user's own values ("Bergen") unless it is held to the base model there too."""
+    if not cfg.contrast or not cfg.contrast_tokens:
+        return None
+    t0 = time.perf_counter()
+    prompts = {d.item_id: contrasts([d], 3 * cfg.contrast, rng) for d in data}
+    flat = [q for qs in prompts.values() for q in qs]
+    answers = iter(lm.replies([lm.ids(ask(lm, q)) for q in flat], cfg.contrast_tokens, batch_size=36,
+                              with_preamble=False))
+    log.info("lora: the base model's answers to %d contrast prompts in %.1f s", len(flat), time.perf_counter() - t0)
+    out = {}
+    for item_id, qs in prompts.items():
+        out[item_id] = []
+        for q in qs:
+            a, done = next(answers)
+            out[item_id].append(_replay_example(lm, q, a, end if done else [], cfg.contrast_tokens))
+    return out
 
 
 def _replay_example(lm: Any, prompt: str, answer: str, end: list[int],

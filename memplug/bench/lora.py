@@ -261,16 +261,26 @@ def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, run in result["runs"].items():
-        x = 100 * run["perplexity_change"]
-        y = run["closed_book"]["paraphrase"]
-        ax.scatter(x, y, s=20 + run["facts"])
-        ax.annotate(key, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axvline(10, color="grey", ls=":", label="perplexity target (+10%)")
-    ax.set_xlabel("held-out perplexity change (%)")
-    ax.set_ylabel("closed-book accuracy, paraphrased questions")
-    ax.set_title(f"LoRA memory on {result['model']}: recall vs forgetting")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    panels = ((axes[0], lambda r: 100 * r["perplexity_change"], "held-out perplexity change (%)", 10,
+               "perplexity target (+10%)"),
+              (axes[1], lambda r: -r["general_accuracy_drop_points"], "general questions, change (points, raw)", -2,
+               "general-question target (-2 points)"))
+    for ax, x_of, label, target, target_label in panels:
+        placed: list[tuple[float, float]] = []
+        xs = [x_of(run) for run in result["runs"].values()] + [target]
+        width = 0.2 * (max(xs) - min(xs))  # about a label's length in data units
+        for key, run in result["runs"].items():
+            x, y = x_of(run), run["closed_book"]["paraphrase"]
+            ax.scatter(x, y, s=20 + run["facts"])
+            # A label that would run into an earlier one at about the same height goes above it.
+            near = sum(abs(x - px) < width and abs(y - py) < 0.015 for px, py in placed)
+            ax.annotate(key, (x, y), fontsize=7, xytext=(3, 3 + 10 * near), textcoords="offset points")
+            placed.append((x, y))
+        ax.axvline(target, color="grey", ls=":", label=target_label)
+        ax.set_xlabel(label)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("closed-book accuracy, paraphrased questions")
+    fig.suptitle(f"LoRA memory on {result['model']}: recall vs forgetting")
     fig.tight_layout()
     fig.savefig(Path(out_dir) / f"{name}.png", dpi=120)

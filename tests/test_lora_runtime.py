@@ -221,7 +221,7 @@ def test_replay_answers_are_cut_and_early_epochs_go_unmeasured(make_tiny):
         lora.TrainConfig(replay_tokens=-1)
 
 
-def test_the_base_models_replay_targets_are_kept_between_trainings(make_tiny, tmp_path, caplog):
+def test_the_base_models_replay_targets_are_kept_between_trainings(make_tiny, tmp_path, caplog, monkeypatch):
     data = synth.synthesize(FACTS, [1, 2, 3], None, seed=0)
     replay = [("Give me a tip for sleeping.", "Keep a regular bedtime.", True),
               ("Tell me a story.", " ".join(["word"] * 30), False)]
@@ -242,6 +242,10 @@ def test_the_base_models_replay_targets_are_kept_between_trainings(make_tiny, tm
     assert all(torch.equal(first.state[k], redone.state[k]) for k in first.state)
     lora.train(make_tiny("another model"), data, replay, cfg, cache=tmp_path)
     assert len(list(tmp_path.glob("replay-targets-*.safetensors"))) == 2  # one file per base model
+    # Targets computed by another version of the code are never read.
+    monkeypatch.setattr(lora, "CACHE_VERSION", lora.CACHE_VERSION + 1)
+    lora.train(make_tiny(), data, replay, cfg, cache=tmp_path)
+    assert len(list(tmp_path.glob("replay-targets-*.safetensors"))) == 3
 
 
 def test_bf16_training_holds_frozen_weights_in_bf16_and_gives_them_back(make_tiny):

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 # PEFT calls a transformers method deprecated in v5 while training; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 FORMAT = "memplug-lora/1"
+# Part of the key of the cached replay answers and the base model's replay targets: raised
+# whenever the code that computes them changes, since the same model and examples then give
+# other numbers, and a stale cache would train differently from a fresh one.
+CACHE_VERSION = 2
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 Progress = Callable[[str, int, int, dict[str, Any]], None]
@@ -143,7 +147,7 @@ def replay_pairs(lm: Any, cache: Path | None = None, max_new_tokens: int = 48) -
     Computed once per model and kept in ``cache`` (a folder) under the model's fingerprint.
     """
     prompts = replay_prompts()
-    tag = hashlib.blake2b(json.dumps([prompts, max_new_tokens]).encode(), digest_size=4).hexdigest()
+    tag = hashlib.blake2b(json.dumps([prompts, max_new_tokens, CACHE_VERSION]).encode(), digest_size=4).hexdigest()
     path = cache / f"replay-{lm.fingerprint[:16]}-{tag}.json" if cache is not None else None
     if path is not None and path.is_file():
         try:
@@ -579,7 +583,7 @@ def _replay_targets(lm: Any, model: Any, replays: list[tuple[list[int], list[int
 
     keys = [tuple(p + a) for p, a, _ in replays]
     precision = "bf16" if _bf16(lm.device, cfg.precision) else "fp32"
-    tag = hashlib.blake2b(json.dumps([lm.fingerprint, precision, cfg.kl_top, keys]).encode(),
+    tag = hashlib.blake2b(json.dumps([lm.fingerprint, precision, cfg.kl_top, keys, CACHE_VERSION]).encode(),
                           digest_size=6).hexdigest()
     path = cache / f"replay-targets-{lm.fingerprint[:16]}-{tag}.safetensors"
     if path.is_file():

@@ -138,7 +138,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             still = sum(kept) / max(1, len(known))
             # The drop is taken on the questions the base model got right, so it counts every
             # borderline answer that tips the other way and none that tips back: the whole set shows both.
-            gained = sum(general_answers(lm, unknown))
+            lost, gained = len(known) - sum(kept), sum(general_answers(lm, unknown))
             # As served: the adapter answers only the questions the gate routes to it.
             served = {k: sum(a if g else b for a, b, g in zip(closed["correct"][k], none["correct"][k], gated[k],
                                                              strict=True)) / n for k in gated}
@@ -160,9 +160,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 "paraphrase_vs_text": closed["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
                 "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1,
                 "general_accuracy_drop_points": 100 * (1 - still),
-                "general_all": {"base_right": len(known), "lost": len(known) - sum(kept), "gained": gained,
-                                "total": len(questions),
-                                "change_points": 100 * (gained - (len(known) - sum(kept))) / len(questions)},
+                "general_all": {"base_right": len(known), "lost": lost, "gained": gained, "total": len(questions),
+                                "change_points": 100 * (gained - lost) / len(questions)},
                 "routed": {"closed_book": served,
                            "paraphrase_vs_text": served["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
                            "fact_questions_routed": {k: sum(v) / n for k, v in gated.items()},
@@ -180,7 +179,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 f"({100 * run['perplexity_change']:+.1f}%), general -{run['general_accuracy_drop_points']:.1f} pts, "
                 f"{train_s:.0f} s, {run['adapter_bytes'] / 1e6:.2f} MB, switch {1000 * switch['switch_s']:.2f} ms, "
                 f"cold {1000 * switch['cold_load_s']:.0f} ms")
-            say(f"  {'':>12}  all {len(questions)} general questions: {len(known) - sum(kept)} of the {len(known)} "
+            say(f"  {'':>12}  all {len(questions)} general questions: {lost} of the {len(known)} "
                 f"the base model got right now wrong, {gained} of the other {len(unknown)} now right "
                 f"({run['general_all']['change_points']:+.1f} pts)")
             say(f"  {'':>12}  routed (gate {gate}): closed-book {served['direct']:.2f}/{served['paraphrase']:.2f}, "

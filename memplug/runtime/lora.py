@@ -235,9 +235,10 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
         for epoch in range(epochs):
             model.train()
             examples = facts + rng.sample(replays, n_replay)
-            examples += [e for d in data for e in rng.sample(pool[d.item_id], min(cfg.contrast, len(pool[d.item_id])))] \
-                if pool is not None else \
-                [_example(lm, ask(lm, q), "", [], "replay") for q in contrasts(data, cfg.contrast, rng)]
+            if pool is not None:
+                examples += [e for held in pool.values() for e in rng.sample(held, min(cfg.contrast, len(held)))]
+            else:
+                examples += [_example(lm, ask(lm, q), "", [], "replay") for q in contrasts(data, cfg.contrast, rng)]
             losses = []
             restore_attention = _training_attention(model.get_base_model(), lm.device, cfg.precision)
             try:

@@ -107,6 +107,16 @@ def test_the_held_out_question_asks_for_the_answer_instead_of_giving_it():
     [d] = synth.synthesize([code], [1], complete(["What is ZQ-7741-B?", "Whose gym code is ZQ-7741-B?"]),
                            seed=0, samples=2, paraphrases=0)
     assert d.held_out == ["What can you tell me about Alice?"]  # none asks: the template question
+    # A question that does not say whose code it asks for checks nothing about Alice.
+    [d] = synth.synthesize([code], [1], complete(["What is the locker code?", "What is ZQ-7741-B?"]),
+                           seed=0, samples=2, paraphrases=0)
+    assert d.held_out == ["What can you tell me about Alice?"]
+    # With other items about Alice, "What can you tell me about Alice?" could be answered by
+    # any of them: the check asks for the end of the statement instead.
+    d, _ = synth.synthesize([code, "Alice works at Corvana Labs."], [1, 2],
+                            complete(["What is ZQ-7741-B?", "Who is Alice?"]), seed=0, samples=2, paraphrases=0)
+    assert d.held_out == ["How does this sentence end? Alice's gym locker code is"]
+    assert synth.answer_key(d.statement, d.held_out[0]) == "ZQ-7741-B"
 
 
 def test_the_held_out_question_names_more_than_the_items_subject():
@@ -127,6 +137,8 @@ def test_other_memories_beside_an_item_never_hold_its_answer():
         picked = synth.beside(items[0], items, random.Random(seed), 2)
         assert len(picked) == 2 and items[0].statement not in picked
         assert not any("Biscuit" in p for p in picked)
+        # The draw depends on the items, not the order they come in (nor their ids).
+        assert synth.beside(items[0], items[::-1], random.Random(seed), 2) == picked
 
 
 def test_half_the_item_questions_are_asked_among_other_memories(make_tiny, monkeypatch):

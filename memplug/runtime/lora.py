@@ -67,7 +67,7 @@ class TrainConfig:
     replay_tokens: int = 16  # the first tokens of each replay answer trained on (0: all of it)
     kl: float = 1.0  # replay loss: KL to the base model's distribution (0: cross-entropy on its answers)
     contrast: int = 1  # contrast prompts per item per epoch: its questions about another subject, kept at base
-    contrast_tokens: int = 0  # ... over the first tokens of the base model's answer to them (0: its first token)
+    contrast_tokens: int = 16  # ... over the first tokens of the base model's answer to them (0: its first token)
     served: float = 0.5  # share of item examples asked as the tier serves them: other memories in the prompt
     min_recall: float = 0.5  # an item counts as held by the adapter at this held-out recall
     eval_from: int = 3  # held-out recall is first measured after this epoch (and always after the last) ...
@@ -183,6 +183,7 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
             get_peft_model_state_dict,
             set_peft_model_state_dict,
         )
+        from peft.helpers import disable_input_dtype_casting
     except ImportError as e:
         raise ModelUnavailable("the lora tier needs peft: pip install 'memplug[lora]'") from e
     if not data:
@@ -211,7 +212,9 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     lower = _Lower.build(model.get_base_model(), cfg.first_layer, facts[0], lm.pad_id, lm.device) \
         if cfg.first_layer else None
     # Frozen weights are held in bf16 while training runs under bf16 autocast (the same arithmetic).
-    with _bf16_weights(model, lm.device, cfg.precision, frozen_only=True):
+    # PEFT would cast each LoRA's input to its fp32 weights' dtype, and autocast cast it straight
+    # back: two copies of every bf16 activation (down_proj's input) per call, for the same bits.
+    with _bf16_weights(model, lm.device, cfg.precision, frozen_only=True), disable_input_dtype_casting(model):
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -666,7 +669,9 @@ def evaluate(lm: Any, data: Sequence[ItemData], max_new_tokens: int = 32) -> dic
     """
     rows, owners, keys = [], [], []
     for d in data:
-        others = beside(d, data, random.Random(d.item_id), 2)
+        # Seeded by the item's text, not its id: the same items are checked the same way
+        # in any database, and whatever order they come in.
+        others = beside(d, data, random.Random(d.statement), 2)
         for q in d.held_out:
             key = answer_key(d.statement, q)
             if key is None:

@@ -12,8 +12,10 @@ is recalled in that phrasing only. So for each item this module writes:
 Every answer is the statement itself or a paraphrase that still contains the
 item's anchor and key word, and no question may contain the key word (it would
 give the answer away). One model-written question per item is held out to
-measure the item's recall after training; it must name something the item says
-beyond its subject. ``beside`` picks other memories to put in a prompt with an
+measure the item's recall after training; it must name the item's subject and
+something the item says beyond it. Where the model wrote none, the check asks
+what the model knows about the subject, or, when the user's other items share
+that subject, for the end of the statement (``HELD_CLOZE``). ``beside`` picks other memories to put in a prompt with an
 item's question, as the tier's reads have them. None of this imports torch.
 """
 
@@ -52,6 +54,9 @@ TEMPLATE_QUESTIONS = (
     "Do you know anything about {a}?",
 )
 CLOZE = "Complete this sentence: {prefix}"
+# The held-out check for an item whose subject other items share, when no model-written
+# question asks for it: "What can you tell me about Alice?" could be answered by any of them.
+HELD_CLOZE = "How does this sentence end? {prefix}"
 # Other subjects for contrast prompts: an item's questions asked about someone
 # else must be answered as the base model answers them (see ``contrasts``).
 NEIGHBOURS = (
@@ -154,9 +159,9 @@ class ItemData:
 def beside(d: ItemData, data: Sequence[ItemData], rng: random.Random, n: int) -> list[str]:
     """``n`` other memories to put in a prompt that asks about ``d``: the other items of ``data``
     and ``DISTRACTORS``, none of which is ``d`` itself or holds its key word (it would give the
-    answer away)."""
+    answer away). The draw depends on ``rng`` and the set of items, not their order."""
     key = answer_key(d.statement)
-    pool = dict.fromkeys([e.statement for e in data] + list(DISTRACTORS))
+    pool = sorted(set([e.statement for e in data] + list(DISTRACTORS)))  # the same draw in any order
     choices = [s for s in pool if s != d.statement and (key is None or not contains_word(s, key))]
     return rng.sample(choices, min(n, len(choices)))
 
@@ -210,6 +215,7 @@ def synthesize(statements: Sequence[str], item_ids: Sequence[int], complete: Com
                     text = text.strip()
                     if good(out[k], text) and text not in found[k]:
                         found[k].append(text)
+    shared = {d.anchor for d in out if sum(e.anchor == d.anchor for e in out) > 1}
     for k, d in enumerate(out):
         qs = questions[k]
         # The held-out question decides whether the item leaves the prompt, so it must ask for
@@ -230,7 +236,8 @@ def synthesize(statements: Sequence[str], item_ids: Sequence[int], complete: Com
         for p in rewrites[k]:
             d.train.append((TEMPLATE_QUESTIONS[0].format(a=d.anchor), p))
         if not d.held_out:
-            d.held_out.append(f"What can you tell me about {d.anchor}?")
+            d.held_out.append(HELD_CLOZE.format(prefix=prefix) if prefix and d.anchor in shared
+                              else f"What can you tell me about {d.anchor}?")
     return out
 
 
@@ -256,9 +263,10 @@ def _good_question(d: ItemData, q: str) -> bool:
 
 
 def _specific(d: ItemData, q: str) -> bool:
-    """Whether ``q`` asks for ``d``'s key word by something the statement says beyond its subject."""
+    """Whether ``q`` asks for ``d``'s key word, naming its subject and something the statement
+    says beyond it ("What is the locker code?" does not say whose)."""
     key = answer_key(d.statement)
-    if key is None or contains_word(q, key):
+    if key is None or contains_word(q, key) or not _stems(d.anchor) & _stems(q):
         return False
     return bool((_stems(d.statement) - _stems(d.anchor) - {_stem(key)}) & _stems(q))
 

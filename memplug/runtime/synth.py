@@ -15,8 +15,9 @@ give the answer away). One model-written question per item is held out to
 measure the item's recall after training; it must name the item's subject and
 something the item says beyond it. Where the model wrote none, the check asks
 what the model knows about the subject, or, when the user's other items share
-that subject, for the end of the statement (``HELD_CLOZE``). ``beside`` picks other memories to put in a prompt with an
-item's question, as the tier's reads have them. None of this imports torch.
+that subject, for the end of the statement (``HELD_CLOZE``). ``beside`` picks
+other memories to put in a prompt with an item's question, as the tier's reads
+have them. None of this imports torch.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -216,7 +217,7 @@ def synthesize(statements: Sequence[str], item_ids: Sequence[int], complete: Com
                     text = text.strip()
                     if good(out[k], text) and text not in found[k]:
                         found[k].append(text)
-    shared = {d.anchor for d in out if sum(e.anchor == d.anchor for e in out) > 1}
+    subjects = Counter(d.anchor for d in out)
     for k, d in enumerate(out):
         qs = questions[k]
         # The held-out question decides whether the item leaves the prompt, so it must ask for
@@ -237,7 +238,7 @@ def synthesize(statements: Sequence[str], item_ids: Sequence[int], complete: Com
         for p in rewrites[k]:
             d.train.append((TEMPLATE_QUESTIONS[0].format(a=d.anchor), p))
         if not d.held_out:
-            d.held_out.append(HELD_CLOZE.format(prefix=prefix) if prefix and d.anchor in shared
+            d.held_out.append(HELD_CLOZE.format(prefix=prefix) if prefix and subjects[d.anchor] > 1
                               else f"What can you tell me about {d.anchor}?")
     return out
 

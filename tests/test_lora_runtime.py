@@ -7,6 +7,7 @@ import dataclasses
 import random
 
 import pytest
+import safetensors.torch
 import torch
 
 from memplug import AdapterRef, ArtifactCorrupt, InvalidInput, ModelMismatch, Scope
@@ -258,6 +259,16 @@ def test_the_base_models_replay_targets_are_kept_between_trainings(make_tiny, tm
     monkeypatch.setattr(lora, "CACHE_VERSION", lora.CACHE_VERSION + 1)
     lora.train(make_tiny(), data, replay, cfg, cache=tmp_path)
     assert len(list(tmp_path.glob("replay-targets-*.safetensors"))) == 3
+
+
+def test_a_replay_example_given_twice_is_cached_once(make_tiny, tmp_path):
+    data = synth.synthesize(FACTS, [1, 2, 3], None, seed=0)
+    pair = ("Give me a tip for sleeping.", "Keep a regular bedtime.", True)
+    cfg = dataclasses.replace(FAST, precision="fp32")
+    lora.train(make_tiny(), data, [pair, ("Tell me a story.", "Once upon a time.", True), pair], cfg, cache=tmp_path)
+    [path] = tmp_path.glob("replay-targets-*.safetensors")
+    assert len(safetensors.torch.load_file(path)) == 4  # two examples: ids and log-probabilities of each
+    lora.train(make_tiny(), data, [pair, ("Tell me a story.", "Once upon a time.", True), pair], cfg, cache=tmp_path)
 
 
 def test_bf16_training_holds_frozen_weights_in_bf16_and_gives_them_back(make_tiny):

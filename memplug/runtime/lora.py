@@ -352,8 +352,11 @@ def _contrast_pool(lm: Any, data: Sequence[ItemData], cfg: TrainConfig, rng: ran
     t0 = time.perf_counter()
     prompts = {d.item_id: contrasts([d], 3 * cfg.contrast, rng) for d in data}
     flat = [q for qs in prompts.values() for q in qs]
-    answers = iter(lm.replies([lm.ids(ask(lm, q)) for q in flat], cfg.contrast_tokens, batch_size=36,
-                              with_preamble=False))
+    # Under the training's precision, as synthesis runs: the answers are the ones whose
+    # distribution the replay loss then holds (computed under the same autocast).
+    with _bf16_weights(lm.model, lm.device, cfg.precision), _autocast(lm.device, cfg.precision)():
+        answers = iter(lm.replies([lm.ids(ask(lm, q)) for q in flat], cfg.contrast_tokens, batch_size=36,
+                                  with_preamble=False))
     log.info("lora: the base model's answers to %d contrast prompts in %.1f s", len(flat), time.perf_counter() - t0)
     out = {}
     for item_id, qs in prompts.items():

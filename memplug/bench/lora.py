@@ -88,7 +88,10 @@ def general_answers(lm: Any, questions: list[dict[str, Any]], max_new_tokens: in
 
 def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, seed: int = 7,
         out_dir: str | Path = "benchmarks/results", home: Path | None = None, console: Any = None,
-        name: str = "lora", gate: float = 0.5) -> dict[str, Any]:
+        name: str = "lora", gate: float = 0.5, isolate: bool = True) -> dict[str, Any]:
+    """Train and measure every (size, setting) pair; with ``isolate``, each pair in a process of its
+    own. A process that has trained before trains slower (glibc's heap, about a tenth by the second
+    training), so pairs measured one after another in one process would not be comparable."""
     from memplug.runtime import lora
     from memplug.runtime.embedder import Embedder
     from memplug.runtime.model import cache_dir, fresh_model, load_model
@@ -96,6 +99,9 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
 
     say = console.print if console is not None else print
     settings = settings or SETTINGS
+    pairs = [(n, label) for n in sizes for label in settings]
+    if isolate and len(pairs) > 1:
+        return _run_isolated(pairs, settings, seed, out_dir, home, name, gate)
     config = Settings()
     home = Path(home or config.home)
     base = load_model(home, config.model)
@@ -190,6 +196,28 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 f"{tiered['direct']:.2f}/{tiered['paraphrase']:.2f}")
             _save(result, out_dir, name)
             del lm
+    _plot(result, out_dir, name)
+    return result
+
+
+def _run_isolated(pairs: list[tuple[int, str]], settings: dict[str, dict[str, Any]], seed: int,
+                  out_dir: str | Path, home: Path | None, name: str, gate: float) -> dict[str, Any]:
+    """:func:`run` for one pair at a time, each in a fresh process; their runs merge in ``name``.json."""
+    import multiprocessing
+
+    from memplug.errors import MemplugError
+
+    context = multiprocessing.get_context("spawn")
+    for n, label in pairs:
+        child = context.Process(target=run, kwargs={
+            "sizes": (n,), "settings": {label: settings[label]}, "seed": seed, "out_dir": str(out_dir),
+            "home": home, "name": name, "gate": gate, "isolate": False})
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise MemplugError(f"bench lora: the run for {n} facts, setting {label!r}, failed "
+                               f"(exit code {child.exitcode}); the runs before it are kept in {name}.json")
+    result = json.loads((Path(out_dir) / f"{name}.json").read_text())
     _plot(result, out_dir, name)
     return result
 

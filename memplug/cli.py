@@ -536,7 +536,7 @@ def bench_lora(sizes: str, settings: tuple[str, ...], seed: int, gate: float, ou
 
     chosen = dict(_setting(s) for s in settings) if settings else SETTINGS
     run(sizes=[int(n) for n in sizes.split(",") if n], settings=chosen, seed=seed, out_dir=out, console=console,
-        gate=gate)
+        gate=gate, isolate=True)
 
 
 @bench.command("policy")

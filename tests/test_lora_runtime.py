@@ -261,14 +261,18 @@ def test_the_base_models_replay_targets_are_kept_between_trainings(make_tiny, tm
     assert len(list(tmp_path.glob("replay-targets-*.safetensors"))) == 3
 
 
-def test_a_replay_example_given_twice_is_cached_once(make_tiny, tmp_path):
+def test_a_replay_example_given_twice_is_cached_once(make_tiny, tmp_path, caplog):
     data = synth.synthesize(FACTS, [1, 2, 3], None, seed=0)
     pair = ("Give me a tip for sleeping.", "Keep a regular bedtime.", True)
     cfg = dataclasses.replace(FAST, precision="fp32")
     lora.train(make_tiny(), data, [pair, ("Tell me a story.", "Once upon a time.", True), pair], cfg, cache=tmp_path)
     [path] = tmp_path.glob("replay-targets-*.safetensors")
     assert len(safetensors.torch.load_file(path)) == 4  # two examples: ids and log-probabilities of each
-    lora.train(make_tiny(), data, [pair, ("Tell me a story.", "Once upon a time.", True), pair], cfg, cache=tmp_path)
+    stamp = path.stat().st_mtime_ns
+    with caplog.at_level("WARNING", logger="memplug.runtime.lora"):
+        lora.train(make_tiny(), data, [pair, ("Tell me a story.", "Once upon a time.", True), pair], cfg,
+                   cache=tmp_path)
+    assert "unreadable" not in caplog.text and path.stat().st_mtime_ns == stamp  # read back, not recomputed
 
 
 def test_bf16_training_holds_frozen_weights_in_bf16_and_gives_them_back(make_tiny):
@@ -405,3 +409,14 @@ def test_a_model_that_does_not_split_trains_whole():
         model = torch.nn.Linear(2, 2)
 
     assert lora._Lower.build(Opaque(), 1, ([1], [2], "fact"), 0, "cpu") is None
+
+
+def test_bench_lora_refuses_a_bad_setting_before_loading_anything(tmp_path):
+    from memplug.bench import lora as bench
+
+    with pytest.raises(InvalidInput, match=r"setting 'x': unknown LoRA training option\(s\) bogus"):
+        bench.run(sizes=(3, 4), settings={"x": {"bogus": 1}}, out_dir=tmp_path, home=tmp_path / "home",
+                  isolate=True)
+    with pytest.raises(InvalidInput, match="rank=0"):
+        bench.run(sizes=(3,), settings={"x": {"rank": 0}}, out_dir=tmp_path, home=tmp_path / "home")
+    assert not list(tmp_path.iterdir())  # nothing loaded, nothing written

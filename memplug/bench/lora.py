@@ -30,12 +30,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import write_atomic
 from .facts import generate
 from .kv import _accuracy, _machine, _median_time
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
 }
+
+_trained = 0  # trainings this process has run: each makes the next slower (see :func:`run`)
 
 
 def general_questions() -> list[dict[str, Any]]:
@@ -88,10 +91,14 @@ def general_answers(lm: Any, questions: list[dict[str, Any]], max_new_tokens: in
 
 def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, seed: int = 7,
         out_dir: str | Path = "benchmarks/results", home: Path | None = None, console: Any = None,
-        name: str = "lora", gate: float = 0.5, isolate: bool = True) -> dict[str, Any]:
-    """Train and measure every (size, setting) pair; with ``isolate``, each pair in a process of its
-    own. A process that has trained before trains slower (glibc's heap, about a tenth by the second
-    training), so pairs measured one after another in one process would not be comparable."""
+        name: str = "lora", gate: float = 0.5, isolate: bool = False) -> dict[str, Any]:
+    """Train and measure every (size, setting) pair; with ``isolate`` (as ``memplug bench lora``
+    runs it), each pair in a spawned process of its own, which loads the models and measures the
+    base model again (about half a minute each). A process that has trained before trains slower
+    (10% by its second training here, about 50% by its fifth; glibc's heap, it seems), so pairs
+    measured one after another in one process are not comparable in time. Called with
+    ``isolate``, the caller's main module must be import-safe (``if __name__ == "__main__"``)."""
+    global _trained
     from memplug.runtime import lora
     from memplug.runtime.embedder import Embedder
     from memplug.runtime.model import cache_dir, fresh_model, load_model
@@ -99,6 +106,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
 
     say = console.print if console is not None else print
     settings = settings or SETTINGS
+    configs = _configs(settings, seed)  # a bad setting fails here, before anything is loaded
     pairs = [(n, label) for n in sizes for label in settings]
     if isolate and len(pairs) > 1:
         return _run_isolated(pairs, settings, seed, out_dir, home, name, gate)
@@ -129,13 +137,13 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
         text = _accuracy(base, facts, None, "text", 1, detail=True)
         say(f"{n} facts: base closed-book {none['direct']:.2f}/{none['paraphrase']:.2f}, "
             f"text in prompt {text['direct']:.2f}/{text['paraphrase']:.2f} (direct/paraphrased)")
-        for label, overrides in settings.items():
-            cfg = lora.TrainConfig(**{**overrides, "seed": seed})
+        for label, cfg in configs.items():
             lm = fresh_model(home, config.model)
             t0 = time.perf_counter()
             data = lora.make_data(lm, [f.statement for f in facts], list(range(n)), cfg)
             synth_s = time.perf_counter() - t0
             cache = cache_dir(home, config.model)
+            before, _trained = _trained, _trained + 1
             trained = lora.train(lm, data, lora.replay_pairs(lm, cache), cfg, cache=cache)
             train_s = time.perf_counter() - t0
             closed = _accuracy(lm, facts, None, "none", 1, detail=True)
@@ -177,6 +185,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 "items_passed": len(held), "held_items_right": held_right, "tiered": tiered,
                 "synthesis_s": synth_s, "train_s": train_s, "examples": trained.metrics["examples"],
                 "steps": trained.metrics["steps"], "stopped": trained.metrics["stopped"],
+                "date": time.strftime("%Y-%m-%d %H:%M"), "trainings_before_in_process": before,
                 "adapter_bytes": len(weights) + len(peft_config), **switch,
             }
             result["runs"][f"{n}/{label}"] = run
@@ -200,6 +209,24 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
     return result
 
 
+def _configs(settings: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Each setting's ``TrainConfig``; an unknown option or a bad value is an ``InvalidInput``."""
+    from dataclasses import fields
+
+    from memplug.errors import InvalidInput
+    from memplug.runtime import lora
+
+    known = {f.name for f in fields(lora.TrainConfig)} - {"seed"}
+    configs = {}
+    for label, overrides in settings.items():
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise InvalidInput(f"setting {label!r}: unknown LoRA training option(s) {', '.join(unknown)} "
+                               f"(known: {', '.join(sorted(known))})")
+        configs[label] = lora.TrainConfig(**{**overrides, "seed": seed})
+    return configs
+
+
 def _run_isolated(pairs: list[tuple[int, str]], settings: dict[str, dict[str, Any]], seed: int,
                   out_dir: str | Path, home: Path | None, name: str, gate: float) -> dict[str, Any]:
     """:func:`run` for one pair at a time, each in a fresh process; their runs merge in ``name``.json."""
@@ -209,17 +236,33 @@ def _run_isolated(pairs: list[tuple[int, str]], settings: dict[str, dict[str, An
 
     context = multiprocessing.get_context("spawn")
     for n, label in pairs:
-        child = context.Process(target=run, kwargs={
+        errors = context.SimpleQueue()
+        child = context.Process(target=_child, args=(errors, {
             "sizes": (n,), "settings": {label: settings[label]}, "seed": seed, "out_dir": str(out_dir),
-            "home": home, "name": name, "gate": gate, "isolate": False})
-        child.start()
-        child.join()
+            "home": home, "name": name, "gate": gate}))
+        try:
+            child.start()
+            child.join()
+        finally:
+            if child.is_alive():  # the parent was interrupted: the child goes with it
+                child.terminate()
+                child.join()
         if child.exitcode != 0:
-            raise MemplugError(f"bench lora: the run for {n} facts, setting {label!r}, failed "
-                               f"(exit code {child.exitcode}); the runs before it are kept in {name}.json")
+            why = errors.get() if not errors.empty() else f"exit code {child.exitcode}"
+            raise MemplugError(f"bench lora: the run for {n} facts, setting {label!r}, failed: {why}; "
+                               f"the runs before it are kept in {name}.json")
     result = json.loads((Path(out_dir) / f"{name}.json").read_text())
     _plot(result, out_dir, name)
     return result
+
+
+def _child(errors: Any, kwargs: dict[str, Any]) -> None:
+    """One isolated run; its error, if any, goes back to the parent as text."""
+    try:
+        run(**kwargs)
+    except BaseException as e:
+        errors.put(f"{type(e).__name__}: {e}")
+        raise
 
 
 def _share(x: float | None) -> str:
@@ -277,7 +320,8 @@ def _earlier_runs(out_dir: str | Path, name: str, fingerprint: str, seed: int, g
 def _save(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    # Atomically: runs merge through this file, and a half-written one would lose them all.
+    write_atomic(out / f"{name}.json", json.dumps(result, indent=2, default=str).encode())
 
 
 def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:

@@ -352,8 +352,8 @@ def _contrast_pool(lm: Any, data: Sequence[ItemData], cfg: TrainConfig, rng: ran
     t0 = time.perf_counter()
     prompts = {d.item_id: contrasts([d], 3 * cfg.contrast, rng) for d in data}
     flat = [q for qs in prompts.values() for q in qs]
-    # Under the training's precision, as synthesis runs: the answers are the ones whose
-    # distribution the replay loss then holds (computed under the same autocast).
+    # Under the training's precision, as synthesis runs: these answers' distribution is then held
+    # under that autocast too. (The cached replay answers are generated once per model, in fp32.)
     with _bf16_weights(lm.model, lm.device, cfg.precision), _autocast(lm.device, cfg.precision)():
         answers = iter(lm.replies([lm.ids(ask(lm, q)) for q in flat], cfg.contrast_tokens, batch_size=36,
                                   with_preamble=False))

@@ -588,7 +588,8 @@ def _replay_targets(lm: Any, model: Any, replays: list[tuple[list[int], list[int
     from safetensors import SafetensorError
     from safetensors.torch import load, save
 
-    keys = list(dict.fromkeys(tuple(p + a) for p, a, _ in replays))  # a repeated example is kept once
+    unique = {tuple(p + a): (p, a, kind) for p, a, kind in replays}  # a repeated example is kept once
+    keys = list(unique)
     precision = "bf16" if _bf16(lm.device, cfg.precision) else "fp32"
     tag = hashlib.blake2b(json.dumps([lm.fingerprint, precision, cfg.kl_top, keys, CACHE_VERSION]).encode(),
                           digest_size=6).hexdigest()
@@ -601,11 +602,10 @@ def _replay_targets(lm: Any, model: Any, replays: list[tuple[list[int], list[int
         except (SafetensorError, KeyError, OSError, ValueError) as e:  # recomputed, never trusted
             log.warning("lora: replay targets %s are unreadable (%s); recomputing them", path, e)
     targets: dict[tuple[int, ...], tuple[Any, Any]] = {}
-    unique = list({tuple(p + a): (p, a, kind) for p, a, kind in replays}.values())
-    unique.sort(key=lambda e: len(e[0]) + len(e[1]))  # little padding per batch
+    order = sorted(unique.values(), key=lambda e: len(e[0]) + len(e[1]))  # little padding per batch
     with autocast():
-        for start in range(0, len(unique), 16):
-            batch = unique[start:start + 16]
+        for start in range(0, len(order), 16):
+            batch = order[start:start + 16]
             _base_targets(model, batch, targets, lm.pad_id, lm.device, cfg.kl_top)
     tensors = {}
     for n, k in enumerate(keys):

@@ -153,6 +153,8 @@ def test_bad_option(dsn):
                options={"lora_served": 1.5, "lora_max_train_s": 0, "lora_rank": 4})
     with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_contrast_tokens=-1$"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_contrast_tokens": -1})
+    with pytest.raises(ConfigError, match=r"option 'lora_isolate'='maybe' is not a valid flag"):
+        Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_isolate": "maybe"})
 
 
 # -- the corpus: tests/bad_input_corpus.py -----------------------------------------------

@@ -420,3 +420,24 @@ def test_bench_lora_refuses_a_bad_setting_before_loading_anything(tmp_path):
     with pytest.raises(InvalidInput, match="rank=0"):
         bench.run(sizes=(3,), settings={"x": {"rank": 0}}, out_dir=tmp_path, home=tmp_path / "home")
     assert not list(tmp_path.iterdir())  # nothing loaded, nothing written
+
+
+def test_a_training_in_a_child_process_gives_what_it_gives_in_this_one(tiny_base, tmp_path):
+    """The tier's default (``lora_isolate``) and its in-process path train the same adapter."""
+    from memplug.runtime import child
+
+    model, tok = tiny_base
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    job = {"home": str(tmp_path), "model": str(folder), "statements": FACTS, "item_ids": [1, 2, 3], "cfg": FAST}
+    here, fingerprint = lora.train_items(**job)
+    seen = []
+    there, child_fingerprint = child.call("memplug.runtime.lora:train_items", job,
+                                          progress=lambda stage, *_: seen.append(stage))
+    assert child_fingerprint == fingerprint
+    assert seen[0] == "synthesize" and "train" in seen
+    assert there.recall == here.recall
+    assert there.state.keys() == here.state.keys()
+    for name, tensor in here.state.items():
+        torch.testing.assert_close(there.state[name], tensor, rtol=0, atol=0, msg=name)

@@ -165,6 +165,26 @@ def replay_pairs(lm: Any, cache: Path | None = None, max_new_tokens: int = 48) -
 # -- training ---------------------------------------------------------------------
 
 
+def train_items(home: str | Path, model: str | None, statements: Sequence[str], item_ids: Sequence[int],
+                cfg: TrainConfig, progress: Progress | None = None) -> tuple[TrainResult, str]:
+    """Synthesize the items' training set, train an adapter on it and measure recall, on a fresh
+    copy of the local model (``home`` and ``model`` as in :func:`memplug.runtime.model.fresh_model`).
+
+    Returns the result and the base model's fingerprint. The tier runs this in a child process
+    (see :mod:`memplug.runtime.child`), so its arguments and result are plain, picklable data.
+    """
+    from .model import cache_dir, fresh_model
+
+    lm = fresh_model(Path(home), model)
+    if progress is not None:
+        progress("synthesize", 0, len(statements), {})
+    data = make_data(lm, statements, item_ids, cfg)
+    cache = cache_dir(Path(home), model)
+    result = train(lm, data, replay_pairs(lm, cache), cfg, progress=progress, cache=cache)
+    return result, lm.fingerprint
+
+
+
 def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bool]], cfg: TrainConfig,
           progress: Progress | None = None, cache: Path | None = None) -> TrainResult:
     """Train a LoRA on ``lm`` (a private copy: its model is changed in place) and measure recall.

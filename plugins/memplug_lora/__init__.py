@@ -32,7 +32,8 @@ answer to them, where the user's values would leak in; 0: at the answer's first 
 16 s less at 50 items as measured with fp32 contrast answers, which now take 5 s less, and more
 general answers changed), ``lora_served`` (0.5: share of item examples asked among other memories,
 as reads serve them), ``lora_min_recall`` (0.5), ``lora_max_train_s`` (600),
-``lora_max_items`` (200 per scope), ``lora_resident`` (adapters kept loaded, 8),
+``lora_max_items`` (200 per scope), ``lora_isolate`` (on: train in a child
+process, see :mod:`memplug.runtime.child`), ``lora_resident`` (adapters kept loaded, 8),
 ``lora_resident_mb`` (256), ``lora_gate`` (0.5; 0 applies the adapter to every read),
 ``lora_precision`` (auto: bfloat16 autocast where the hardware has it; bf16; fp32),
 ``lora_first_layer`` (0: adapt every layer; N: only layers N and up, whose inputs are
@@ -68,6 +69,7 @@ from memplug import (
 )
 from memplug.memory import ITEM_COLUMNS, item_from_row
 from memplug.scoping import subtree_sql, visible_sql
+from memplug.settings import flag
 from memplug.store import row_security
 from memplug.types import adapter_name
 
@@ -120,6 +122,13 @@ OPTIONS = (
 )
 
 
+# One training child at a time per process. Each child's torch starts a thread per core, and
+# OpenMP threads in different processes spin-wait against each other: two concurrent 3-second
+# trainings on 2 cores ran for over ten minutes. One after the other, they take the same
+# total time as two at once would at best.
+_ONE_CHILD = threading.Lock()
+
+
 class LoraTier:
     """Knowledge in the weights: a per-scope LoRA adapter, trained from synthetic data."""
 
@@ -142,6 +151,7 @@ class LoraTier:
             bad = [f"{name}={value!r}" for name, (field, value) in options.items() if not _valid(field, value)]
             raise ConfigError("invalid lora option(s): " + ", ".join(bad or [str(e)])) from e
         self.max_items = opt("lora_max_items", 200, int)
+        self.isolate = opt("lora_isolate", True, flag)
         self.resident = opt("lora_resident", 8, int)
         self.resident_bytes = opt("lora_resident_mb", 256, int) << 20
         self._damaged: set[int] = set()
@@ -208,8 +218,7 @@ class LoraTier:
         return done
 
     def _train_scope(self, memory, db, key, progress):
-        from memplug.runtime import lora
-        from memplug.runtime.model import cache_dir, fresh_model
+        from memplug.runtime import child, lora
 
         u, a, s = key
         rows = db.execute(
@@ -231,14 +240,14 @@ class LoraTier:
                 progress(f"lora {scope_label}: {stage}", done_, total, info)
 
         started = time.perf_counter()
-        model = fresh_model(memory.settings.home, memory.settings.model)
-        report("synthesize", 0, len(items), {})
-        data = lora.make_data(model, [it.text for it in items], [it.id for it in items], self.config)
-        cache = cache_dir(memory.settings.home, memory.settings.model)
-        replay = lora.replay_pairs(model, cache)
-        result = lora.train(model, data, replay, self.config, progress=report, cache=cache)
-        fingerprint = model.fingerprint
-        del model
+        job = {"home": str(memory.settings.home), "model": memory.settings.model,
+               "statements": [it.text for it in items], "item_ids": [it.id for it in items], "cfg": self.config}
+        if self.isolate:  # a fresh process: see memplug.runtime.child
+            with _ONE_CHILD:
+                result, fingerprint = child.call("memplug.runtime.lora:train_items", job, report,
+                                                 what=f"lora training for {scope_label}")
+        else:
+            result, fingerprint = lora.train_items(**job, progress=report)
         # Costs for the policies: the minimum steps are the fixed part of a retrain, the rest is per item.
         total_ms = 1000 * (time.perf_counter() - started)
         fixed_ms = min(total_ms, 1000 * result.metrics["seconds"] / max(1, result.metrics["steps"])

@@ -50,3 +50,49 @@ def test_a_progress_callback_that_raises_stops_the_child():
         child.call("helpers.child_jobs:echo", {"value": []}, progress=stop)
     with pytest.raises(ProcessLookupError):  # stopped and reaped
         os.kill(pids[0], 0)
+
+
+def test_output_on_fd_1_and_a_record_whose_extra_does_not_pickle_leave_the_messages_whole(caplog):
+    with caplog.at_level(logging.WARNING, logger="memplug"):
+        assert child.call("helpers.child_jobs:noisy", {}) == "fine"
+    assert any(r.getMessage() == "with an extra that does not pickle" for r in caplog.records)
+
+
+def test_a_childs_interrupt_is_an_error_here_and_an_unpicklable_result_its_pickling_error():
+    with pytest.raises(MemplugError, match="(?s)failed in its child process.*KeyboardInterrupt"):
+        child.call("helpers.child_jobs:interrupted", {})
+    with pytest.raises(TypeError, match="cannot pickle") as info:  # the child's error, carried over
+        child.call("helpers.child_jobs:unpicklable_result", {})
+    assert any("child process" in n for n in info.value.__notes__)
+
+
+def test_a_child_ends_when_its_parent_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    code = ("from memplug.runtime import child; "
+            f"child.call('helpers.child_jobs:nap', {{'pidfile': {str(pidfile)!r}, 'seconds': 120}})")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path])}
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None, "the child never started"
+        time.sleep(0.1)
+    pid = int(pidfile.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _running(pid):
+        assert time.monotonic() < deadline, "the child outlived its parent"
+        time.sleep(0.1)
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False

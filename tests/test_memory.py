@@ -165,3 +165,17 @@ def test_items_a_kv_prefix_leaves_out_are_served_neither_as_kv_nor_as_text(make_
     assert near.id not in {u.item_id for u in mem.usage(user) if u.reads}
     # Its place among the k best is not filled from further down: with k=2, only the prefix is served.
     assert not mem.read(user, "Ada's bees: honey, roof", Budget(k=2)).hits
+
+
+def test_a_read_leaves_torch_with_the_threads_it_had(memory, user):
+    """The embedder encodes a query on one thread; the local model's work after it keeps them all."""
+    import torch
+
+    memory.write(user, "Ada keeps her bicycle in the hall.")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        memory.read(user, "Where is Ada's bicycle?")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -90,11 +90,17 @@ class Embedder:
         threads = 1 if len(texts) <= self.few else Embedder._batch_threads
         # torch's thread count is per process: set it and encode under one lock, in
         # chunks, so that a query waits for at most one chunk of a large batch.
+        # The count it found is put back: the local model's work in this process uses it too.
         chunks = []
         for start in range(0, len(texts), 256):
             with self._encode_lock:
-                if torch.get_num_threads() != threads:
+                before = torch.get_num_threads()
+                if before != threads:
                     torch.set_num_threads(threads)
-                chunks.append(model.encode(list(texts[start:start + 256]), batch_size=self.batch_size,
-                                           normalize_embeddings=True, show_progress_bar=False))
+                try:
+                    chunks.append(model.encode(list(texts[start:start + 256]), batch_size=self.batch_size,
+                                               normalize_embeddings=True, show_progress_bar=False))
+                finally:
+                    if before != threads:
+                        torch.set_num_threads(before)
         return np.asarray(np.concatenate(chunks), dtype=np.float32)

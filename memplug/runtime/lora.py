@@ -181,6 +181,7 @@ def train_items(home: str | Path, model: str | None, statements: Sequence[str], 
     data = make_data(lm, statements, item_ids, cfg)
     cache = cache_dir(Path(home), model)
     result = train(lm, data, replay_pairs(lm, cache), cfg, progress=progress, cache=cache)
+    result.state = {k: v.cpu() for k, v in result.state.items()}  # a parent need not touch the GPU to read it
     return result, lm.fingerprint
 
 

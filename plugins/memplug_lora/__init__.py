@@ -152,6 +152,13 @@ class LoraTier:
             raise ConfigError("invalid lora option(s): " + ", ".join(bad or [str(e)])) from e
         self.max_items = opt("lora_max_items", 200, int)
         self.isolate = opt("lora_isolate", True, flag)
+        if self.isolate:
+            from memplug.runtime import child
+
+            why = child.available()
+            if why is not None:
+                log.warning("lora: training in this process (lora_isolate is on, but %s)", why)
+                self.isolate = False
         self.resident = opt("lora_resident", 8, int)
         self.resident_bytes = opt("lora_resident_mb", 256, int) << 20
         self._damaged: set[int] = set()

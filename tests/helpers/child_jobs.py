@@ -34,3 +34,25 @@ def odd():
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def noisy(pidfile=None):
+    os.write(1, b"written to fd 1 by C code\n")  # must land on stderr, not in the messages
+    log.warning("with an extra that does not pickle", extra={"lock": __import__("threading").Lock()})
+    return "fine"
+
+
+def interrupted():
+    raise KeyboardInterrupt
+
+
+def unpicklable_result():
+    return __import__("threading").Lock()
+
+
+def nap(pidfile, seconds):
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    import time
+
+    time.sleep(seconds)

@@ -60,7 +60,7 @@ class TrainConfig:
     alpha: float = 16.0
     targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     first_layer: int = 0  # adapt layers from this one up (the lower layers stay the base model's)
-    lr: float = 2e-3
+    lr: float = 3e-3
     epochs: int = 3
     batch_size: int = 8
     replay: float = 0.25  # replay examples per item example, in every epoch

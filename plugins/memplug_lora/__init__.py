@@ -23,7 +23,7 @@ Forgetting an item deletes every adapter version trained on it at once (rows,
 then files after commit, and the resident copy). The scope's other items are
 retrained at the next consolidation; with none left, nothing is retrained.
 
-Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (2e-3),
+Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (3e-3),
 ``lora_epochs`` (3), ``lora_min_steps`` (96: fewer items get more epochs), ``lora_targets``
 (comma-separated module names),
 ``lora_replay`` (0.25), ``lora_replay_tokens`` (16), ``lora_contrast_tokens`` (16: each item's

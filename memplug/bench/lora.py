@@ -93,11 +93,10 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
         out_dir: str | Path = "benchmarks/results", home: Path | None = None, console: Any = None,
         name: str = "lora", gate: float = 0.5, isolate: bool = False) -> dict[str, Any]:
     """Train and measure every (size, setting) pair; with ``isolate`` (as ``memplug bench lora``
-    runs it), each pair in a spawned process of its own, which loads the models and measures the
-    base model again (about half a minute each). A process that has trained before trains slower
-    (10% by its second training here, about 50% by its fifth; glibc's heap, it seems), so pairs
-    measured one after another in one process are not comparable in time. Called with
-    ``isolate``, the caller's main module must be import-safe (``if __name__ == "__main__"``)."""
+    runs it), each pair in a child process of its own (:mod:`memplug.runtime.child`), which loads
+    the models and measures the base model again (about half a minute each). A process that has
+    trained before trains slower (10% by its second training here, about 50% by its fifth; glibc's
+    heap, it seems), so pairs measured one after another in one process are not comparable in time."""
     global _trained
     from memplug.runtime import lora
     from memplug.runtime.embedder import Embedder
@@ -230,39 +229,20 @@ def _configs(settings: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
 def _run_isolated(pairs: list[tuple[int, str]], settings: dict[str, dict[str, Any]], seed: int,
                   out_dir: str | Path, home: Path | None, name: str, gate: float) -> dict[str, Any]:
     """:func:`run` for one pair at a time, each in a fresh process; their runs merge in ``name``.json."""
-    import multiprocessing
-
     from memplug.errors import MemplugError
+    from memplug.runtime import child
 
-    context = multiprocessing.get_context("spawn")
     for n, label in pairs:
-        errors = context.SimpleQueue()
-        child = context.Process(target=_child, args=(errors, {
-            "sizes": (n,), "settings": {label: settings[label]}, "seed": seed, "out_dir": str(out_dir),
-            "home": home, "name": name, "gate": gate}))
         try:
-            child.start()
-            child.join()
-        finally:
-            if child.is_alive():  # the parent was interrupted: the child goes with it
-                child.terminate()
-                child.join()
-        if child.exitcode != 0:
-            why = errors.get() if not errors.empty() else f"exit code {child.exitcode}"
-            raise MemplugError(f"bench lora: the run for {n} facts, setting {label!r}, failed: {why}; "
-                               f"the runs before it are kept in {name}.json")
+            child.call("memplug.bench.lora:run", {
+                "sizes": (n,), "settings": {label: settings[label]}, "seed": seed, "out_dir": str(out_dir),
+                "home": home, "name": name, "gate": gate}, what=f"bench lora ({n} facts, {label})")
+        except Exception as e:
+            raise MemplugError(f"bench lora: the run for {n} facts, setting {label!r}, failed: "
+                               f"{type(e).__name__}: {e}; the runs before it are kept in {name}.json") from e
     result = json.loads((Path(out_dir) / f"{name}.json").read_text())
     _plot(result, out_dir, name)
     return result
-
-
-def _child(errors: Any, kwargs: dict[str, Any]) -> None:
-    """One isolated run; its error, if any, goes back to the parent as text."""
-    try:
-        run(**kwargs)
-    except BaseException as e:
-        errors.put(f"{type(e).__name__}: {e}")
-        raise
 
 
 def _share(x: float | None) -> str:

@@ -185,7 +185,6 @@ def train_items(home: str | Path, model: str | None, statements: Sequence[str], 
     return result, lm.fingerprint
 
 
-
 def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bool]], cfg: TrainConfig,
           progress: Progress | None = None, cache: Path | None = None) -> TrainResult:
     """Train a LoRA on ``lm`` (a private copy: its model is changed in place) and measure recall.

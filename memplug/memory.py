@@ -586,8 +586,10 @@ class Memory:
 
         Kept in Postgres (``tier_costs``), so every process and worker of a
         deployment shares them. With ``db`` the sample is written in the caller's
-        transaction; without, it is buffered and written every 20 samples (reads
-        measure often and should not pay a write each), at consolidation and on close.
+        transaction, and the shared row stays locked until that transaction ends (the
+        built-in tiers never pass a consolidation's: it can last an adapter's training);
+        without, it is buffered and written every 20 samples (reads measure often and
+        should not pay a write each), at consolidation and on close.
         """
         value = float(value)
         if not math.isfinite(value) or value < 0:

@@ -123,3 +123,51 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     mem.forget(alice)
     assert adapter_files(tmp_path) == []
     assert mem.consolidate(alice, wait=True) == []
+
+
+@pytest.mark.timeout(600)
+def test_a_training_waits_while_another_runs_on_this_machine(make_memory, users, tmp_path, dsn):
+    """Trainings queue for the machine whichever process starts them: another worker's training
+    (here, a connection holding the lock as one would) makes this one wait, and it then runs."""
+    import socket
+    import threading
+    import time
+
+    import psycopg
+    from memplug_lora import TRAINING_LOCK
+
+    mem = make_memory(settings=Settings(plugins="context,pgvector,lora"),
+                      options={"artifacts": str(tmp_path / "artifacts"), "lora_min_recall": 0.0,
+                               "lora_epochs": 1, "lora_max_train_s": 3})
+    (alice,) = users(1)
+    items = mem.write(alice, [f for f, _, _ in FACTS[:2]])
+    stages, outcome = [], {}
+
+    def consolidate():
+        try:
+            outcome["placed"] = mem.consolidate(alice, [Move(tuple(it.id for it in items), 1, 3, "test")], wait=True,
+                                                progress=lambda task, done, total, info: stages.append(task))
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            outcome["error"] = e
+
+    key = (TRAINING_LOCK, socket.gethostname())
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext(%s), hashtext(%s))", key)
+        worker = threading.Thread(target=consolidate)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 120
+            while not other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                                    "AND classid::int = hashtext(%s) AND objid::int = hashtext(%s)",
+                                    key).fetchone()[0]:
+                assert worker.is_alive() and time.monotonic() < deadline, outcome
+                time.sleep(0.1)
+            time.sleep(1)
+            assert worker.is_alive() and not any(s.endswith(": train") for s in stages), stages
+            assert any("waiting for another training" in s for s in stages), stages
+        finally:
+            other.execute("SELECT pg_advisory_unlock(hashtext(%s), hashtext(%s))", key)
+        worker.join(timeout=400)
+    assert not worker.is_alive() and "error" not in outcome, outcome
+    assert any(s.endswith(": train") for s in stages), stages
+    assert {i for p in outcome["placed"] if p.tier == "lora" and p.held for i in p.item_ids} == {it.id for it in items}

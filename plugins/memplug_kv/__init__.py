@@ -248,8 +248,10 @@ class KVTier:
             stored += len(blob)
             spans += chunk.span
         if spans:
-            memory.measure(self.name, "write_ms_per_token", 1000 * (time.perf_counter() - started) / spans, db=db)
-            memory.measure(self.name, "bytes_per_token", stored / spans, db=db)
+            # Buffered, not written in the consolidation's transaction: the shared cost rows would
+            # stay locked to its end, which can be an adapter's training minutes later.
+            memory.measure(self.name, "write_ms_per_token", 1000 * (time.perf_counter() - started) / spans)
+            memory.measure(self.name, "bytes_per_token", stored / spans)
         return [it.id for it in fits], refused
 
     def _drop(self, memory, db, ids):

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -122,11 +123,23 @@ OPTIONS = (
 )
 
 
-# One training child at a time per process. Each child's torch starts a thread per core, and
-# OpenMP threads in different processes spin-wait against each other: two concurrent 3-second
-# trainings on 2 cores ran for over ten minutes. One after the other, they take the same
-# total time as two at once would at best.
-_ONE_CHILD = threading.Lock()
+# One training at a time per machine, whichever process or thread starts it. Each training's
+# torch starts a thread per core, and OpenMP threads in different processes spin-wait against
+# each other: two concurrent 3-second trainings on 2 cores ran for over ten minutes. One after
+# the other, they take the same total time as two at once would at best. The lock is a
+# Postgres advisory lock keyed by the host name, taken in the consolidation's transaction and
+# held to its end: every worker of a deployment sees it, and Postgres's deadlock detector
+# sees its waits (a file lock's would be invisible to it).
+TRAINING_LOCK = "memplug-lora-training"
+
+
+def _one_training_per_machine(db, scope_label: str, report) -> None:
+    key = (TRAINING_LOCK, socket.gethostname())
+    if db.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s), hashtext(%s))", key).fetchone()[0]:
+        return
+    log.info("lora %s: waiting for another training on this machine to finish", scope_label)
+    report("waiting for another training on this machine", 0, 1, {})
+    db.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", key)
 
 
 class LoraTier:
@@ -246,21 +259,23 @@ class LoraTier:
             if progress is not None:
                 progress(f"lora {scope_label}: {stage}", done_, total, info)
 
+        _one_training_per_machine(db, scope_label, report)
         started = time.perf_counter()
         job = {"home": str(memory.settings.home), "model": memory.settings.model,
                "statements": [it.text for it in items], "item_ids": [it.id for it in items], "cfg": self.config}
         if self.isolate:  # a fresh process: see memplug.runtime.child
-            with _ONE_CHILD:
-                result, fingerprint = child.call("memplug.runtime.lora:train_items", job, report,
-                                                 what=f"lora training for {scope_label}")
+            result, fingerprint = child.call("memplug.runtime.lora:train_items", job, report,
+                                             what=f"lora training for {scope_label}")
         else:
             result, fingerprint = lora.train_items(**job, progress=report)
         # Costs for the policies: the minimum steps are the fixed part of a retrain, the rest is per item.
         total_ms = 1000 * (time.perf_counter() - started)
         fixed_ms = min(total_ms, 1000 * result.metrics["seconds"] / max(1, result.metrics["steps"])
                        * self.config.min_steps)
-        memory.measure(self.name, "write_ms", fixed_ms, db=db)
-        memory.measure(self.name, "write_ms_per_item", (total_ms - fixed_ms) / len(items), db=db)
+        # Buffered, not written in this transaction: the shared cost row would stay locked to its
+        # end, and another worker's training would wait on it while holding the training lock.
+        memory.measure(self.name, "write_ms", fixed_ms)
+        memory.measure(self.name, "write_ms_per_item", (total_ms - fixed_ms) / len(items))
         passed = set(result.passed(self.config.min_recall))
         mean = sum(result.recall.values()) / len(result.recall)
         adapter_id = db.execute(

@@ -441,3 +441,18 @@ def test_a_training_in_a_child_process_gives_what_it_gives_in_this_one(tiny_base
     assert there.state.keys() == here.state.keys()
     for name, tensor in here.state.items():
         torch.testing.assert_close(there.state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_answer_margins_tell_sure_answers_from_coin_tosses(memory):
+    """The benchmark's margin of a general answer (real SmolLM2): a greedy reply it is sure of
+    scores well above 0, and a reply it would not give scores below 0."""
+    from memplug.bench.lora import SURE_MARGIN, answer_margins, answered, general_replies
+
+    lm = memory.model
+    question = {"question": "What is the capital city of Japan?", "answers": ["tokyo"]}
+    (reply,) = general_replies(lm, [question])
+    assert answered(question, reply), reply
+    (sure,) = answer_margins(lm, [question], [reply])
+    assert sure > SURE_MARGIN
+    (forced,) = answer_margins(lm, [{**question, "answers": ["kyoto"]}], ["The capital city of Japan is Kyoto."])
+    assert forced < 0

@@ -9,8 +9,9 @@ setting, an adapter is trained exactly as the lora tier trains one, then:
 - **forgetting**: perplexity on held-out general text
   (``memplug/bench/data/heldout_text.txt``), and accuracy on the general
   questions the base model answers correctly
-  (``memplug/bench/data/general_questions.json``), and the net change over
-  all of them (answers that tip either way);
+  (``memplug/bench/data/general_questions.json``), on those of them it answers
+  surely (:func:`answer_margins`), and the net change over all of them
+  (answers that tip either way);
 - **as the tier serves it**: the items that pass the tier's own held-out check
   answered closed-book, the others with their text in the prompt;
 - training time (synthesis included), adapter bytes, and the time to switch
@@ -38,6 +39,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
 }
 
+SURE_MARGIN = 1.0  # nats: general answers the base model gives this surely (see answer_margins)
 _trained = 0  # trainings this process has run: each makes the next slower (see :func:`run`)
 
 
@@ -80,13 +82,47 @@ def routed(gate: float, embedder: Any, statements: list[str], questions: list[st
     return [bool(x) for x in ((q @ s.T).max(1) >= gate)]
 
 
-def general_answers(lm: Any, questions: list[dict[str, Any]], max_new_tokens: int = 20) -> list[bool]:
-    """Whether ``lm`` answers each general question right (any accepted answer in its reply)."""
+def general_replies(lm: Any, questions: list[dict[str, Any]], max_new_tokens: int = 20) -> list[str]:
+    """``lm``'s greedy reply to each general question, up to an accepted answer or the first line."""
     rows = [lm.ids(lm.layout(q["question"], "", chunks=False)[1]) for q in questions]
     accepted = [q["answers"] for q in questions]
     replies = lm.replies(rows, max_new_tokens, with_preamble=False,
                          stop=lambda i, text: any(a in text.lower() for a in accepted[i]) or "\n" in text.strip())
-    return [any(a in text.lower() for a in ok) for ok, (text, _) in zip(accepted, replies, strict=True)]
+    return [text for text, _ in replies]
+
+
+def answered(question: dict[str, Any], reply: str) -> bool:
+    return any(a in reply.lower() for a in question["answers"])
+
+
+def general_answers(lm: Any, questions: list[dict[str, Any]], max_new_tokens: int = 20) -> list[bool]:
+    """Whether ``lm`` answers each general question right (any accepted answer in its reply)."""
+    return [answered(q, r) for q, r in zip(questions, general_replies(lm, questions, max_new_tokens), strict=True)]
+
+
+def answer_margins(lm: Any, questions: list[dict[str, Any]], replies: list[str]) -> list[float]:
+    """How surely ``lm`` gives each reply: the smallest gap, over the reply's tokens up to the one
+    that completes an accepted answer, between the log-probability of the reply's token and of
+    the likeliest other (nats). For its own greedy reply, the gap between its first and second
+    choice: near 0, the answer was a coin toss that any change of the weights can tip; below 0,
+    a reply it would not give."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for q, reply in zip(questions, replies, strict=True):
+            prompt, ids = lm.ids(lm.layout(q["question"], "", chunks=False)[1]), lm.ids(reply)
+            cut = next((k for k in range(1, len(ids) + 1) if answered(q, lm.tokenizer.decode(ids[:k]))), len(ids))
+            if not cut:
+                out.append(0.0)
+                continue
+            logits = lm.model(torch.tensor([prompt + ids[:cut]], device=lm.device)).logits[0]
+            logp = torch.log_softmax(logits[len(prompt) - 1:len(prompt) + cut - 1].float(), -1)
+            chosen = torch.tensor(ids[:cut], device=logp.device)
+            own = logp.gather(-1, chosen[:, None]).squeeze(-1)
+            rival = logp.scatter(-1, chosen[:, None], float("-inf")).max(-1).values
+            out.append(float((own - rival).min()))
+    return out
 
 
 def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, seed: int = 7,
@@ -115,16 +151,21 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
     paragraphs = heldout_text()
     questions = general_questions()
     t = time.perf_counter()
-    base_right = general_answers(base, questions)
+    base_replies = general_replies(base, questions)
+    base_right = [answered(q, r) for q, r in zip(questions, base_replies, strict=True)]
     known = [q for q, ok in zip(questions, base_right, strict=True) if ok]
     unknown = [q for q, ok in zip(questions, base_right, strict=True) if not ok]
+    margins = answer_margins(base, known, [r for r, ok in zip(base_replies, base_right, strict=True) if ok])
+    sure = [m >= SURE_MARGIN for m in margins]
     base_ppl = perplexity(base, paragraphs)
     say(f"base model: perplexity {base_ppl:.2f}, answers {len(known)}/{len(questions)} general questions "
-        f"({time.perf_counter() - t:.0f} s)")
+        f"({time.perf_counter() - t:.0f} s), {sum(sure)} of them by more than {SURE_MARGIN} nat")
     embedder = Embedder()
     result: dict[str, Any] = {"machine": _machine(), "model": base.name, "fingerprint": base.fingerprint,
                               "seed": seed, "gate": gate, "base": {"perplexity": base_ppl, "general_known": len(known),
-                                                     "general_total": len(questions)},
+                                                     "general_total": len(questions),
+                                                     "general_margins": {q["question"]: m for q, m in
+                                                                         zip(known, margins, strict=True)}},
                               "runs": _earlier_runs(out_dir, name, base.fingerprint, seed, gate)}
     for n in sizes:
         facts = generate(n, seed)
@@ -152,6 +193,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             # The drop is taken on the questions the base model got right, so it counts every
             # borderline answer that tips the other way and none that tips back: the whole set shows both.
             lost, gained = len(known) - sum(kept), sum(general_answers(lm, unknown))
+            sure_lost = sum(s_ and not ok for s_, ok in zip(sure, kept, strict=True))
             # As served: the adapter answers only the questions the gate routes to it.
             served = {k: sum(a if g else b for a, b, g in zip(closed["correct"][k], none["correct"][k], gated[k],
                                                              strict=True)) / n for k in gated}
@@ -175,6 +217,11 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 "general_accuracy_drop_points": 100 * (1 - still),
                 "general_all": {"base_right": len(known), "lost": lost, "gained": gained, "total": len(questions),
                                 "change_points": 100 * (gained - lost) / len(questions)},
+                "general_lost": [q["question"] for q, ok in zip(known, kept, strict=True) if not ok],
+                # The questions the base model answers surely (margin, see answer_margins): a drop
+                # here is not coin tosses tipping.
+                "general_sure": {"margin": SURE_MARGIN, "base_right": sum(sure), "lost": sure_lost,
+                                 "drop_points": 100 * sure_lost / max(1, sum(sure))},
                 "routed": {"closed_book": served,
                            "paraphrase_vs_text": served["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
                            "fact_questions_routed": {k: sum(v) / n for k, v in gated.items()},
@@ -195,7 +242,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 f"cold {1000 * switch['cold_load_s']:.0f} ms")
             say(f"  {'':>12}  all {len(questions)} general questions: {lost} of the {len(known)} "
                 f"the base model got right now wrong, {gained} of the other {len(unknown)} now right "
-                f"({run['general_all']['change_points']:+.1f} pts)")
+                f"({run['general_all']['change_points']:+.1f} pts); of the {sum(sure)} it answers surely, "
+                f"{sure_lost} now wrong")
             say(f"  {'':>12}  routed (gate {gate}): closed-book {served['direct']:.2f}/{served['paraphrase']:.2f}, "
                 f"general -{run['routed']['general_accuracy_drop_points']:.1f} pts, "
                 f"{sum(general_gated)}/{len(known)} general questions routed to the adapter")

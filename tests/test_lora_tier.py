@@ -170,4 +170,7 @@ def test_a_training_waits_while_another_runs_on_this_machine(make_memory, users,
         worker.join(timeout=400)
     assert not worker.is_alive() and "error" not in outcome, outcome
     assert any(s.endswith(": train") for s in stages), stages
+    waited = [k for k, s in enumerate(stages) if "waiting for another training" in s]
+    trained = [k for k, s in enumerate(stages) if s.endswith(": train")]
+    assert len(waited) == 2 and waited[-1] < trained[0], stages  # the wait shown, then shown over, then training
     assert {i for p in outcome["placed"] if p.tier == "lora" and p.held for i in p.item_ids} == {it.id for it in items}

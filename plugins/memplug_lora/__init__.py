@@ -140,6 +140,7 @@ def _one_training_per_machine(db, scope_label: str, report) -> None:
     log.info("lora %s: waiting for another training on this machine to finish", scope_label)
     report("waiting for another training on this machine", 0, 1, {})
     db.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", key)
+    report("waiting for another training on this machine", 1, 1, {})
 
 
 class LoraTier:

@@ -456,3 +456,14 @@ def test_answer_margins_tell_sure_answers_from_coin_tosses(memory):
     assert sure > SURE_MARGIN
     (forced,) = answer_margins(lm, [{**question, "answers": ["kyoto"]}], ["The capital city of Japan is Kyoto."])
     assert forced < 0
+
+
+def test_replay_never_asks_the_benchmarks_general_questions():
+    """Training holds the model to its own answers on the replay prompts; the benchmark's general
+    questions measure what training did to the model, so none of them may be among those prompts."""
+    from memplug.bench.lora import general_questions
+
+    prompts = {" ".join(p.lower().split()) for p in lora.replay_prompts()}
+    asked = {" ".join(q["question"].lower().split()) for q in general_questions()}
+    assert len(prompts) == len(lora.replay_prompts())
+    assert not prompts & asked, prompts & asked

@@ -84,10 +84,11 @@ def routed(gate: float, embedder: Any, statements: list[str], questions: list[st
 
 def general_replies(lm: Any, questions: list[dict[str, Any]], max_new_tokens: int = 20) -> list[str]:
     """``lm``'s greedy reply to each general question, up to an accepted answer or the first line."""
-    rows = [lm.ids(lm.layout(q["question"], "", chunks=False)[1]) for q in questions]
-    accepted = [q["answers"] for q in questions]
+    from memplug.runtime.lora import ask
+
+    rows = [lm.ids(ask(lm, q["question"])) for q in questions]
     replies = lm.replies(rows, max_new_tokens, with_preamble=False,
-                         stop=lambda i, text: any(a in text.lower() for a in accepted[i]) or "\n" in text.strip())
+                         stop=lambda i, text: answered(questions[i], text) or "\n" in text.strip())
     return [text for text, _ in replies]
 
 
@@ -108,10 +109,12 @@ def answer_margins(lm: Any, questions: list[dict[str, Any]], replies: list[str])
     a reply it would not give."""
     import torch
 
+    from memplug.runtime.lora import ask
+
     out = []
     with torch.inference_mode():
         for q, reply in zip(questions, replies, strict=True):
-            prompt, ids = lm.ids(lm.layout(q["question"], "", chunks=False)[1]), lm.ids(reply)
+            prompt, ids = lm.ids(ask(lm, q["question"])), lm.ids(reply)
             cut = next((k for k in range(1, len(ids) + 1) if answered(q, lm.tokenizer.decode(ids[:k]))), len(ids))
             if not cut:
                 out.append(0.0)

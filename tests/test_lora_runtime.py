@@ -467,3 +467,44 @@ def test_replay_never_asks_the_benchmarks_general_questions():
     asked = {" ".join(q["question"].lower().split()) for q in general_questions()}
     assert len(prompts) == len(lora.replay_prompts())
     assert not prompts & asked, prompts & asked
+
+
+def test_the_general_questions_are_distinct_and_never_give_their_answer_away():
+    """A question that holds one of its own accepted answers ("six minus three": "three") is
+    answered right by any reply that repeats it; only a choice question names its options."""
+    from memplug.bench.lora import general_questions
+
+    topics = {"geography", "animals", "words", "numbers", "science and nature", "everyday things", "colours", "time",
+              "body", "culture"}
+    questions = general_questions()
+    asked = [" ".join(q["question"].lower().split()) for q in questions]
+    assert len(set(asked)) == len(asked) > 400
+    for q, text in zip(questions, asked, strict=True):
+        assert q["answers"] and all(a == a.lower() and a.strip() for a in q["answers"]), q
+        assert q["topic"] in topics, q
+        if " or " not in text:
+            assert not [a for a in q["answers"] if a in text], q
+
+
+def test_a_random_adapter_is_as_large_as_the_trained_one_module_by_module(trained):
+    """The benchmark's control: every LoRA update B @ A replaced by a random one of the same norm."""
+    from memplug.bench.lora import random_adapter
+
+    lm, _, _ = trained
+
+    def updates(model):
+        return {name: (m.lora_B["default"].weight.float() @ m.lora_A["default"].weight.float()).detach().clone()
+                for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+    first, second = copy.deepcopy(lm.model), copy.deepcopy(lm.model)
+    before = updates(lm.model)
+    random_adapter(first, seed=3)
+    random_adapter(second, seed=3)
+    after, again = updates(first), updates(second)
+    assert before and set(after) == set(before)
+    for name, update in before.items():
+        assert torch.allclose(after[name].norm(), update.norm(), rtol=1e-4)
+        assert not torch.allclose(after[name], update)
+        assert torch.equal(after[name], again[name])
+    random = LocalModel(first, lm.tokenizer, fingerprint="tiny", name="tiny-llama", device="cpu", rotary=True)
+    assert not torch.allclose(logits(lm), logits(random))

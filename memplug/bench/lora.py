@@ -169,7 +169,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                                                      "general_total": len(questions),
                                                      "general_margins": {q["question"]: m for q, m in
                                                                          zip(known, margins, strict=True)}},
-                              "runs": _earlier_runs(out_dir, name, base.fingerprint, seed, gate)}
+                              "runs": {}}
+    result["runs"] = _earlier_runs(out_dir, name, base.fingerprint, seed, gate, result["base"])
     for n in sizes:
         facts = generate(n, seed)
         none = _accuracy(base, facts, None, "none", 1, detail=True)
@@ -210,6 +211,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             served_still = sum(ok or not g for ok, g in zip(kept, general_gated, strict=True)) / max(1, len(known))
             weights, peft_config = lora.pack(trained, base.fingerprint, {"bench": True})
             switch = _switch_times(base, weights, peft_config, trained)
+            control = _control(lm, known, unknown, sure, paragraphs, base_ppl, seed)
             run = {
                 "facts": n, "setting": label, "config": trained.metrics["config"],
                 "closed_book": {"direct": closed["direct"], "paraphrase": closed["paraphrase"]},
@@ -221,10 +223,14 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 "general_all": {"base_right": len(known), "lost": lost, "gained": gained, "total": len(questions),
                                 "change_points": 100 * (gained - lost) / len(questions)},
                 "general_lost": [q["question"] for q, ok in zip(known, kept, strict=True) if not ok],
+                "general_by_topic": _by_topic(known, kept, control),
                 # The questions the base model answers surely (margin, see answer_margins): a drop
                 # here is not coin tosses tipping.
                 "general_sure": {"margin": SURE_MARGIN, "base_right": sum(sure), "lost": sure_lost,
                                  "drop_points": 100 * sure_lost / max(1, sum(sure))},
+                # The same measures for a random adapter as large as the trained one: what any change
+                # of the weights this size costs, whatever it learned.
+                "general_control": control,
                 "routed": {"closed_book": served,
                            "paraphrase_vs_text": served["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
                            "fact_questions_routed": {k: sum(v) / n for k, v in gated.items()},
@@ -247,6 +253,9 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 f"the base model got right now wrong, {gained} of the other {len(unknown)} now right "
                 f"({run['general_all']['change_points']:+.1f} pts); of the {sum(sure)} it answers surely, "
                 f"{sure_lost} now wrong")
+            say(f"  {'':>12}  a random adapter of the same size: perplexity {100 * control['perplexity_change']:+.1f}%, "
+                f"{control['lost']} of the {len(known)} lost, {control['gained']} gained, {control['sure_lost']} of "
+                f"the {sum(sure)} sure answers lost")
             say(f"  {'':>12}  routed (gate {gate}): closed-book {served['direct']:.2f}/{served['paraphrase']:.2f}, "
                 f"general -{run['routed']['general_accuracy_drop_points']:.1f} pts, "
                 f"{sum(general_gated)}/{len(known)} general questions routed to the adapter")
@@ -296,6 +305,61 @@ def _run_isolated(pairs: list[tuple[int, str]], settings: dict[str, dict[str, An
     return result
 
 
+def random_adapter(model: Any, seed: int) -> None:
+    """Replace each LoRA update ``B @ A`` in ``model`` by a random one of the same Frobenius norm.
+
+    The result changes the weights as much as the trained adapter did, module by module,
+    in directions that hold nothing: the forgetting it causes is what a change of that size
+    costs by itself (answers the base model gives by a narrow margin tip either way).
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if not hasattr(module, "lora_A") or not hasattr(module, "active_adapters"):
+                continue
+            for name in module.active_adapters:
+                if name not in module.lora_A:
+                    continue
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+                norm = (b.float() @ a.float()).norm()
+                a2 = torch.randn(a.shape, generator=generator)
+                b2 = torch.randn(b.shape, generator=generator)
+                k = (norm / (b2 @ a2).norm()).sqrt()
+                a.copy_(a2 * k)
+                b.copy_(b2 * k)
+
+
+def _control(lm: Any, known: list[dict[str, Any]], unknown: list[dict[str, Any]], sure: list[bool],
+             paragraphs: list[str], base_ppl: float, seed: int) -> dict[str, Any]:
+    """Forgetting measured for :func:`random_adapter` in place of ``lm``'s trained adapter
+    (which it overwrites)."""
+    random_adapter(lm.model, seed)  # general replies run with no cached prefix: nothing stale to drop
+    kept = general_answers(lm, known)
+    lost = len(known) - sum(kept)
+    sure_lost = sum(s and not ok for s, ok in zip(sure, kept, strict=True))
+    return {"what": "a random adapter, each module's update as large (Frobenius norm) as the trained one's",
+            "perplexity_change": perplexity(lm, paragraphs) / base_ppl - 1,
+            "lost": lost, "gained": sum(general_answers(lm, unknown)),
+            "general_accuracy_drop_points": 100 * lost / max(1, len(known)),
+            "sure_lost": sure_lost, "sure_drop_points": 100 * sure_lost / max(1, sum(sure)),
+            "general_lost": [q["question"] for q, ok in zip(known, kept, strict=True) if not ok]}
+
+
+def _by_topic(known: list[dict[str, Any]], kept: list[bool], control: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per topic of the general questions: how many the base model gets right, how many of those
+    the adapter lost, and how many the random adapter of the same size lost."""
+    control_lost = set(control["general_lost"])
+    out: dict[str, dict[str, int]] = {}
+    for q, ok in zip(known, kept, strict=True):
+        row = out.setdefault(q["topic"], {"base_right": 0, "lost": 0, "control_lost": 0})
+        row["base_right"] += 1
+        row["lost"] += not ok
+        row["control_lost"] += q["question"] in control_lost
+    return dict(sorted(out.items()))
+
+
 def _share(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
@@ -338,13 +402,17 @@ def _switch_times(base: Any, weights: bytes, peft_config: bytes, trained: Any) -
     return {"cold_load_s": statistics.median(cold), "switch_s": switch_s, "base_switch_s": off_s}
 
 
-def _earlier_runs(out_dir: str | Path, name: str, fingerprint: str, seed: int, gate: float) -> dict[str, Any]:
-    """Runs of an earlier invocation on the same model, seed and gate: a run of other sizes adds to them."""
+def _earlier_runs(out_dir: str | Path, name: str, fingerprint: str, seed: int, gate: float,
+                  base: dict[str, Any]) -> dict[str, Any]:
+    """Runs of an earlier invocation on the same model, seed, gate and general questions (the same
+    ones answered right by the base model): a run of other sizes adds to them."""
     try:
         earlier = json.loads((Path(out_dir) / f"{name}.json").read_text())
     except (OSError, ValueError):
         return {}
-    same = (earlier.get("fingerprint"), earlier.get("seed"), earlier.get("gate")) == (fingerprint, seed, gate)
+    same = (earlier.get("fingerprint"), earlier.get("seed"), earlier.get("gate")) == (fingerprint, seed, gate) and \
+        sorted(earlier.get("base", {}).get("general_margins", {})) == sorted(base["general_margins"]) and \
+        earlier["base"].get("general_total") == base["general_total"]
     return dict(earlier.get("runs", {})) if same else {}
 
 
@@ -363,15 +431,18 @@ def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
     panels = ((axes[0], lambda r: 100 * r["perplexity_change"], "held-out perplexity change (%)", 10,
                "perplexity target (+10%)"),
-              (axes[1], lambda r: -r["general_accuracy_drop_points"], "general questions, change (points, raw)", -2,
-               "general-question target (-2 points)"))
+              (axes[1], lambda r: -r["general_accuracy_drop_points"],
+               "general questions the base model gets right, change (points)", -2,
+               "general-question target (-2 points)"),
+              (axes[2], lambda r: -r["general_sure"]["drop_points"],
+               "... of them, those it answers surely, change (points)", -2, "general-question target (-2 points)"))
     for ax, x_of, label, target, target_label in panels:
         placed: list[tuple[float, float]] = []
         xs = [x_of(run) for run in result["runs"].values()] + [target]
-        width = 0.2 * (max(xs) - min(xs))  # about a label's length in data units
+        width = 0.2 * (max(xs) - min(xs)) or 1.0  # about a label's length in data units
         for key, run in result["runs"].items():
             x, y = x_of(run), run["closed_book"]["paraphrase"]
             ax.scatter(x, y, s=20 + run["facts"])
@@ -380,7 +451,14 @@ def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
             ax.annotate(key, (x, y), fontsize=7, xytext=(3, 3 + 10 * near), textcoords="offset points")
             placed.append((x, y))
         ax.axvline(target, color="grey", ls=":", label=target_label)
-        ax.set_xlabel(label)
+        ax.set_xlabel(label, fontsize=9)
+    # What a random adapter of the same size does to the same answers (see random_adapter).
+    controls = [(run["general_control"], run["closed_book"]["paraphrase"]) for run in result["runs"].values()
+                if "general_control" in run]
+    for ax, field in ((axes[0], None), (axes[1], "general_accuracy_drop_points"), (axes[2], "sure_drop_points")):
+        if controls:
+            ax.scatter([100 * c["perplexity_change"] if field is None else -c[field] for c, _ in controls],
+                       [y for _, y in controls], marker="x", color="grey", label="random adapter of the same size")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("closed-book accuracy, paraphrased questions")
     fig.suptitle(f"LoRA memory on {result['model']}: recall vs forgetting")

@@ -177,7 +177,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
         statements = [f.statement for f in facts]
         gated = {"direct": routed(gate, embedder, statements, [f.question for f in facts]),
                  "paraphrase": routed(gate, embedder, statements, [f.paraphrase for f in facts])}
-        general_gated = routed(gate, embedder, statements, [q["question"] for q in known])
+        every_gated = routed(gate, embedder, statements, [q["question"] for q in questions])
+        general_gated = [g for g, ok in zip(every_gated, base_right, strict=True) if ok]
         text = _accuracy(base, facts, None, "text", 1, detail=True)
         say(f"{n} facts: base closed-book {none['direct']:.2f}/{none['paraphrase']:.2f}, "
             f"text in prompt {text['direct']:.2f}/{text['paraphrase']:.2f} (direct/paraphrased)")
@@ -235,6 +236,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                            "paraphrase_vs_text": served["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
                            "fact_questions_routed": {k: sum(v) / n for k, v in gated.items()},
                            "general_questions_routed": sum(general_gated) / max(1, len(known)),
+                           "all_general_questions_routed": [q["question"] for q, g in zip(questions, every_gated,
+                                                                                          strict=True) if g],
                            "general_accuracy_drop_points": 100 * (1 - served_still)},
                 "self_measured_recall": trained.metrics["held_out_recall"],
                 "items_passed": len(held), "held_items_right": held_right, "tiered": tiered,
@@ -258,7 +261,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 f"the {sum(sure)} sure answers lost")
             say(f"  {'':>12}  routed (gate {gate}): closed-book {served['direct']:.2f}/{served['paraphrase']:.2f}, "
                 f"general -{run['routed']['general_accuracy_drop_points']:.1f} pts, "
-                f"{sum(general_gated)}/{len(known)} general questions routed to the adapter")
+                f"{sum(general_gated)}/{len(known)} general questions routed to the adapter "
+                f"({sum(every_gated)}/{len(questions)} of all)")
             say(f"  {'':>12}  {len(held)}/{n} items passed the tier's check; of those, closed-book "
                 f"{_share(held_right['direct'])}/{_share(held_right['paraphrase'])}; with the rest as text: "
                 f"{tiered['direct']:.2f}/{tiered['paraphrase']:.2f}")
@@ -458,7 +462,7 @@ def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
     for ax, field in ((axes[0], None), (axes[1], "general_accuracy_drop_points"), (axes[2], "sure_drop_points")):
         if controls:
             ax.scatter([100 * c["perplexity_change"] if field is None else -c[field] for c, _ in controls],
-                       [y for _, y in controls], marker="x", color="grey", label="random adapter of the same size")
+                       [y for _, y in controls], marker="x", color="grey", label="random adapter as large as the run's (at its height)")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("closed-book accuracy, paraphrased questions")
     fig.suptitle(f"LoRA memory on {result['model']}: recall vs forgetting")

@@ -11,7 +11,9 @@ setting, an adapter is trained exactly as the lora tier trains one, then:
   questions the base model answers correctly
   (``memplug/bench/data/general_questions.json``), on those of them it answers
   surely (:func:`answer_margins`), and the net change over all of them
-  (answers that tip either way);
+  (answers that tip either way), per topic; and the same for a random adapter
+  as large as the trained one (:func:`random_adapter`), which holds nothing:
+  what it loses is what a change of the weights that size costs by itself;
 - **as the tier serves it**: the items that pass the tier's own held-out check
   answered closed-book, the others with their text in the prompt;
 - training time (synthesis included), adapter bytes, and the time to switch
@@ -416,7 +418,7 @@ def _earlier_runs(out_dir: str | Path, name: str, fingerprint: str, seed: int, g
         return {}
     same = (earlier.get("fingerprint"), earlier.get("seed"), earlier.get("gate")) == (fingerprint, seed, gate) and \
         sorted(earlier.get("base", {}).get("general_margins", {})) == sorted(base["general_margins"]) and \
-        earlier["base"].get("general_total") == base["general_total"]
+        earlier.get("base", {}).get("general_total") == base["general_total"]
     return dict(earlier.get("runs", {})) if same else {}
 
 
@@ -445,9 +447,10 @@ def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
                "... of them, those it answers surely, change (points)", -2, "general-question target (-2 points)"))
     for ax, x_of, label, target, target_label in panels:
         placed: list[tuple[float, float]] = []
-        xs = [x_of(run) for run in result["runs"].values()] + [target]
+        runs = {key: run for key, run in result["runs"].items() if "general_sure" in run}  # older runs lack it
+        xs = [x_of(run) for run in runs.values()] + [target]
         width = 0.2 * (max(xs) - min(xs)) or 1.0  # about a label's length in data units
-        for key, run in result["runs"].items():
+        for key, run in runs.items():
             x, y = x_of(run), run["closed_book"]["paraphrase"]
             ax.scatter(x, y, s=20 + run["facts"])
             # A label that would run into an earlier one at about the same height goes above it.

@@ -166,13 +166,11 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
     say(f"base model: perplexity {base_ppl:.2f}, answers {len(known)}/{len(questions)} general questions "
         f"({time.perf_counter() - t:.0f} s), {sum(sure)} of them by more than {SURE_MARGIN} nat")
     embedder = Embedder()
+    measured = {"perplexity": base_ppl, "general_known": len(known), "general_total": len(questions),
+                "general_margins": {q["question"]: m for q, m in zip(known, margins, strict=True)}}
     result: dict[str, Any] = {"machine": _machine(), "model": base.name, "fingerprint": base.fingerprint,
-                              "seed": seed, "gate": gate, "base": {"perplexity": base_ppl, "general_known": len(known),
-                                                     "general_total": len(questions),
-                                                     "general_margins": {q["question"]: m for q, m in
-                                                                         zip(known, margins, strict=True)}},
-                              "runs": {}}
-    result["runs"] = _earlier_runs(out_dir, name, base.fingerprint, seed, gate, result["base"])
+                              "seed": seed, "gate": gate, "base": measured,
+                              "runs": _earlier_runs(out_dir, name, base.fingerprint, seed, gate, measured)}
     for n in sizes:
         facts = generate(n, seed)
         none = _accuracy(base, facts, None, "none", 1, detail=True)

@@ -151,8 +151,9 @@ def test_bad_option(dsn):
     with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_served=1.5, lora_max_train_s=0.0$"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"),
                options={"lora_served": 1.5, "lora_max_train_s": 0, "lora_rank": 4})
-    with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_contrast_tokens=-1$"):
-        Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_contrast_tokens": -1})
+    with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_contrast_tokens=-1, lora_weight_decay=-0.5$"):
+        Memory(dsn, settings=Settings(plugins="context,pgvector,lora"),
+               options={"lora_contrast_tokens": -1, "lora_weight_decay": -0.5})
     with pytest.raises(ConfigError, match=r"option 'lora_isolate'='maybe' is not a valid flag"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_isolate": "maybe"})
 

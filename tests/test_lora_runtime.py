@@ -205,6 +205,19 @@ def test_training_changes_only_the_adapter_and_reports_recall(make_tiny, trained
         lora.TrainConfig(rank=0)
 
 
+def test_weight_decay_keeps_the_adapter_smaller(make_tiny, trained):
+    """``weight_decay`` (``lora_weight_decay``) is AdamW's decoupled decay of the LoRA weights."""
+    _, data, plain = trained
+    replay = [("Give me a tip for sleeping.", "Keep a regular bedtime.", True)]
+    decayed = lora.train(make_tiny(), data, replay, dataclasses.replace(FAST, weight_decay=50.0))
+    assert decayed.metrics["config"]["weight_decay"] == 50.0
+
+    def size(state):
+        return sum(float(v.float().norm()) ** 2 for k, v in state.items() if "lora_A" in k) ** 0.5
+
+    assert size(decayed.state) < 0.9 * size(plain.state)
+
+
 def test_replay_answers_are_cut_and_early_epochs_go_unmeasured(make_tiny):
     lm = make_tiny()
     long = " ".join(["word"] * 40)
@@ -461,10 +474,10 @@ def test_answer_margins_tell_sure_answers_from_coin_tosses(memory):
 def test_replay_never_asks_the_benchmarks_general_questions():
     """Training holds the model to its own answers on the replay prompts; the benchmark's general
     questions measure what training did to the model, so none of them may be among those prompts."""
-    from memplug.bench.lora import general_questions
+    from memplug.bench.lora import general_questions, near_questions
 
     prompts = {" ".join(p.lower().split()) for p in lora.replay_prompts()}
-    asked = {" ".join(q["question"].lower().split()) for q in general_questions()}
+    asked = {" ".join(q["question"].lower().split()) for q in general_questions() + near_questions()}
     assert len(prompts) == len(lora.replay_prompts())
     assert not prompts & asked, prompts & asked
 
@@ -486,6 +499,54 @@ def test_the_general_questions_are_distinct_and_never_give_their_answer_away():
             assert not [a for a in q["answers"] if a in text], q
 
 
+def test_the_near_miss_questions_cover_every_value_a_fact_can_name_and_are_their_own_set():
+    """One general question per value of the fact generator (a city, job, kind of pet, colour,
+    instrument, sport, dish), none of them a general question too, none giving its answer away."""
+    from memplug.bench import facts
+    from memplug.bench.lora import general_questions, near_questions
+
+    values = facts.CITIES + facts.JOBS + facts.PETS + facts.COLOURS + facts.INSTRUMENTS + facts.SPORTS + facts.FOODS
+    questions = near_questions()
+    assert sorted(q["near"] for q in questions) == sorted(values)
+    asked = [" ".join(q["question"].lower().split()) for q in questions]
+    assert len(set(asked)) == len(asked)
+    assert not set(asked) & {" ".join(q["question"].lower().split()) for q in general_questions()}
+    for q, text in zip(questions, asked, strict=True):
+        assert q["answers"] and all(a == a.lower() and a.strip() for a in q["answers"]), q
+        if " or " not in text:
+            assert not [a for a in q["answers"] if a in text], q
+
+
+def test_near_misses_are_picked_by_whole_words_and_replies_checked_for_the_users_values():
+    from memplug.bench.lora import naming, near
+
+    questions = [{"near": "Bled", "question": "In which country is Lake Bled?", "answers": ["slovenia"]},
+                 {"near": "owl", "question": "Is an owl awake at night?", "answers": ["awake"]},
+                 {"near": "pad thai", "question": "From which country does pad thai come?", "answers": ["thailand"]}]
+    statements = ["Ka Vor lives in Wimbledon.", "Mi Kowl has a pet OWL called Tofu.", "Ta Ash likes pad thai."]
+    assert [q["near"] for q in near(questions, statements)] == ["owl", "pad thai"]
+    assert naming(["It is Tofu.", "Tofurky", "The code is AB-1234.", "none"], ["Tofu", "AB-1234"]) == \
+        [True, False, True, False]
+    assert naming(["anything"], []) == [False]
+
+
+def test_near_misses_are_served_by_the_adapter_only_where_the_gate_routes_them(trained):
+    from memplug.bench.lora import _near_misses, general_replies
+
+    lm, _, _ = trained
+    questions = [{"near": "Oslo", "question": "In which country is Oslo?", "answers": ["norway"]},
+                 {"near": "parrot", "question": "What kind of animal is a parrot?", "answers": ["bird"]}]
+    replies = general_replies(lm, questions)
+    base = ["It is in Norway.", "A parrot is a bird called Rex."]
+    none = _near_misses(lm, questions, base, [False, False], ["Rex"])
+    every = _near_misses(lm, questions, base, [True, True], ["Rex"])
+    assert none["served_right"] == none["base_right"] == 2 and none["served_naming"] == none["base_naming"] == 1
+    assert none["routed"] == 0 and every["routed"] == 2 and every["routed_questions"] == [q["question"] for q in questions]
+    right = sum(any(a in r.lower() for a in q["answers"]) for q, r in zip(questions, replies, strict=True))
+    assert every["served_right"] == every["adapter_right"] == right
+    assert len(every["lost"]) == 2 - right
+
+
 def test_a_random_adapter_is_as_large_as_the_trained_one_module_by_module(trained):
     """The benchmark's control: every LoRA update B @ A replaced by a random one of the same norm."""
     from memplug.bench.lora import random_adapter
@@ -498,10 +559,11 @@ def test_a_random_adapter_is_as_large_as_the_trained_one_module_by_module(traine
 
     first, second = copy.deepcopy(lm.model), copy.deepcopy(lm.model)
     before = updates(lm.model)
-    random_adapter(first, seed=3)
+    norm = random_adapter(first, seed=3)
     random_adapter(second, seed=3)
     after, again = updates(first), updates(second)
     assert before and set(after) == set(before)
+    assert norm == pytest.approx(sum(float(u.norm()) ** 2 for u in before.values()) ** 0.5, rel=1e-4)
     for name, update in before.items():
         assert torch.allclose(after[name].norm(), update.norm(), rtol=1e-4)
         assert not torch.allclose(after[name], update)

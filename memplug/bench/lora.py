@@ -14,6 +14,11 @@ setting, an adapter is trained exactly as the lora tier trains one, then:
   (answers that tip either way), per topic; and the same for a random adapter
   as large as the trained one (:func:`random_adapter`), which holds nothing:
   what it loses is what a change of the weights that size costs by itself;
+- **near misses**: general questions about the facts' values ("In which
+  country is Lisbon?" beside "... lives in Lisbon",
+  ``memplug/bench/data/near_questions.json``), answered by the base model, by
+  the adapter, and as served (the adapter only where the gate routes the
+  question), with how many replies name one of the user's values;
 - **as the tier serves it**: the items that pass the tier's own held-out check
   answered closed-book, the others with their text in the prompt;
 - training time (synthesis included), adapter bytes, and the time to switch
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
 from importlib import resources
@@ -47,6 +53,27 @@ _trained = 0  # trainings this process has run: each makes the next slower (see 
 
 def general_questions() -> list[dict[str, Any]]:
     return json.loads(resources.files("memplug.bench").joinpath("data/general_questions.json").read_text())
+
+
+def near_questions() -> list[dict[str, Any]]:
+    """General questions about the facts' values ("In which country is Lisbon?" beside "... lives
+    in Lisbon"): each names its value in ``near``. The gate's hardest cases: the topic of a memory,
+    with none of its subject."""
+    return json.loads(resources.files("memplug.bench").joinpath("data/near_questions.json").read_text())
+
+
+def near(questions: list[dict[str, Any]], statements: list[str]) -> list[dict[str, Any]]:
+    """The questions whose value some statement names (as a whole word, in any case)."""
+    text = " ".join(statements)
+    return [q for q in questions if re.search(rf"\b{re.escape(q['near'])}\b", text, re.IGNORECASE)]
+
+
+def naming(replies: list[str], values: list[str]) -> list[bool]:
+    """Whether each reply names one of ``values`` (a user's answers) as a whole word."""
+    if not values:
+        return [False] * len(replies)
+    pattern = re.compile("|".join(rf"\b{re.escape(v)}\b" for v in values), re.IGNORECASE)
+    return [bool(pattern.search(r)) for r in replies]
 
 
 def heldout_text() -> list[str]:
@@ -165,9 +192,13 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
     base_ppl = perplexity(base, paragraphs)
     say(f"base model: perplexity {base_ppl:.2f}, answers {len(known)}/{len(questions)} general questions "
         f"({time.perf_counter() - t:.0f} s), {sum(sure)} of them by more than {SURE_MARGIN} nat")
+    nearby = near_questions()
+    near_base = general_replies(base, nearby)
     embedder = Embedder()
     measured = {"perplexity": base_ppl, "general_known": len(known), "general_total": len(questions),
-                "general_margins": {q["question"]: m for q, m in zip(known, margins, strict=True)}}
+                "general_margins": {q["question"]: m for q, m in zip(known, margins, strict=True)},
+                "near_total": len(nearby),
+                "near_known": [q["question"] for q, r in zip(nearby, near_base, strict=True) if answered(q, r)]}
     result: dict[str, Any] = {"machine": _machine(), "model": base.name, "fingerprint": base.fingerprint,
                               "seed": seed, "gate": gate, "base": measured,
                               "runs": _earlier_runs(out_dir, name, base.fingerprint, seed, gate, measured)}
@@ -179,6 +210,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                  "paraphrase": routed(gate, embedder, statements, [f.paraphrase for f in facts])}
         every_gated = routed(gate, embedder, statements, [q["question"] for q in questions])
         general_gated = [g for g, ok in zip(every_gated, base_right, strict=True) if ok]
+        close = [i for i, q in enumerate(nearby) if q in near(nearby, statements)]
+        near_gated = routed(gate, embedder, statements, [nearby[i]["question"] for i in close]) if close else []
         text = _accuracy(base, facts, None, "text", 1, detail=True)
         say(f"{n} facts: base closed-book {none['direct']:.2f}/{none['paraphrase']:.2f}, "
             f"text in prompt {text['direct']:.2f}/{text['paraphrase']:.2f} (direct/paraphrased)")
@@ -199,6 +232,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             # borderline answer that tips the other way and none that tips back: the whole set shows both.
             lost, gained = len(known) - sum(kept), sum(general_answers(lm, unknown))
             sure_lost = sum(s_ and not ok for s_, ok in zip(sure, kept, strict=True))
+            near_misses = _near_misses(lm, [nearby[i] for i in close], [near_base[i] for i in close], near_gated,
+                                       [f.answer for f in facts])
             # As served: the adapter answers only the questions the gate routes to it.
             served = {k: sum(a if g else b for a, b, g in zip(closed["correct"][k], none["correct"][k], gated[k],
                                                              strict=True)) / n for k in gated}
@@ -232,6 +267,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 # The same measures for a random adapter as large as the trained one: what any change
                 # of the weights this size costs, whatever it learned.
                 "general_control": control,
+                "near_misses": near_misses,
                 "routed": {"closed_book": served,
                            "paraphrase_vs_text": served["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
                            "fact_questions_routed": {k: sum(v) / n for k, v in gated.items()},
@@ -263,6 +299,11 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 f"general -{run['routed']['general_accuracy_drop_points']:.1f} pts, "
                 f"{sum(general_gated)}/{len(known)} general questions routed to the adapter "
                 f"({sum(every_gated)}/{len(questions)} of all)")
+            say(f"  {'':>12}  {near_misses['questions']} general questions about the facts' values: "
+                f"{near_misses['routed']} routed, right {near_misses['base_right']} by the base model, "
+                f"{near_misses['adapter_right']} with the adapter, {near_misses['served_right']} as served; replies "
+                f"naming a user's value {near_misses['base_naming']} / {near_misses['adapter_naming']} / "
+                f"{near_misses['served_naming']}")
             say(f"  {'':>12}  {len(held)}/{n} items passed the tier's check; of those, closed-book "
                 f"{_share(held_right['direct'])}/{_share(held_right['paraphrase'])}; with the rest as text: "
                 f"{tiered['direct']:.2f}/{tiered['paraphrase']:.2f}")
@@ -309,8 +350,9 @@ def _run_isolated(pairs: list[tuple[int, str]], settings: dict[str, dict[str, An
     return result
 
 
-def random_adapter(model: Any, seed: int) -> None:
-    """Replace each LoRA update ``B @ A`` in ``model`` by a random one of the same Frobenius norm.
+def random_adapter(model: Any, seed: int) -> float:
+    """Replace each LoRA update ``B @ A`` in ``model`` by a random one of the same Frobenius norm;
+    returns the norm of all the updates together (the root of their squared norms' sum).
 
     The result changes the weights as much as the trained adapter did, module by module,
     in directions that hold nothing: the forgetting it causes is what a change of that size
@@ -319,6 +361,7 @@ def random_adapter(model: Any, seed: int) -> None:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    total = 0.0
     with torch.no_grad():
         for module in model.modules():
             if not hasattr(module, "lora_A") or not hasattr(module, "active_adapters"):
@@ -328,22 +371,46 @@ def random_adapter(model: Any, seed: int) -> None:
                     continue
                 a, b = module.lora_A[name].weight, module.lora_B[name].weight
                 norm = (b.float() @ a.float()).norm()
+                total += float(norm) ** 2
                 a2 = torch.randn(a.shape, generator=generator)
                 b2 = torch.randn(b.shape, generator=generator)
                 k = (norm / (b2 @ a2).norm()).sqrt()
                 a.copy_(a2 * k)
                 b.copy_(b2 * k)
+    return math.sqrt(total)
+
+
+def _near_misses(lm: Any, questions: list[dict[str, Any]], base_replies: list[str], gated: list[bool],
+                 values: list[str]) -> dict[str, Any]:
+    """The general questions about the facts' values (:func:`near`), answered by the base model, by the
+    adapter on every one of them, and as served (the adapter where the gate routes the question):
+    how many are right, and how many replies name one of the user's values, as if the question were
+    about the user."""
+    replies = general_replies(lm, questions)
+    served = [a if g else b for a, b, g in zip(replies, base_replies, gated, strict=True)]
+
+    def right(rs: list[str]) -> int:
+        return sum(answered(q, r) for q, r in zip(questions, rs, strict=True))
+
+    return {"questions": len(questions), "routed": sum(gated),
+            "routed_questions": [q["question"] for q, g in zip(questions, gated, strict=True) if g],
+            "base_right": right(base_replies), "adapter_right": right(replies), "served_right": right(served),
+            "base_naming": sum(naming(base_replies, values)), "adapter_naming": sum(naming(replies, values)),
+            "served_naming": sum(naming(served, values)),
+            "lost": [q["question"] for q, a, b in zip(questions, replies, base_replies, strict=True)
+                     if answered(q, b) and not answered(q, a)]}
 
 
 def _control(lm: Any, known: list[dict[str, Any]], unknown: list[dict[str, Any]], sure: list[bool],
              paragraphs: list[str], base_ppl: float, seed: int) -> dict[str, Any]:
     """Forgetting measured for :func:`random_adapter` in place of ``lm``'s trained adapter
     (which it overwrites)."""
-    random_adapter(lm.model, seed)  # general replies run with no cached prefix: nothing stale to drop
+    norm = random_adapter(lm.model, seed)  # general replies run with no cached prefix: nothing stale to drop
     kept = general_answers(lm, known)
     lost = len(known) - sum(kept)
     sure_lost = sum(s and not ok for s, ok in zip(sure, kept, strict=True))
     return {"what": "a random adapter, each module's update as large (Frobenius norm) as the trained one's",
+            "update_norm": norm,
             "perplexity_change": perplexity(lm, paragraphs) / base_ppl - 1,
             "lost": lost, "gained": sum(general_answers(lm, unknown)),
             "general_accuracy_drop_points": 100 * lost / max(1, len(known)),
@@ -416,7 +483,8 @@ def _earlier_runs(out_dir: str | Path, name: str, fingerprint: str, seed: int, g
         return {}
     same = (earlier.get("fingerprint"), earlier.get("seed"), earlier.get("gate")) == (fingerprint, seed, gate) and \
         sorted(earlier.get("base", {}).get("general_margins", {})) == sorted(base["general_margins"]) and \
-        earlier.get("base", {}).get("general_total") == base["general_total"]
+        earlier.get("base", {}).get("general_total") == base["general_total"] and \
+        earlier.get("base", {}).get("near_known") == base["near_known"]
     return dict(earlier.get("runs", {})) if same else {}
 
 

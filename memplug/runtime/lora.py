@@ -61,6 +61,7 @@ class TrainConfig:
     targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     first_layer: int = 0  # adapt layers from this one up (the lower layers stay the base model's)
     lr: float = 3e-3
+    weight_decay: float = 0.0  # AdamW's decoupled decay of the LoRA weights
     epochs: int = 3
     batch_size: int = 8
     replay: float = 0.25  # replay examples per item example, in every epoch
@@ -81,7 +82,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = {"rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": 0 < self.lr < 1, "kl": self.kl >= 0,
+        checks = {"rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": 0 < self.lr < 1, "weight_decay": self.weight_decay >= 0, "kl": self.kl >= 0,
                   "epochs": self.epochs >= 1, "min_steps": self.min_steps >= 0, "batch_size": self.batch_size >= 1, "replay": self.replay >= 0,
                   "replay_tokens": self.replay_tokens >= 0, "eval_from": self.eval_from >= 1,
                   "eval_steps": self.eval_steps >= 1,
@@ -237,7 +238,7 @@ def train(lm: Any, data: Sequence[ItemData], replay: Sequence[tuple[str, str, bo
     with _bf16_weights(model, lm.device, cfg.precision, frozen_only=True), disable_input_dtype_casting(model):
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         per_epoch = len(facts) + n_replay + sum(min(cfg.contrast, len(d.train)) for d in data)
         steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
         epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))

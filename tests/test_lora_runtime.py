@@ -525,9 +525,10 @@ def test_near_misses_are_picked_by_whole_words_and_replies_checked_for_the_users
                  {"near": "pad thai", "question": "From which country does pad thai come?", "answers": ["thailand"]}]
     statements = ["Ka Vor lives in Wimbledon.", "Mi Kowl has a pet OWL called Tofu.", "Ta Ash likes pad thai."]
     assert [q["near"] for q in near(questions, statements)] == ["owl", "pad thai"]
-    assert naming(["It is Tofu.", "Tofurky", "The code is AB-1234.", "none"], ["Tofu", "AB-1234"]) == \
-        [True, False, True, False]
-    assert naming(["anything"], []) == [False]
+    asked = [{"question": q} for q in ("What is it?", "What is it?", "What is it?", "What is it?", "Is Tofu a dish?")]
+    replies = ["It is Tofu.", "Tofurky", "The code is AB-1234.", "none", "Tofu is a dish."]
+    assert naming(asked, replies, ["Tofu", "AB-1234"]) == [True, False, True, False, False]
+    assert naming(asked[:1], ["anything"], []) == [False]
 
 
 def test_near_misses_are_served_by_the_adapter_only_where_the_gate_routes_them(trained):
@@ -541,6 +542,7 @@ def test_near_misses_are_served_by_the_adapter_only_where_the_gate_routes_them(t
     none = _near_misses(lm, questions, base, [False, False], ["Rex"])
     every = _near_misses(lm, questions, base, [True, True], ["Rex"])
     assert none["served_right"] == none["base_right"] == 2 and none["served_naming"] == none["base_naming"] == 1
+    assert [r["base"] for r in none["replies"]] == base and [r["adapter"] for r in every["replies"]] == replies
     assert none["routed"] == 0 and every["routed"] == 2 and every["routed_questions"] == [q["question"] for q in questions]
     right = sum(any(a in r.lower() for a in q["answers"]) for q, r in zip(questions, replies, strict=True))
     assert every["served_right"] == every["adapter_right"] == right

@@ -68,12 +68,13 @@ def near(questions: list[dict[str, Any]], statements: list[str]) -> list[dict[st
     return [q for q in questions if re.search(rf"\b{re.escape(q['near'])}\b", text, re.IGNORECASE)]
 
 
-def naming(replies: list[str], values: list[str]) -> list[bool]:
-    """Whether each reply names one of ``values`` (a user's answers) as a whole word."""
-    if not values:
-        return [False] * len(replies)
-    pattern = re.compile("|".join(rf"\b{re.escape(v)}\b" for v in values), re.IGNORECASE)
-    return [bool(pattern.search(r)) for r in replies]
+def naming(questions: list[dict[str, Any]], replies: list[str], values: list[str]) -> list[bool]:
+    """Whether each reply names one of ``values`` (a user's answers, as whole words) that its
+    question does not: "Lisbon is in Portugal" repeats the question; "... in Tallinn" does not."""
+    def named(text: str) -> set[str]:
+        return {v.lower() for v in values if re.search(rf"\b{re.escape(v)}\b", text, re.IGNORECASE)}
+
+    return [bool(named(r) - named(q["question"])) for q, r in zip(questions, replies, strict=True)]
 
 
 def heldout_text() -> list[str]:
@@ -384,8 +385,8 @@ def _near_misses(lm: Any, questions: list[dict[str, Any]], base_replies: list[st
                  values: list[str]) -> dict[str, Any]:
     """The general questions about the facts' values (:func:`near`), answered by the base model, by the
     adapter on every one of them, and as served (the adapter where the gate routes the question):
-    how many are right, and how many replies name one of the user's values, as if the question were
-    about the user."""
+    how many are right, and how many replies name one of the user's values that the question does
+    not, as if it were about the user."""
     replies = general_replies(lm, questions)
     served = [a if g else b for a, b, g in zip(replies, base_replies, gated, strict=True)]
 
@@ -395,8 +396,11 @@ def _near_misses(lm: Any, questions: list[dict[str, Any]], base_replies: list[st
     return {"questions": len(questions), "routed": sum(gated),
             "routed_questions": [q["question"] for q, g in zip(questions, gated, strict=True) if g],
             "base_right": right(base_replies), "adapter_right": right(replies), "served_right": right(served),
-            "base_naming": sum(naming(base_replies, values)), "adapter_naming": sum(naming(replies, values)),
-            "served_naming": sum(naming(served, values)),
+            "base_naming": sum(naming(questions, base_replies, values)),
+            "adapter_naming": sum(naming(questions, replies, values)),
+            "served_naming": sum(naming(questions, served, values)),
+            "replies": [{"question": q["question"], "routed": g, "base": b, "adapter": a}
+                        for q, g, b, a in zip(questions, gated, base_replies, replies, strict=True)],
             "lost": [q["question"] for q, a, b in zip(questions, replies, base_replies, strict=True)
                      if answered(q, b) and not answered(q, a)]}
 

@@ -547,6 +547,8 @@ def test_near_misses_are_served_by_the_adapter_only_where_the_gate_routes_them(t
     right = sum(any(a in r.lower() for a in q["answers"]) for q, r in zip(questions, replies, strict=True))
     assert every["served_right"] == every["adapter_right"] == right
     assert len(every["lost"]) == 2 - right
+    empty = _near_misses(lm, [], [], [], ["Rex"])  # facts that name no value of the set (codes, years)
+    assert empty["questions"] == empty["routed"] == empty["served_right"] == 0 and empty["replies"] == []
 
 
 def test_a_random_adapter_is_as_large_as_the_trained_one_module_by_module(trained):

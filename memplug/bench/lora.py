@@ -387,7 +387,7 @@ def _near_misses(lm: Any, questions: list[dict[str, Any]], base_replies: list[st
     adapter on every one of them, and as served (the adapter where the gate routes the question):
     how many are right, and how many replies name one of the user's values that the question does
     not, as if it were about the user."""
-    replies = general_replies(lm, questions)
+    replies = general_replies(lm, questions) if questions else []
     served = [a if g else b for a, b, g in zip(replies, base_replies, gated, strict=True)]
 
     def right(rs: list[str]) -> int:

@@ -211,7 +211,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                  "paraphrase": routed(gate, embedder, statements, [f.paraphrase for f in facts])}
         every_gated = routed(gate, embedder, statements, [q["question"] for q in questions])
         general_gated = [g for g, ok in zip(every_gated, base_right, strict=True) if ok]
-        close = [i for i, q in enumerate(nearby) if q in near(nearby, statements)]
+        named = near(nearby, statements)
+        close = [i for i, q in enumerate(nearby) if q in named]
         near_gated = routed(gate, embedder, statements, [nearby[i]["question"] for i in close]) if close else []
         text = _accuracy(base, facts, None, "text", 1, detail=True)
         say(f"{n} facts: base closed-book {none['direct']:.2f}/{none['paraphrase']:.2f}, "

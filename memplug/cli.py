@@ -539,6 +539,29 @@ def bench_lora(sizes: str, settings: tuple[str, ...], seed: int, gate: float, ou
         gate=gate, isolate=True)
 
 
+@bench.command("speed")
+@click.option("--prepare", "prepare_dir", default=None, metavar="DIR",
+              help="with the real model: write the input of a run to DIR, and stop")
+@click.option("--input", "input_dir", default=None, metavar="DIR", help="run on the input written by --prepare")
+@click.option("--facts", "sizes", default="20,50,100", show_default=True, help="facts per user, per run")
+@click.option("--device", default=None, help="torch device (default: cuda if there is one, else cpu)")
+@click.option("--seed", default=7, show_default=True, help="the facts' seed (--prepare)")
+@click.option("--out", default="benchmarks/results", show_default=True)
+@_fail_cleanly
+def bench_speed(prepare_dir: str | None, input_dir: str | None, sizes: str, device: str | None, seed: int,
+                out: str) -> None:
+    """Training, switch, KV-encoding and time-to-first-token speed with the model's architecture and random weights."""
+    from .bench.speed import prepare, run
+
+    chosen = [int(n) for n in sizes.split(",") if n]
+    if (prepare_dir is None) == (input_dir is None):
+        raise click.UsageError("give one of --prepare DIR (where the model is) or --input DIR (to run)")
+    if prepare_dir is not None:
+        prepare(prepare_dir, sizes=chosen, seed=seed, console=console)
+    else:
+        run(input_dir, out_dir=out, sizes=chosen, device=device, console=console)
+
+
 @bench.command("policy")
 @click.option("--facts", "n_facts", default=200, show_default=True)
 @click.option("--warmup", default=600, show_default=True, help="reads before the measured answers")

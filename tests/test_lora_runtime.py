@@ -351,6 +351,76 @@ def test_resident_adapters_are_bounded_least_recently_used_first(make_tiny, trai
     assert serving._active is None and list(serving._resident) == [refs[0].name]
 
 
+def _narrow(result, rank=2):
+    """The same adapter cut to ``rank``: another shape of adapter."""
+    state = {k: (v[:rank] if "lora_A" in k else v[:, :rank]).clone() for k, v in result.state.items()}
+    return dataclasses.replace(result, state=state, peft_config={**result.peft_config, "r": rank})
+
+
+def test_an_adapter_loaded_into_a_freed_slot_is_exact_and_the_dropped_one_leaves_nothing(make_tiny, trained):
+    trainee, _, result = trained
+    want = logits(trainee)
+    serving = make_tiny()
+    base = logits(serving)
+    first, second = ref_of(result, version=1), ref_of(result, version=2)
+    with serving._lock:
+        serving._use_adapter(first)
+    slot = serving._slot_of[first.name]
+    serving.drop_adapter(first.name)
+    assert serving._active is None and torch.equal(logits(serving), base)
+    # The dropped adapter's tensors are gone from the model: its slot holds zeros until the next one.
+    assert all(not p.any() for p in serving._slots[slot].params.values())
+    modules = len(list(serving.model.modules()))
+    with serving._lock:
+        serving._use_adapter(second)
+        assert serving._slot_of[second.name] == slot  # copied in: no module injected
+        assert len(list(serving.model.modules())) == modules
+        assert torch.allclose(logits(serving), want, atol=2e-3)
+        serving._use_adapter(None)
+        assert torch.equal(logits(serving), base)
+
+
+def test_slots_are_kept_per_adapter_shape_within_the_bound(make_tiny, trained):
+    _, _, result = trained
+    serving = make_tiny()
+    serving.max_adapters = 2
+    narrow = _narrow(result)
+    wide_refs = [ref_of(result, version=v) for v in (1, 2)]
+    narrow_ref = AdapterRef("lora", Scope("bob"), 3, "tiny", (), "memory", 1,
+                            lambda: lora.unpack(*lora.pack(narrow, "tiny", {}), "tiny", "adapter 3"))
+    with serving._lock:
+        for r in wide_refs:
+            serving._use_adapter(r)
+        assert len(serving._slots) == 2
+        serving._use_adapter(narrow_ref)  # evicts the least recent; its slot is too wide, so it goes
+        assert list(serving._resident) == [wide_refs[1].name, narrow_ref.name]
+        assert len(serving._slots) == 2
+        shapes = {serving._slots[serving._slot_of[n]].shape for n in serving._resident}
+        assert len(shapes) == 2
+        # The narrow adapter answers as the narrow model does: loaded fresh into another model, the same.
+        got = logits(serving)
+    other = make_tiny()
+    with other._lock:
+        other._use_adapter(narrow_ref)
+        torch.testing.assert_close(logits(other), got, rtol=0, atol=0)
+
+
+def test_an_adapter_that_does_not_fit_its_slot_is_refused_and_the_slot_stays_free(make_tiny, trained):
+    _, _, result = trained
+    serving = make_tiny()
+    first = ref_of(result, version=1)
+    with serving._lock:
+        serving._use_adapter(first)
+    serving.drop_adapter(first.name)
+    short = dataclasses.replace(result, state={k: v for i, (k, v) in enumerate(result.state.items()) if i})
+    with pytest.raises(ModelMismatch, match="does not fit tiny-llama: 1 missing and 0 unexpected"):
+        serving.load_adapter(ref_of(short, version=2))
+    assert serving._resident == {} and len(serving._slots) == 1
+    with serving._lock:
+        serving._use_adapter(ref_of(result, version=3))
+    assert len(serving._slots) == 1
+
+
 def test_adapter_of_another_model_is_refused(make_tiny, trained):
     _, _, result = trained
     serving = make_tiny()

@@ -160,7 +160,8 @@ def run(input_dir: str | Path, out_dir: str | Path = "benchmarks/results", sizes
         result["lora"]["switch"] = _switch_times(base, weights, peft_config, trained)
         result["lora"]["adapter_bytes"] = len(weights) + len(peft_config)
         sw = result["lora"]["switch"]
-        say(f"adapter: switch {1000 * sw['switch_s']:.2f} ms, cold load {1000 * sw['cold_load_s']:.0f} ms")
+        say(f"adapter: switch {1000 * sw['switch_s']:.2f} ms, cold load {1000 * sw['cold_load_s']:.1f} ms "
+            f"(the model's first: {1000 * (sw['first_load_s'] or 0):.0f} ms)")
 
         facts = generate(kv_facts, seed)
         warm = facts[:16]

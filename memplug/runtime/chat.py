@@ -16,11 +16,13 @@ tokens (the unit tests hold it to 1e-3 in the logits).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,6 +58,15 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
+@dataclass
+class _Slot:
+    """A PEFT adapter injected into the model, holding one resident adapter's tensors at a time."""
+
+    shape: str  # the LoRA config fields that fix its tensors and scaling
+    size: int  # bytes
+    params: dict[str, torch.nn.Parameter]  # by the key of the adapter's state dict
+
+
 class LocalModel:
     """A loaded causal LM with its tokenizer; see :func:`memplug.runtime.load_model`."""
 
@@ -85,8 +96,13 @@ class LocalModel:
         self._preambles: dict[str | None, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
         self._prefixes: OrderedDict[tuple[str | None, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = (
             OrderedDict())
-        # LoRA adapters loaded into the model: name -> bytes, least recently used first.
+        # LoRA adapters loaded into the model: name -> bytes, least recently used first. Each sits in a
+        # slot (a PEFT adapter injected into the model once); a slot freed by an unloaded adapter is
+        # zeroed and takes the next adapter of the same shape by copying its tensors in.
         self._resident: OrderedDict[str, int] = OrderedDict()
+        self._slot_of: dict[str, str] = {}
+        self._slots: dict[str, _Slot] = {}
+        self._slot_count = 0
         self._active: str | None = None
         self._tuner_layers: list[Any] = []
         self.max_adapters = 8
@@ -167,7 +183,10 @@ class LocalModel:
 
         Refused with :class:`~memplug.ModelMismatch` when it was trained on another
         model. Resident adapters are bounded by ``max_adapters`` and
-        ``max_adapter_bytes``; the least recently used is unloaded first.
+        ``max_adapter_bytes``; the least recently used is unloaded first. An
+        adapter goes into a free slot of its shape (rank, targets, scaling) when
+        there is one, by copying its tensors in; only a new shape, or the first
+        adapters, make PEFT inject modules into the model.
         """
         if ref.fingerprint != self.fingerprint:
             raise ModelMismatch(f"adapter {ref.name} was trained on model {ref.fingerprint}; "
@@ -178,54 +197,95 @@ class LocalModel:
                 return ref.name
             state, config = ref.load()
             try:
-                from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+                from peft import LoraConfig
             except ImportError as e:
                 raise ModelUnavailable("applying adapters needs peft: pip install 'memplug[lora]'") from e
-            peft_config = LoraConfig(**{k: v for k, v in config.items() if k in _LORA_FIELDS})
-            peft_config.inference_mode = True
-            size = sum(t.numel() * t.element_size() for t in state.values())
-            while self._resident and (len(self._resident) >= self.max_adapters
-                                      or sum(self._resident.values()) + size > self.max_adapter_bytes):
-                self.drop_adapter(next(iter(self._resident)))
-            with warnings.catch_warnings():  # several resident adapters in one model is the design
-                warnings.filterwarnings("ignore", message=".*multiple adapters.*", category=UserWarning)
-                inject_adapter_in_model(peft_config, self.model, adapter_name=ref.name)
-            try:
-                state = {k.removeprefix("base_model.model."): v.to(self.device, self.dtype) for k, v in state.items()}
-                result = set_peft_model_state_dict(self.model, state, adapter_name=ref.name)
-                missing = [k for k in result.missing_keys if f".{ref.name}." in k or k.endswith(f".{ref.name}")]
-                if result.unexpected_keys or missing:
-                    raise ModelMismatch(f"adapter {ref.name} does not fit {self.name}: "
-                                        f"{len(missing)} missing and {len(result.unexpected_keys)} unexpected tensors")
-            except BaseException:
-                self._unload(ref.name)
-                raise
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-            self._resident[ref.name] = size
-            if self._active != ref.name:
+            fields = {k: v for k, v in config.items() if k in _LORA_FIELDS}
+            shape = json.dumps(fields, sort_keys=True, default=sorted)
+            state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+            # Its bytes in the model, where the slot holds it in the model's dtype (the file is fp16).
+            size = sum(t.numel() for t in state.values()) * torch.empty((), dtype=self.dtype).element_size()
+            slot = self._free_slot(shape, size)
+            if slot is None:
+                peft_config = LoraConfig(**fields)
+                peft_config.inference_mode = True
+                self._slot_of[ref.name] = self._new_slot(peft_config, shape, state, ref.name)
                 self._switch(self._active)  # injection may have changed which adapter is active
+            else:
+                self._fill_slot(slot, state, ref.name)
+                self._slot_of[ref.name] = slot
+            self._resident[ref.name] = size
             return ref.name
 
+    def _free_slot(self, shape: str, size: int) -> str | None:
+        """A free slot of ``shape``, unloading least recently used adapters until there is one or room for a new one."""
+        while True:
+            used = set(self._slot_of.values())
+            free = [s for s in self._slots if s not in used]
+            fitting = [s for s in free if self._slots[s].shape == shape]
+            if fitting:
+                return fitting[0]
+            if (len(self._slots) < self.max_adapters
+                    and sum(s.size for s in self._slots.values()) + size <= self.max_adapter_bytes):
+                return None
+            if free:  # a free slot of another shape gives its room back first
+                self._delete_slot(free[0])
+            elif self._resident:
+                self.drop_adapter(next(iter(self._resident)))
+            else:
+                return None
+
+    def _new_slot(self, peft_config: Any, shape: str, state: dict[str, Any], name: str) -> str:
+        from peft import inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        slot = f"slot{self._slot_count}"
+        self._slot_count += 1
+        with warnings.catch_warnings():  # several adapters in one model is the design
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*", category=UserWarning)
+            inject_adapter_in_model(peft_config, self.model, adapter_name=slot)
+        self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        params = {n.replace(f".{slot}.", "."): p for n, p in self.model.named_parameters() if f".{slot}." in n}
+        self._slots[slot] = _Slot(shape, sum(p.numel() * p.element_size() for p in params.values()), params)
+        try:
+            self._fill_slot(slot, state, name)
+        except BaseException:
+            self._delete_slot(slot)
+            raise
+        return slot
+
+    def _fill_slot(self, slot: str, state: dict[str, Any], name: str) -> None:
+        params = self._slots[slot].params
+        if state.keys() != params.keys() or any(state[k].shape != p.shape for k, p in params.items()):
+            missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+            raise ModelMismatch(f"adapter {name} does not fit {self.name}: "
+                                f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k])
+
+    def _delete_slot(self, slot: str) -> None:
+        with warnings.catch_warnings():  # PEFT warns when the (disabled) active adapter goes
+            warnings.simplefilter("ignore")
+            for m in self._tuner_layers:
+                if slot in getattr(m, "lora_A", {}):
+                    m.delete_adapter(slot)
+        del self._slots[slot]
+
     def drop_adapter(self, name: str) -> None:
-        """Unload a resident adapter (no effect if it is not loaded)."""
+        """Unload a resident adapter (no effect if it is not loaded). Its slot is zeroed, for the next one."""
         with self._lock:
             if name in self._resident:
                 del self._resident[name]
-                self._unload(name)
-
-    def _unload(self, name: str) -> None:
-        if self._active == name:
-            self._switch(None)
-        with warnings.catch_warnings():  # PEFT warns when the (disabled) active adapter goes
-            warnings.simplefilter("ignore")
-            for m in self._tuner_layers or [m for m in self.model.modules() if hasattr(m, "delete_adapter")]:
-                if name in getattr(m, "lora_A", {}):
-                    m.delete_adapter(name)
-        self._preambles.pop(name, None)
-        for key in [k for k in self._prefixes if k[0] == name]:
-            del self._prefixes[key]
+                if self._active == name:
+                    self._switch(None)
+                slot = self._slot_of.pop(name)
+                with torch.no_grad():
+                    for p in self._slots[slot].params.values():
+                        p.zero_()
+                self._preambles.pop(name, None)
+                for key in [k for k in self._prefixes if k[0] == name]:
+                    del self._prefixes[key]
 
     def _use_adapter(self, ref: Any) -> None:
         """Apply ``ref`` (or the base model, for None) to the following forward passes. Call under the lock."""
@@ -241,7 +301,7 @@ class LocalModel:
                 continue
             if enable:
                 m.enable_adapters(True)
-            m.set_adapter(name, inference_mode=True)
+            m.set_adapter(self._slot_of[name], inference_mode=True)
         self._active = name
 
     # -- encoding memory chunks -----------------------------------------------

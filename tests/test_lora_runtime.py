@@ -421,6 +421,56 @@ def test_an_adapter_that_does_not_fit_its_slot_is_refused_and_the_slot_stays_fre
     assert len(serving._slots) == 1
 
 
+def test_an_adapter_first_loaded_inside_a_decode_can_be_dropped_and_its_slot_reused(make_tiny, trained):
+    """A decode loads its adapter under inference mode; forget drops it later, outside."""
+    trainee, _, result = trained
+    serving = make_tiny()
+    first, second = ref_of(result, version=1), ref_of(result, version=2)
+    with serving._lock, torch.inference_mode():
+        serving._use_adapter(first)
+    slot = serving._slot_of[first.name]
+    serving.drop_adapter(first.name)
+    assert all(not p.any() for p in serving._slots[slot].params.values())
+    with serving._lock:
+        serving._use_adapter(second)
+        assert serving._slot_of[second.name] == slot
+        assert torch.allclose(logits(serving), logits(trainee), atol=2e-3)
+
+
+def test_a_refused_adapter_of_a_new_shape_leaves_the_active_one_applied(make_tiny, trained):
+    _, _, result = trained
+    serving = make_tiny()
+    doubled = dataclasses.replace(result, state={k: 2 * v if "lora_B" in k else v for k, v in result.state.items()})
+    other, wide = ref_of(doubled, version=1), ref_of(result, version=2)  # slot0 and slot1
+    narrow = _narrow(result)
+    broken = dataclasses.replace(narrow, state={k: v for i, (k, v) in enumerate(narrow.state.items()) if i})
+    with serving._lock:
+        serving._use_adapter(other)
+        serving._use_adapter(wide)
+        want = logits(serving)
+        with pytest.raises(ModelMismatch, match="1 missing"):
+            serving._use_adapter(ref_of(broken, version=3))
+        assert serving._active == wide.name and list(serving._resident) == [other.name, wide.name]
+        assert len(serving._slots) == 2
+        torch.testing.assert_close(logits(serving), want, rtol=0, atol=0)
+
+
+def test_lowering_the_bound_gives_back_free_slots(make_tiny, trained):
+    _, _, result = trained
+    serving = make_tiny()
+    refs = [ref_of(result, version=v) for v in (1, 2, 3)]
+    with serving._lock:
+        for r in refs:
+            serving._use_adapter(r)
+    for r in refs[:2]:
+        serving.drop_adapter(r.name)
+    assert len(serving._slots) == 3
+    serving.max_adapters = 1
+    with serving._lock:
+        serving._use_adapter(ref_of(result, version=4))  # the bound: one slot, so the resident one goes
+    assert len(serving._slots) == 1 and list(serving._resident) == [ref_of(result, version=4).name]
+
+
 def test_adapter_of_another_model_is_refused(make_tiny, trained):
     _, _, result = trained
     serving = make_tiny()

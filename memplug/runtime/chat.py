@@ -205,15 +205,17 @@ class LocalModel:
             state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
             # Its bytes in the model, where the slot holds it in the model's dtype (the file is fp16).
             size = sum(t.numel() for t in state.values()) * torch.empty((), dtype=self.dtype).element_size()
-            slot = self._free_slot(shape, size)
-            if slot is None:
-                peft_config = LoraConfig(**fields)
-                peft_config.inference_mode = True
-                self._slot_of[ref.name] = self._new_slot(peft_config, shape, state, ref.name)
-                self._switch(self._active)  # injection may have changed which adapter is active
-            else:
-                self._fill_slot(slot, state, ref.name)
-                self._slot_of[ref.name] = slot
+            # Slots are changed in place later, so never made as inference tensors (a load may come
+            # from inside a decode's inference mode).
+            with torch.inference_mode(False), torch.no_grad():
+                slot = self._free_slot(shape, size)
+                if slot is None:
+                    peft_config = LoraConfig(**fields)
+                    peft_config.inference_mode = True
+                    slot = self._new_slot(peft_config, shape, state, ref.name)
+                else:
+                    self._fill_slot(slot, state, ref.name)
+            self._slot_of[ref.name] = slot
             self._resident[ref.name] = size
             return ref.name
 
@@ -223,10 +225,14 @@ class LocalModel:
             used = set(self._slot_of.values())
             free = [s for s in self._slots if s not in used]
             fitting = [s for s in free if self._slots[s].shape == shape]
+            held = sum(s.size for s in self._slots.values())
+            if free and (len(self._slots) > self.max_adapters or held > self.max_adapter_bytes):
+                # the bounds were lowered: free slots go first, those of other shapes before
+                self._delete_slot(sorted(free, key=lambda s: s in fitting)[0])
+                continue
             if fitting:
                 return fitting[0]
-            if (len(self._slots) < self.max_adapters
-                    and sum(s.size for s in self._slots.values()) + size <= self.max_adapter_bytes):
+            if len(self._slots) < self.max_adapters and held + size <= self.max_adapter_bytes:
                 return None
             if free:  # a free slot of another shape gives its room back first
                 self._delete_slot(free[0])
@@ -241,17 +247,24 @@ class LocalModel:
 
         slot = f"slot{self._slot_count}"
         self._slot_count += 1
-        with warnings.catch_warnings():  # several adapters in one model is the design
-            warnings.filterwarnings("ignore", message=".*multiple adapters.*", category=UserWarning)
-            inject_adapter_in_model(peft_config, self.model, adapter_name=slot)
-        self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        params = {n.replace(f".{slot}.", "."): p for n, p in self.model.named_parameters() if f".{slot}." in n}
-        self._slots[slot] = _Slot(shape, sum(p.numel() * p.element_size() for p in params.values()), params)
         try:
+            with warnings.catch_warnings():  # several adapters in one model is the design
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*", category=UserWarning)
+                inject_adapter_in_model(peft_config, self.model, adapter_name=slot)
+            self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+            # by the names PEFT saves them under: the adapter's name left out (`lora_A.slot0.weight`
+            # is `lora_A.weight`, a ParameterDict's `lora_embedding_A.slot0` is `lora_embedding_A`)
+            params = {n.replace(f".{slot}.", ".").removesuffix(f".{slot}"): p
+                      for n, p in self.model.named_parameters() if f".{slot}." in n or n.endswith(f".{slot}")}
+            self._slots[slot] = _Slot(shape, sum(p.numel() * p.element_size() for p in params.values()), params)
             self._fill_slot(slot, state, name)
         except BaseException:
             self._delete_slot(slot)
             raise
+        finally:
+            # Injection makes the new slot active, and deleting it makes another one active: put back
+            # the adapter the model had.
+            self._switch(self._active)
         return slot
 
     def _fill_slot(self, slot: str, state: dict[str, Any], name: str) -> None:
@@ -260,17 +273,23 @@ class LocalModel:
             missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
             raise ModelMismatch(f"adapter {name} does not fit {self.name}: "
                                 f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
-        with torch.no_grad():
+        try:
             for k, p in params.items():
                 p.copy_(state[k])
+        except BaseException:
+            for p in params.values():  # a free slot holds no part of an adapter
+                p.zero_()
+            raise
 
     def _delete_slot(self, slot: str) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         with warnings.catch_warnings():  # PEFT warns when the (disabled) active adapter goes
             warnings.simplefilter("ignore")
-            for m in self._tuner_layers:
-                if slot in getattr(m, "lora_A", {}):
+            for m in self.model.modules():
+                if isinstance(m, BaseTunerLayer) and slot in getattr(m, "lora_A", {}):
                     m.delete_adapter(slot)
-        del self._slots[slot]
+        self._slots.pop(slot, None)
 
     def drop_adapter(self, name: str) -> None:
         """Unload a resident adapter (no effect if it is not loaded). Its slot is zeroed, for the next one."""
@@ -280,7 +299,7 @@ class LocalModel:
                 if self._active == name:
                     self._switch(None)
                 slot = self._slot_of.pop(name)
-                with torch.no_grad():
+                with torch.inference_mode(False), torch.no_grad():
                     for p in self._slots[slot].params.values():
                         p.zero_()
                 self._preambles.pop(name, None)

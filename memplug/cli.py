@@ -543,23 +543,28 @@ def bench_lora(sizes: str, settings: tuple[str, ...], seed: int, gate: float, ou
 @click.option("--prepare", "prepare_dir", default=None, metavar="DIR",
               help="with the real model: write the input of a run to DIR, and stop")
 @click.option("--input", "input_dir", default=None, metavar="DIR", help="run on the input written by --prepare")
-@click.option("--facts", "sizes", default="20,50,100", show_default=True, help="facts per user, per run")
-@click.option("--device", default=None, help="torch device (default: cuda if there is one, else cpu)")
-@click.option("--seed", default=7, show_default=True, help="the facts' seed (--prepare)")
-@click.option("--out", default="benchmarks/results", show_default=True)
+@click.option("--facts", "sizes", default=None,
+              help="facts per user, per run [--prepare: 20,50,100; --input: every prepared size]")
+@click.option("--device", default=None, help="torch device, --input (default: cuda if there is one, else cpu)")
+@click.option("--seed", default=7, show_default=True, help="the facts' seed, --prepare")
+@click.option("--out", default="benchmarks/results", show_default=True, help="where --input writes NAME.json")
+@click.option("--name", default="speed", show_default=True, help="the result's file name, --input")
 @_fail_cleanly
-def bench_speed(prepare_dir: str | None, input_dir: str | None, sizes: str, device: str | None, seed: int,
-                out: str) -> None:
+def bench_speed(prepare_dir: str | None, input_dir: str | None, sizes: str | None, device: str | None, seed: int,
+                out: str, name: str) -> None:
     """Training, switch, KV-encoding and time-to-first-token speed with the model's architecture and random weights."""
     from .bench.speed import prepare, run
 
-    chosen = [int(n) for n in sizes.split(",") if n]
     if (prepare_dir is None) == (input_dir is None):
         raise click.UsageError("give one of --prepare DIR (where the model is) or --input DIR (to run)")
+    try:
+        chosen = [int(n) for n in sizes.split(",") if n.strip()] if sizes else None
+    except ValueError:
+        raise click.UsageError(f"--facts takes numbers separated by commas, not {sizes!r}") from None
     if prepare_dir is not None:
-        prepare(prepare_dir, sizes=chosen, seed=seed, console=console)
+        prepare(prepare_dir, sizes=chosen or (20, 50, 100), seed=seed, console=console)
     else:
-        run(input_dir, out_dir=out, sizes=chosen, device=device, console=console)
+        run(input_dir, out_dir=out, sizes=chosen, device=device, name=name, console=console)
 
 
 @bench.command("policy")

@@ -189,7 +189,7 @@ def _ttft(lm, n_tokens: int, seed: int, codec, repeats: int = 3) -> dict[str, fl
         def recompute():
             ids = lm.preamble()[0] + lm.ids(memory_text) + closing
             with torch.inference_mode():
-                lm.model(torch.tensor([ids], device=lm.device)).logits[0, -1].argmax()
+                int(lm.model(torch.tensor([ids], device=lm.device)).logits[0, -1].argmax())  # waits for a GPU
 
         kv_s = _median_time(inject, repeats)
         recompute_s = _median_time(recompute, repeats)

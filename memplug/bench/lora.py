@@ -454,16 +454,21 @@ def _switch_times(base: Any, weights: bytes, peft_config: bytes, trained: Any) -
     # The model's first adapter of a shape makes PEFT inject modules (a slot); later ones, such as
     # one loaded after another was unloaded, are copied into a free slot.
     fresh = not base._slots
+    sync = _synchronizer(base.device)
+    sync()
     t = time.perf_counter()
     with base._lock:
         base._use_adapter(a)
+    sync()
     first = time.perf_counter() - t
     cold = []
     for _ in range(3):
         base.drop_adapter(a.name)
+        sync()
         t = time.perf_counter()
         with base._lock:
             base._use_adapter(a)
+        sync()
         cold.append(time.perf_counter() - t)
     with base._lock:
         base._use_adapter(b)
@@ -472,6 +477,7 @@ def _switch_times(base: Any, weights: bytes, peft_config: bytes, trained: Any) -
         with base._lock:
             base._use_adapter(a)
             base._use_adapter(b)
+        sync()
 
     switch_s = _median_time(switch, 20) / 2
 
@@ -479,12 +485,22 @@ def _switch_times(base: Any, weights: bytes, peft_config: bytes, trained: Any) -
         with base._lock:
             base._use_adapter(None)
             base._use_adapter(a)
+        sync()
 
     off_s = _median_time(off, 20) / 2
     base.drop_adapter(a.name)
     base.drop_adapter(b.name)
     return {"cold_load_s": statistics.median(cold), "switch_s": switch_s, "base_switch_s": off_s,
             "first_load_s": first if fresh else None}
+
+
+def _synchronizer(device: Any) -> Any:
+    """A call that waits for ``device``'s queued work (a GPU's), so a timing ends when the work does."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def _earlier_runs(out_dir: str | Path, name: str, fingerprint: str, seed: int, gate: float,

@@ -7,27 +7,31 @@ not depend on what the weights hold. It runs in two steps:
 
 1. ``prepare`` (where the real model is): writes the model's config and
    tokenizer, the training sets the lora benchmark synthesizes for 20, 50 and
-   100 facts (same generator, same seed, so the same examples), and the replay
-   set, to a folder of a few megabytes.
+   100 facts (the same facts and generator; the model-written questions can
+   differ by a few between runs), and the replay set, to a folder of a few
+   megabytes.
 2. ``run`` (on the device): builds the architecture from that config with
    random weights, loads it through memplug's own loader, and times
+   - kv, on a model that has held no adapter: encoding facts to key/values,
+     and time to first token with int4 KV memory injected against the same
+     memory recomputed as prompt text;
    - per size: synthesis (the model writing questions and paraphrases; random
      weights never end a line early, so this is an upper bound) and training
      on the prepared set, as the tier trains;
-   - the adapter's cold load and resident switch on the serving model;
-   - kv: encoding facts to key/values, and time to first token with int4 KV
-     memory injected against the same memory recomputed as prompt text.
+   - the adapter's cold load and resident switch on a serving model.
+   On a GPU every timing waits for the device's queued work before it stops.
 
-Training on the prepared set takes the same number of steps as in the lora
-benchmark for 50 and 100 facts (three epochs, measured once at the end). With
-20 facts the tier measures held-out recall after each epoch from the third and
-stops when every item is recalled; random weights recall nothing, so the
-schedule runs to its end (96 steps, as the lora benchmark's run did).
+Training on the prepared set takes about as many steps as the lora benchmark
+for 50 and 100 facts (three epochs, measured once at the end). With 20 facts
+the tier measures held-out recall after each epoch from the third and stops
+when every item is recalled; random weights recall nothing, so the schedule
+runs to its end.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -41,13 +45,15 @@ from .facts import generate
 
 BUNDLE = "bundle.json"
 BUNDLE_KEYS = ("model", "seed", "sets", "replay", "date")
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "chat_template.jinja", "special_tokens_map.json")
 
 
 def prepare(out_dir: str | Path, sizes=(20, 50, 100), seed: int = 7, home: Path | None = None,
-            console: Any = None) -> Path:
-    """Write the input of :func:`run` to ``out_dir``: model config and tokenizer, training sets, replay set."""
+            model: str | None = None, console: Any = None) -> Path:
+    """Write the input of :func:`run` to ``out_dir``: model config and tokenizer, training sets, replay set.
+
+    ``model`` is the ``model`` setting (default: this deployment's; None is the packaged SmolLM2).
+    Nothing is written unless all of it was made.
+    """
     from memplug.runtime import lora
     from memplug.runtime.model import cache_dir, fresh_model
     from memplug.settings import Settings
@@ -55,15 +61,8 @@ def prepare(out_dir: str | Path, sizes=(20, 50, 100), seed: int = 7, home: Path 
     say = console.print if console is not None else print
     settings = Settings()
     home = Path(home or settings.home)
-    lm = fresh_model(home, settings.model)
-    source = cache_dir(home, settings.model) if settings.model is None else Path(settings.model)
-    out = Path(out_dir)
-    (out / "model").mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, out / "model" / name)
-    if not (out / "model" / "config.json").is_file():
-        raise InvalidInput(f"bench speed: no config.json in {source}: the model must be a local folder")
+    model = model if model is not None else settings.model
+    lm = fresh_model(home, model)
     cfg = lora.TrainConfig(seed=seed)
     sets = {}
     for n in sizes:
@@ -72,9 +71,20 @@ def prepare(out_dir: str | Path, sizes=(20, 50, 100), seed: int = 7, home: Path 
         data = lora.make_data(lm, [f.statement for f in facts], list(range(n)), cfg)
         sets[str(n)] = [asdict(d) for d in data]
         say(f"{n} facts: {sum(len(d.train) for d in data)} training pairs ({time.perf_counter() - t:.0f} s)")
-    replay = lora.replay_pairs(lm, cache_dir(home, settings.model))
+    replay = lora.replay_pairs(lm, cache_dir(home, model))
     bundle = {"model": lm.name, "fingerprint": lm.fingerprint, "seed": seed, "sets": sets, "replay": replay,
               "date": time.strftime("%Y-%m-%d %H:%M")}
+    out = Path(out_dir)
+    folder = out / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    # The architecture and tokenizer as loaded (whatever the model's source: a folder, a hub id, a GGUF file),
+    # without any quantization of the source: the run builds fp32 random weights from it.
+    lm.model.config.save_pretrained(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config", None)
+    write_atomic(folder / "config.json", json.dumps(config, indent=2).encode())
+    lm.model.generation_config.save_pretrained(str(folder))
+    lm.tokenizer.save_pretrained(str(folder))
     write_atomic(out / BUNDLE, json.dumps(bundle).encode())
     say(f"wrote {out / BUNDLE} and the model's config and tokenizer")
     return out
@@ -82,17 +92,24 @@ def prepare(out_dir: str | Path, sizes=(20, 50, 100), seed: int = 7, home: Path 
 
 def run(input_dir: str | Path, out_dir: str | Path = "benchmarks/results", sizes=None, device: str | None = None,
         ttft_tokens=(256, 1024, 4096), kv_facts: int = 200, name: str = "speed", console: Any = None) -> dict[str, Any]:
-    """Time the lora and kv tiers on ``device`` (default: the GPU if there is one) with random weights."""
+    """Time the lora and kv tiers on ``device`` (default: the GPU if there is one) with random weights.
+
+    ``sizes``: the prepared sizes to train (default: all of them). Writes ``out_dir/name.json``.
+    """
+    import gc
+
     import torch
 
     from memplug.runtime import lora
-    from memplug.runtime.model import cache_dir, fresh_model, load_model
+    from memplug.runtime.model import cache_dir, fresh_model
     from memplug.runtime.synth import ItemData
 
     from .kv import _machine, _ttft, codec_for
-    from .lora import _switch_times
+    from .lora import _switch_times, _synchronizer
 
     say = console.print if console is not None else print
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise InvalidInput(f"bench speed: name {name!r} must be a plain file name (letters, digits, '.', '-', '_')")
     source = Path(input_dir)
     try:
         bundle = json.loads((source / BUNDLE).read_text())
@@ -112,38 +129,74 @@ def run(input_dir: str | Path, out_dir: str | Path = "benchmarks/results", sizes
         raise InvalidInput(f"bench speed: no training set for {', '.join(missing)} facts in {source / BUNDLE} "
                            f"(it has {', '.join(bundle['sets'])})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sync = _synchronizer(device)
     seed = bundle["seed"]
     replay = [tuple(p) for p in bundle["replay"]]
-    result: dict[str, Any] = {"machine": _machine(), "device": device, "model": bundle["model"],
+    machine = _machine()
+    if str(device).startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    result: dict[str, Any] = {"machine": machine, "device": device, "model": bundle["model"],
                               "weights": "random (the model's architecture from its config)",
                               "input_date": bundle["date"], "seed": seed, "date": time.strftime("%Y-%m-%d %H:%M"),
                               "lora": {}, "kv": {}}
+
+    def release() -> None:
+        gc.collect()
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _random_model(source / "model", Path(tmp) / "model")
         home = Path(tmp) / "home"
         cache = cache_dir(home, str(model_dir))
         cache.mkdir(parents=True, exist_ok=True)
+
+        # kv first, on a model that has never held an adapter (as `memplug bench kv` runs).
+        lm = fresh_model(home, str(model_dir), device)
+        facts = generate(kv_facts, seed)
+        warm = facts[:16]
+        lm.encode([f.statement for f in warm], list(range(len(warm))), scores=True, batch_size=16)  # warm-up
+        sync()
+        t = time.perf_counter()
+        lm.encode([f.statement for f in facts], list(range(kv_facts)), scores=True, batch_size=16)
+        sync()
+        result["kv"]["encode_items_per_s"] = kv_facts / (time.perf_counter() - t)
+        result["kv"]["ttft"] = {}
+        for n_tokens in ttft_tokens:
+            r = _ttft(lm, n_tokens, seed, codec_for("int4"))
+            result["kv"]["ttft"][str(n_tokens)] = r
+            say(f"TTFT {n_tokens:>5} memory tokens: recompute {1000 * r['recompute_s']:.1f} ms, "
+                f"KV {1000 * r['kv_s']:.1f} ms")
+        say(f"KV encoding: {result['kv']['encode_items_per_s']:.0f} items/s")
+        _save(result, out_dir, name)
+        del lm
+        release()
+
         # The first training in a process pays for kernel set-up and for the base model's replay
         # targets (kept in the cache after): timed apart, as a run of the tier after its first.
         lm = fresh_model(home, str(model_dir), device)
         first = [ItemData(**d) for d in bundle["sets"][chosen[0]]][:2]
+        sync()
         t = time.perf_counter()
         lora.train(lm, first, replay, lora.TrainConfig(seed=seed, min_steps=4, epochs=1, eval_from=1), cache=cache)
+        sync()
         result["lora"]["first_training_s"] = time.perf_counter() - t
         say(f"first training (set-up and replay targets): {result['lora']['first_training_s']:.1f} s on {device}")
         del lm
+        release()
         cfg = lora.TrainConfig(seed=seed)
         trained = None
         for n in chosen:
             data = [ItemData(**d) for d in bundle["sets"][n]]
             lm = fresh_model(home, str(model_dir), device)
+            sync()
             t = time.perf_counter()
             lora.make_data(lm, [d.statement for d in data], [d.item_id for d in data], cfg)
+            sync()
             synth_s = time.perf_counter() - t
-            _sync(device)
             t = time.perf_counter()
             trained = lora.train(lm, data, replay, cfg, cache=cache)
-            _sync(device)
+            sync()
             train_s = time.perf_counter() - t
             m = trained.metrics
             result["lora"][n] = {"facts": int(n), "synthesis_s": synth_s, "train_s": train_s,
@@ -154,30 +207,19 @@ def run(input_dir: str | Path, out_dir: str | Path = "benchmarks/results", sizes
                 f"{len(m['history'])} evaluations, {m['precision']})")
             _save(result, out_dir, name)
             del lm
-        base = load_model(home, str(model_dir), device)
+            release()
+
+        serving = fresh_model(home, str(model_dir), device)
         assert trained is not None
-        weights, peft_config = lora.pack(trained, base.fingerprint, {"bench": True})
-        result["lora"]["switch"] = _switch_times(base, weights, peft_config, trained)
+        weights, peft_config = lora.pack(trained, serving.fingerprint, {"bench": True})
+        result["lora"]["switch"] = _switch_times(serving, weights, peft_config, trained)
         result["lora"]["adapter_bytes"] = len(weights) + len(peft_config)
         sw = result["lora"]["switch"]
         say(f"adapter: switch {1000 * sw['switch_s']:.2f} ms, cold load {1000 * sw['cold_load_s']:.1f} ms "
             f"(the model's first: {1000 * (sw['first_load_s'] or 0):.0f} ms)")
-
-        facts = generate(kv_facts, seed)
-        warm = facts[:16]
-        base.encode([f.statement for f in warm], list(range(len(warm))), scores=True, batch_size=16)  # warm-up
-        _sync(device)
-        t = time.perf_counter()
-        base.encode([f.statement for f in facts], list(range(kv_facts)), scores=True, batch_size=16)
-        _sync(device)
-        result["kv"]["encode_items_per_s"] = kv_facts / (time.perf_counter() - t)
-        result["kv"]["ttft"] = {}
-        for n_tokens in ttft_tokens:
-            r = _ttft(base, n_tokens, seed, codec_for("int4"))
-            result["kv"]["ttft"][str(n_tokens)] = r
-            say(f"TTFT {n_tokens:>5} memory tokens: recompute {1000 * r['recompute_s']:.1f} ms, "
-                f"KV {1000 * r['kv_s']:.1f} ms")
         _save(result, out_dir, name)
+        del serving, trained
+        release()
     return result
 
 
@@ -192,17 +234,10 @@ def _random_model(config_dir: Path, out: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(out))
-    for name in MODEL_FILES:
-        if name != "config.json" and (config_dir / name).is_file():
-            shutil.copyfile(config_dir / name, out / name)
+    for path in config_dir.iterdir():  # the tokenizer's files and the generation config
+        if path.is_file() and not (out / path.name).exists():
+            shutil.copyfile(path, out / path.name)
     return out
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def _save(result: dict[str, Any], out_dir: str | Path, name: str) -> None:

@@ -226,16 +226,13 @@ class LocalModel:
             free = [s for s in self._slots if s not in used]
             fitting = [s for s in free if self._slots[s].shape == shape]
             held = sum(s.size for s in self._slots.values())
-            if free and (len(self._slots) > self.max_adapters or held > self.max_adapter_bytes):
-                # the bounds were lowered: free slots go first, those of other shapes before
-                self._delete_slot(sorted(free, key=lambda s: s in fitting)[0])
-                continue
-            if fitting:
+            over = len(self._slots) > self.max_adapters or held > self.max_adapter_bytes  # bounds lowered
+            if fitting and not over:
                 return fitting[0]
-            if len(self._slots) < self.max_adapters and held + size <= self.max_adapter_bytes:
+            if not fitting and len(self._slots) < self.max_adapters and held + size <= self.max_adapter_bytes:
                 return None
-            if free:  # a free slot of another shape gives its room back first
-                self._delete_slot(free[0])
+            if free:  # free slots give their room back first, those of other shapes before
+                self._delete_slot(sorted(free, key=lambda s: s in fitting)[0])
             elif self._resident:
                 self.drop_adapter(next(iter(self._resident)))
             else:
@@ -314,13 +311,14 @@ class LocalModel:
 
     def _switch(self, name: str | None) -> None:
         enable = self._active is None and name is not None
+        slot = self._slot_of[name] if name is not None else None
         for m in self._tuner_layers:
-            if name is None:
+            if slot is None:
                 m.enable_adapters(False)
                 continue
             if enable:
                 m.enable_adapters(True)
-            m.set_adapter(self._slot_of[name], inference_mode=True)
+            m.set_adapter(slot, inference_mode=True)
         self._active = name
 
     # -- encoding memory chunks -----------------------------------------------

@@ -66,6 +66,34 @@ def test_answer_key_is_what_the_question_lacks():
     assert not synth.recalled("Kara lives in Kyoto.", "Where does Kara live?", "She lives in Kyotoville.")
 
 
+def test_without_value_takes_out_every_occurrence_of_the_answer_key():
+    assert synth.without_value("Kara V. Pell lives in Kyoto.") == "Kara V. Pell lives in."
+    assert synth.without_value("Ulsha's locker code is HG-8704.") == "Ulsha's locker code is."
+    assert synth.without_value("kyoto suits Kara; Kara moved to Kyoto") == "suits Kara; Kara moved to"
+    assert synth.without_value("Peanuts.") == "Peanuts."  # nothing but the value: kept whole
+    assert synth.without_value("the and of") == "the and of"  # no key at all
+
+
+def test_the_gate_routes_questions_about_an_items_subject_not_about_its_value():
+    """The lora gate compares a query with each item minus its value: "In which country is
+    Marrakesh?" is as close to "... lives in Marrakesh." as the item's own question, but not to
+    "... lives in."."""
+    from memplug.bench.lora import routed
+    from memplug.runtime.embedder import Embedder
+
+    statements = ["Zorbul Quenti lives in Marrakesh.", "Ilse Varga plays the bassoon.",
+                  "Tamsin Orlo's pet ferret is called Biscuit."]
+    about = ["Where does Zorbul Quenti live?", "Which instrument does Ilse Varga play?",
+             "What is the name of Tamsin Orlo's ferret?"]
+    values = ["In which country is Marrakesh?", "What kind of instrument is a bassoon?",
+              "Is Biscuit a good name for a pet?"]
+    embedder = Embedder()
+    assert routed(0.5, embedder, statements, about) == [True, True, True]
+    assert routed(0.5, embedder, statements, values) == [False, False, False]
+    whole = embedder.encode(statements) @ embedder.encode(values).T
+    assert all(whole[i, i] >= 0.5 for i in range(3))  # the whole statements would have routed them
+
+
 def test_synthesized_pairs_keep_the_fact_and_never_give_it_away():
     data = synth.synthesize(FACTS, [1, 2, 3], None, seed=0)
     for d in data:
@@ -637,6 +665,23 @@ def test_the_near_miss_questions_cover_every_value_a_fact_can_name_and_are_their
             assert not [a for a in q["answers"] if a in text], q
 
 
+def test_a_general_answer_counts_where_a_word_starts_and_a_number_ends():
+    from memplug.bench.lora import answered
+
+    def q(*answers):
+        return {"question": "?", "answers": list(answers)}
+
+    assert answered(q("lung"), "When we breathe in, the lungs fill")
+    assert answered(q("india"), "located in the Indian subcontinent")
+    assert answered(q(" ate"), 'The past tense of eat is "ate".')
+    assert answered(q("60", "sixty"), "An hour has 60 minutes.")
+    assert not answered(q("10", "ten"), "a concept in mathematics, often misunderstood")
+    assert not answered(q("cat"), "a well-known example of a domesticated animal")
+    assert not answered(q("hot", "warm"), "The opposite of cold is lukewarm.")
+    assert not answered(q("60", "sixty"), "An hour is equivalent to 360")
+    assert not answered(q("60"), "600 seconds")
+
+
 def test_near_misses_are_picked_by_whole_words_and_replies_checked_for_the_users_values():
     from memplug.bench.lora import naming, near
 
@@ -669,6 +714,23 @@ def test_near_misses_are_served_by_the_adapter_only_where_the_gate_routes_them(t
     assert len(every["lost"]) == 2 - right
     empty = _near_misses(lm, [], [], [], ["Rex"])  # facts that name no value of the set (codes, years)
     assert empty["questions"] == empty["routed"] == empty["served_right"] == 0 and empty["replies"] == []
+
+
+def test_the_bf16_control_counts_answers_that_rounding_the_weights_changes_and_puts_them_back(trained):
+    from memplug.bench.lora import general_replies, rounded_control
+
+    lm, _, _ = trained
+    asked = [{"question": q, "answers": []} for q in ("Name a colour.", "Name a city.", "Name a month.", "Count to 3.")]
+    replies = general_replies(lm, asked)
+    # Right as it is: each reply's first word is the accepted answer of half the questions.
+    questions = [{"question": q["question"], "answers": [r.split()[0].lower()] if k % 2 == 0 and r.split() else ["\x00"]}
+                 for k, (q, r) in enumerate(zip(asked, replies, strict=True))]
+    right = [k % 2 == 0 and bool(r.split()) for k, r in enumerate(replies)]
+    before = logits(lm)
+    out = rounded_control(lm, questions, right, [True] * sum(right))
+    assert torch.equal(logits(lm), before)  # the fp32 weights are back
+    assert 0 <= out["lost"] == out["sure_lost"] <= sum(right) and out["gained"] == 0
+    assert out["drop_points"] == pytest.approx(100 * out["lost"] / max(1, sum(right)))
 
 
 def test_a_random_adapter_is_as_large_as_the_trained_one_module_by_module(trained):

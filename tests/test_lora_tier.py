@@ -12,6 +12,9 @@ FACTS = [
     ("Ilse Varga plays the bassoon.", "Which instrument does Ilse Varga play?", "bassoon"),
     ("Tamsin Orlo's pet ferret is called Biscuit.", "What is the name of Tamsin Orlo's ferret?", "Biscuit"),
 ]
+# A question that names a fact's value, not its subject: about something else (lora_gate).
+ABOUT_THE_VALUE = {"Marrakesh": "In which country is Marrakesh?", "bassoon": "What kind of instrument is a bassoon?",
+                   "Biscuit": "Is Biscuit a good name for a pet?"}
 
 
 @pytest.fixture
@@ -62,6 +65,7 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     # A question far from every item it holds is routed to the base model (lora_gate).
     unrelated = mem.read(alice, "What is the capital of France?")
     assert unrelated.adapter is None and not unrelated.covered
+    assert mem.read(alice, ABOUT_THE_VALUE[key]).adapter is None
 
     ref = recall.adapter
     recalled = [k.lower() in closed_book(lm, q, ref).lower() for _, q, k in FACTS]

@@ -30,6 +30,7 @@ questions from the statements.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -47,6 +48,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
 }
 
+GATE_RULE = "items without their values"  # what routed() compares a question with (runs merge only alike)
 SURE_MARGIN = 1.0  # nats: general answers the base model gives this surely (see answer_margins)
 _trained = 0  # trainings this process has run: each makes the next slower (see :func:`run`)
 
@@ -106,8 +108,10 @@ def perplexity(lm: Any, paragraphs: list[str], batch_size: int = 10) -> float:
 
 def routed(gate: float, embedder: Any, statements: list[str], questions: list[str]) -> list[bool]:
     """Which questions the lora tier would apply the adapter to: those within cosine ``gate``
-    of a trained statement (the tier's ``lora_gate`` rule)."""
-    s = embedder.encode(statements)
+    of a trained statement with its value taken out (the tier's ``lora_gate`` rule)."""
+    from memplug.runtime.synth import without_value
+
+    s = embedder.encode([without_value(x) for x in statements])
     q = embedder.encode(questions)
     return [bool(x) for x in ((q @ s.T).max(1) >= gate)]
 
@@ -123,12 +127,38 @@ def general_replies(lm: Any, questions: list[dict[str, Any]], max_new_tokens: in
 
 
 def answered(question: dict[str, Any], reply: str) -> bool:
-    return any(a in reply.lower() for a in question["answers"])
+    """Whether ``reply`` gives one of the question's accepted answers where a word starts ("lungs"
+    and "Indian" give "lung" and "india"; "often" does not give "ten", nor "domesticated" "cat"),
+    and, for a number, where it ends ("360" does not give "60")."""
+    text = reply.lower()
+    return any(re.search(_answer_pattern(a), text) for a in question["answers"])
+
+
+@functools.lru_cache(maxsize=4096)
+def _answer_pattern(answer: str) -> str:
+    answer = answer.strip().lower()
+    return rf"(?<!\w){re.escape(answer)}" + (r"(?!\d)" if answer[-1:].isdigit() else "")
 
 
 def general_answers(lm: Any, questions: list[dict[str, Any]], max_new_tokens: int = 20) -> list[bool]:
     """Whether ``lm`` answers each general question right (any accepted answer in its reply)."""
     return [answered(q, r) for q, r in zip(questions, general_replies(lm, questions, max_new_tokens), strict=True)]
+
+
+def rounded_control(lm: Any, questions: list[dict[str, Any]], right: list[bool], sure: list[bool]) -> dict[str, Any]:
+    """The base model's general answers with its weights rounded to bfloat16 (under bf16 autocast):
+    a change that teaches it nothing, against which to read an adapter's drop. ``right`` says which
+    questions it answers right as it is; ``sure``, which of those it answers surely."""
+    from memplug.runtime.lora import _autocast, _bf16_weights
+
+    with _bf16_weights(lm.model, lm.device, "bf16"), _autocast(lm.device, "bf16")():
+        now = general_answers(lm, questions)
+    kept = [ok for ok, was in zip(now, right, strict=True) if was]
+    lost = len(kept) - sum(kept)
+    return {"what": "the base model's weights in bf16", "lost": lost,
+            "gained": sum(ok and not was for ok, was in zip(now, right, strict=True)),
+            "drop_points": 100 * lost / max(1, len(kept)),
+            "sure_lost": sum(s and not ok for s, ok in zip(sure, kept, strict=True))}
 
 
 def answer_margins(lm: Any, questions: list[dict[str, Any]], replies: list[str]) -> list[float]:
@@ -193,15 +223,19 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
     base_ppl = perplexity(base, paragraphs)
     say(f"base model: perplexity {base_ppl:.2f}, answers {len(known)}/{len(questions)} general questions "
         f"({time.perf_counter() - t:.0f} s), {sum(sure)} of them by more than {SURE_MARGIN} nat")
+    rounded = rounded_control(base, questions, base_right, sure)
+    say(f"  the same model in bf16: {rounded['lost']} of the {len(known)} lost, {rounded['gained']} gained, "
+        f"{rounded['sure_lost']} of the {sum(sure)} sure answers lost")
     nearby = near_questions()
     near_base = general_replies(base, nearby)
     embedder = Embedder()
     measured = {"perplexity": base_ppl, "general_known": len(known), "general_total": len(questions),
                 "general_margins": {q["question"]: m for q, m in zip(known, margins, strict=True)},
+                "general_bf16": rounded,
                 "near_total": len(nearby),
                 "near_known": [q["question"] for q, r in zip(nearby, near_base, strict=True) if answered(q, r)]}
     result: dict[str, Any] = {"machine": _machine(), "model": base.name, "fingerprint": base.fingerprint,
-                              "seed": seed, "gate": gate, "base": measured,
+                              "seed": seed, "gate": gate, "gate_rule": GATE_RULE, "base": measured,
                               "runs": _earlier_runs(out_dir, name, base.fingerprint, seed, gate, measured)}
     for n in sizes:
         facts = generate(n, seed)
@@ -511,7 +545,8 @@ def _earlier_runs(out_dir: str | Path, name: str, fingerprint: str, seed: int, g
         earlier = json.loads((Path(out_dir) / f"{name}.json").read_text())
     except (OSError, ValueError):
         return {}
-    same = (earlier.get("fingerprint"), earlier.get("seed"), earlier.get("gate")) == (fingerprint, seed, gate) and \
+    same = (earlier.get("fingerprint"), earlier.get("seed"), earlier.get("gate"), earlier.get("gate_rule")) == \
+        (fingerprint, seed, gate, GATE_RULE) and \
         sorted(earlier.get("base", {}).get("general_margins", {})) == sorted(base["general_margins"]) and \
         earlier.get("base", {}).get("general_total") == base["general_total"] and \
         earlier.get("base", {}).get("near_known") == base["near_known"]

@@ -109,6 +109,24 @@ def answer_key(statement: str, question: str = "") -> str | None:
     return None
 
 
+def without_value(statement: str) -> str:
+    """The statement with its value taken out: every whole-word occurrence of its answer key
+    ("Kara lives in ." for "Kara lives in Kyoto.").
+
+    The lora tier's gate compares a query with this. An adapter supplies a memory's
+    value, so a question about the memory's subject ("Where does Kara live?") should
+    reach it, and one that already names the value ("In which country is Kyoto?") is
+    about something else. The statement is kept whole where nothing would be left
+    of it but its value.
+    """
+    key = answer_key(statement)
+    if key is None:
+        return statement
+    rest = re.sub(rf"(?<![\w]){re.escape(key)}(?![\w])", "", statement, flags=re.IGNORECASE)
+    rest = re.sub(r"\s+([.,;:!?])", r"\1", re.sub(r"\s{2,}", " ", rest)).strip()
+    return rest if content_words(rest) else statement
+
+
 def anchor(statement: str) -> str:
     """What the statement is about: its first run of capitalised words (a name), else its first three words."""
     tokens = statement.split()

@@ -44,7 +44,10 @@ answers steadier, for less recall at 50 items and more).
 **Routing.** An adapter also changes how the model answers questions it was
 not trained for (the benchmark measures how much). So it is applied only to
 reads that concern it: when the query's embedding is within cosine
-``lora_gate`` of one of the items it holds. Other reads get the base model.
+``lora_gate`` of one of the items it holds, each with its value taken out
+(:func:`memplug.runtime.synth.without_value`). A question about an item's subject
+("Where does Kara live?") reaches the adapter; one that already names its value
+("In which country is Kyoto?") is about something else. Other reads get the base model.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from memplug import (
     hookimpl,
 )
 from memplug.memory import ITEM_COLUMNS, item_from_row
+from memplug.runtime.synth import without_value
 from memplug.scoping import subtree_sql, visible_sql
 from memplug.settings import flag
 from memplug.store import row_security
@@ -413,13 +417,14 @@ class LoraTier:
                         samples=sum(n for _, n in m.values()))
 
     def _relevance(self, memory, adapter_id, items, query):
-        """The highest cosine similarity between the query and an item the adapter holds."""
+        """The highest cosine similarity between the query and an item the adapter holds, its value
+        taken out (see *Routing* above)."""
         with self._vectors_lock:
             vectors = self._vectors.get(adapter_id)
             if vectors is not None:
                 self._vectors.move_to_end(adapter_id)
         if vectors is None:
-            vectors = memory.embedder.encode([it.text for it in items])
+            vectors = memory.embedder.encode([without_value(it.text) for it in items])
             with self._vectors_lock:
                 self._vectors[adapter_id] = vectors
                 while len(self._vectors) > max(1, self.resident):

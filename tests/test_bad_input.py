@@ -154,6 +154,10 @@ def test_bad_option(dsn):
     with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_contrast_tokens=-1, lora_weight_decay=-0.5$"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"),
                options={"lora_contrast_tokens": -1, "lora_weight_decay": -0.5})
+    with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_kl=-1.0$"):
+        Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_kl": -1})
+    with Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_kl": 4}) as memory:
+        assert memory.plugins.pm.get_plugin("lora").config.kl == 4.0
     with pytest.raises(ConfigError, match=r"option 'lora_isolate'='maybe' is not a valid flag"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_isolate": "maybe"})
 

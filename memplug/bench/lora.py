@@ -598,6 +598,11 @@ def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
             ax.scatter([100 * c["perplexity_change"] if field is None else -c[field] for c, _ in controls],
                        [y for _, y in controls], marker="x", color="grey", label="random adapter as large as the run's (at its height)")
         ax.legend(fontsize=8)
+    rounded = result.get("base", {}).get("general_bf16")
+    if rounded:  # the floor of the raw measure: the base model itself, its weights in bf16
+        axes[1].axvline(-rounded["drop_points"], color="tab:red", ls="--", lw=1,
+                        label=f"base model in bf16 ({-rounded['drop_points']:.1f})")
+        axes[1].legend(fontsize=8)
     axes[0].set_ylabel("closed-book accuracy, paraphrased questions")
     fig.suptitle(f"LoRA memory on {result['model']}: recall vs forgetting")
     fig.tight_layout()

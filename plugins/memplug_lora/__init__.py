@@ -26,7 +26,7 @@ retrained at the next consolidation; with none left, nothing is retrained.
 Options: ``lora_rank`` (8), ``lora_alpha`` (16), ``lora_lr`` (3e-3),
 ``lora_epochs`` (3), ``lora_min_steps`` (96: fewer items get more epochs), ``lora_targets``
 (comma-separated module names),
-``lora_replay`` (0.25), ``lora_replay_tokens`` (16), ``lora_contrast_tokens`` (16: each item's
+``lora_replay`` (0.25), ``lora_kl`` (1: the replay loss's weight), ``lora_replay_tokens`` (16), ``lora_contrast_tokens`` (16: each item's
 questions about another subject are held to the base model over the first 16 tokens of its
 answer to them, where the user's values would leak in; 0: at the answer's first token only,
 16 s less at 50 items as measured with fp32 contrast answers, which now take 5 s less, and more
@@ -122,7 +122,7 @@ MIGRATIONS = (
 OPTIONS = (
     ("lora_rank", "rank", int), ("lora_alpha", "alpha", float), ("lora_lr", "lr", float),
     ("lora_epochs", "epochs", int), ("lora_min_steps", "min_steps", int), ("lora_served", "served", float),
-    ("lora_replay", "replay", float), ("lora_replay_tokens", "replay_tokens", int),
+    ("lora_replay", "replay", float), ("lora_replay_tokens", "replay_tokens", int), ("lora_kl", "kl", float),
     ("lora_contrast_tokens", "contrast_tokens", int),
     ("lora_min_recall", "min_recall", float), ("lora_max_train_s", "max_seconds", float),
     ("lora_precision", "precision", str), ("lora_first_layer", "first_layer", int),

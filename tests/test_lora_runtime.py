@@ -72,6 +72,10 @@ def test_without_value_takes_out_every_occurrence_of_the_answer_key():
     assert synth.without_value("kyoto suits Kara; Kara moved to Kyoto") == "suits Kara; Kara moved to"
     assert synth.without_value("Peanuts.") == "Peanuts."  # nothing but the value: kept whole
     assert synth.without_value("the and of") == "the and of"  # no key at all
+    # Only the key as a word of its own: not inside a longer word or a compound; with its "'s".
+    assert synth.without_value("Kyotoville is far; Kara lives in Kyoto.") == "Kyotoville is far; Kara lives in."
+    assert synth.without_value("Kyoto-born Kara lives in Kyoto.") == "Kyoto-born Kara lives in."
+    assert synth.without_value("Kyoto's temples charm Kara, who lives in Kyoto.") == "temples charm Kara, who lives in."
 
 
 def test_the_gate_routes_questions_about_an_items_subject_not_about_its_value():
@@ -680,6 +684,18 @@ def test_a_general_answer_counts_where_a_word_starts_and_a_number_ends():
     assert not answered(q("hot", "warm"), "The opposite of cold is lukewarm.")
     assert not answered(q("60", "sixty"), "An hour is equivalent to 360")
     assert not answered(q("60"), "600 seconds")
+    assert answered(q(".net"), "I write .net code") and not answered(q("", " "), "anything at all")
+
+
+def test_a_reply_still_being_written_does_not_stop_on_a_number_that_may_grow():
+    """``general_replies`` stops a reply once it answers; "60" must not stop "600" half-way."""
+    from memplug.bench.lora import answered_so_far
+
+    sixty, six_hundred = {"answers": ["60"]}, {"answers": ["600"]}
+    growing = ["It is 6", "It is 60", "It is 600", "It is 600 seconds"]
+    assert [answered_so_far(sixty, t) for t in growing] == [False, False, False, False]
+    assert [answered_so_far(six_hundred, t) for t in growing] == [False, False, False, True]
+    assert answered_so_far(sixty, "It is 60 minutes")
 
 
 def test_near_misses_are_picked_by_whole_words_and_replies_checked_for_the_users_values():

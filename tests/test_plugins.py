@@ -177,3 +177,17 @@ def test_memplug_trace_logs_every_hook_call_with_its_time(make_memory, user, mon
                          ("memplug_read", "pgvector"), ("memplug_configure", "context")):
         assert any(f" {hook} {plugin} " in line and line.endswith(" ok") for line in lines), (hook, plugin)
     assert all(" ms " in line for line in lines)
+
+
+def test_importing_memplug_and_its_plugins_loads_no_torch_langchain_or_llama_index():
+    """The library and its tiers import their models lazily: an app that never loads a local model
+    (API models only) never pays for torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, memplug, memplug.cli, memplug_context, memplug_pgvector, memplug_kv, memplug_lora\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'langchain_core', 'llama_index')"
+            " if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

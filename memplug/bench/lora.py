@@ -109,11 +109,17 @@ def perplexity(lm: Any, paragraphs: list[str], batch_size: int = 10) -> float:
 def routed(gate: float, embedder: Any, statements: list[str], questions: list[str]) -> list[bool]:
     """Which questions the lora tier would apply the adapter to: those within cosine ``gate``
     of a trained statement with its value taken out (the tier's ``lora_gate`` rule)."""
+    return [bool(x >= gate) for x in route_scores(embedder, statements, questions)]
+
+
+def route_scores(embedder: Any, statements: list[str], questions: list[str]) -> list[float]:
+    """Each question's score at the gate: its highest cosine similarity to a statement with its
+    value taken out (:func:`memplug.runtime.synth.without_value`)."""
     from memplug.runtime.synth import without_value
 
     s = embedder.encode([without_value(x) for x in statements])
     q = embedder.encode(questions)
-    return [bool(x) for x in ((q @ s.T).max(1) >= gate)]
+    return [float(x) for x in (q @ s.T).max(1)]
 
 
 def general_replies(lm: Any, questions: list[dict[str, Any]], max_new_tokens: int = 20) -> list[str]:
@@ -122,8 +128,14 @@ def general_replies(lm: Any, questions: list[dict[str, Any]], max_new_tokens: in
 
     rows = [lm.ids(ask(lm, q["question"])) for q in questions]
     replies = lm.replies(rows, max_new_tokens, with_preamble=False,
-                         stop=lambda i, text: answered(questions[i], text) or "\n" in text.strip())
+                         stop=lambda i, text: answered_so_far(questions[i], text) or "\n" in text.strip())
     return [text for text, _ in replies]
+
+
+def answered_so_far(question: dict[str, Any], text: str) -> bool:
+    """Whether a reply that may go on already gives an accepted answer: a number at its very end
+    may still grow ("6" then "0" then "0"), so trailing digits do not count yet."""
+    return answered(question, text.rstrip("0123456789"))
 
 
 def answered(question: dict[str, Any], reply: str) -> bool:
@@ -131,13 +143,17 @@ def answered(question: dict[str, Any], reply: str) -> bool:
     and "Indian" give "lung" and "india"; "often" does not give "ten", nor "domesticated" "cat"),
     and, for a number, where it ends ("360" does not give "60")."""
     text = reply.lower()
-    return any(re.search(_answer_pattern(a), text) for a in question["answers"])
+    return any(re.search(p, text) for p in _answer_patterns(tuple(question["answers"])))
 
 
 @functools.lru_cache(maxsize=4096)
-def _answer_pattern(answer: str) -> str:
-    answer = answer.strip().lower()
-    return rf"(?<!\w){re.escape(answer)}" + (r"(?!\d)" if answer[-1:].isdigit() else "")
+def _answer_patterns(answers: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for answer in (a.strip().lower() for a in answers):
+        if answer:  # an empty answer would be found in every reply
+            out.append((r"(?<!\w)" if re.match(r"\w", answer) else "") + re.escape(answer)
+                       + (r"(?!\d)" if answer[-1].isdigit() else ""))
+    return tuple(out)
 
 
 def general_answers(lm: Any, questions: list[dict[str, Any]], max_new_tokens: int = 20) -> list[bool]:
@@ -175,7 +191,8 @@ def answer_margins(lm: Any, questions: list[dict[str, Any]], replies: list[str])
     with torch.inference_mode():
         for q, reply in zip(questions, replies, strict=True):
             prompt, ids = lm.ids(ask(lm, q["question"])), lm.ids(reply)
-            cut = next((k for k in range(1, len(ids) + 1) if answered(q, lm.tokenizer.decode(ids[:k]))), len(ids))
+            cut = next((k for k in range(1, len(ids) + 1) if answered_so_far(q, lm.tokenizer.decode(ids[:k]))
+                        or k == len(ids) and answered(q, reply)), len(ids))
             if not cut:
                 out.append(0.0)
                 continue
@@ -243,7 +260,9 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
         statements = [f.statement for f in facts]
         gated = {"direct": routed(gate, embedder, statements, [f.question for f in facts]),
                  "paraphrase": routed(gate, embedder, statements, [f.paraphrase for f in facts])}
-        every_gated = routed(gate, embedder, statements, [q["question"] for q in questions])
+        general_scores = route_scores(embedder, statements, [q["question"] for q in questions])
+        every_gated = [x >= gate for x in general_scores]
+        fact_scores = route_scores(embedder, statements, [f.question for f in facts] + [f.paraphrase for f in facts])
         general_gated = [g for g, ok in zip(every_gated, base_right, strict=True) if ok]
         named = near(nearby, statements)
         close = [i for i, q in enumerate(nearby) if q in named]
@@ -305,6 +324,10 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 "general_control": control,
                 "near_misses": near_misses,
                 "routed": {"closed_book": served,
+                           # The gate's margins: the lowest fact question's score, the highest general ones'.
+                           "fact_question_min_score": min(fact_scores),
+                           "general_top_scores": sorted(zip(general_scores, (q["question"] for q in questions)),
+                                                        reverse=True)[:3],
                            "paraphrase_vs_text": served["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
                            "fact_questions_routed": {k: sum(v) / n for k, v in gated.items()},
                            "general_questions_routed": sum(general_gated) / max(1, len(known)),

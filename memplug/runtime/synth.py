@@ -111,7 +111,7 @@ def answer_key(statement: str, question: str = "") -> str | None:
 
 def without_value(statement: str) -> str:
     """The statement with its value taken out: every whole-word occurrence of its answer key
-    ("Kara lives in ." for "Kara lives in Kyoto.").
+    ("Kara lives in." for "Kara lives in Kyoto.").
 
     The lora tier's gate compares a query with this. An adapter supplies a memory's
     value, so a question about the memory's subject ("Where does Kara live?") should
@@ -122,7 +122,9 @@ def without_value(statement: str) -> str:
     key = answer_key(statement)
     if key is None:
         return statement
-    rest = re.sub(rf"(?<![\w]){re.escape(key)}(?![\w])", "", statement, flags=re.IGNORECASE)
+    # The key as a word of its own (with a possessive "'s"), never a piece of a longer word or
+    # a hyphenated compound ("Kyotoville", "Kyoto-born" stay).
+    rest = re.sub(rf"(?<![\w'\u2019-]){re.escape(key)}(?:['\u2019]s)?(?![\w-])", "", statement, flags=re.IGNORECASE)
     rest = re.sub(r"\s+([.,;:!?])", r"\1", re.sub(r"\s{2,}", " ", rest)).strip()
     return rest if content_words(rest) else statement
 

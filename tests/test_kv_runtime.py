@@ -7,6 +7,7 @@ exercised in test_kv_tier.py.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def injected_logits(lm, chunks, closing_ids):
     cache, position, stored = lm.build_cache(chunks)
     n = len(closing_ids)
     with torch.inference_mode():
-        out = lm.model(torch.tensor([closing_ids]), past_key_values=cache,
+        out = lm.model(torch.tensor([closing_ids]), **{lm._cache_kw: cache},
                        position_ids=torch.arange(position, position + n)[None],
                        attention_mask=torch.ones(1, stored + n, dtype=torch.long))
     return out.logits[0, -1]
@@ -176,3 +177,14 @@ def test_rows_with_different_memories_batch_like_single_rows(tiny):
     for i, (row, chunks) in enumerate(zip(rows, [[a], [a, b]], strict=True)):
         single = [int(t[0]) for t in tiny.decode(chunks, [row], max_new_tokens=4)]
         assert [step[i] for step in batched][:len(single)] == single
+
+
+def test_encoding_and_decoding_use_the_cache_argument_the_installed_transformers_names(tiny):
+    """transformers 5 renamed the forward's ``past_key_values`` to ``cache`` and warns on the old
+    name at every call: a user's decode must not print that warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chunk = tiny.encode([FACTS[0]], [1])[0]
+        row = tiny.ids(tiny.layout("Where does Alice Brown live?")[1])
+        list(tiny.decode([chunk], [row], max_new_tokens=3))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -57,7 +57,7 @@ def test_smollm2_injected_kv_matches_full_prefill(kv_memory, user):
         reference = lm.model(torch.tensor([lm.preamble()[0] + lm.chunk_ids(item.text) + closing])).logits[0, -1]
         cache, position, stored = lm.build_cache([exact])
         n = len(closing)
-        injected = lm.model(torch.tensor([closing]), past_key_values=cache,
+        injected = lm.model(torch.tensor([closing]), **{lm._cache_kw: cache},
                             position_ids=torch.arange(position, position + n)[None],
                             attention_mask=torch.ones(1, stored + n, dtype=torch.long)).logits[0, -1]
     assert (injected - reference).abs().max() <= 1e-3

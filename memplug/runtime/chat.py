@@ -16,6 +16,7 @@ tokens (the unit tests hold it to 1e-3 in the logits).
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 import time
@@ -77,6 +78,7 @@ class LocalModel:
         self.name = name
         self.device = device
         self.rotary = rotary
+        self._cache_kw = _cache_keyword(model)
         cfg = model.config.get_text_config(decoder=True)
         self.layers = cfg.num_hidden_layers
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -161,7 +163,7 @@ class LocalModel:
     def _kv_of(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
             out = self.model(torch.tensor([list(ids)], device=self.device), use_cache=True)
-        k, v = _stack_cache(out.past_key_values)
+        k, v = _stack_cache(_returned_cache(out))
         return k[:, 0].float().cpu(), v[:, 0].float().cpu()
 
     def _prefix_kv(self, ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,11 +365,11 @@ class LocalModel:
         input_ids = torch.full((b, n), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             input_ids[i, :len(r) + len(probe)] = torch.tensor(r + probe)
-        result = self.model(input_ids.to(self.device), past_key_values=cache, use_cache=True,
+        result = self.model(input_ids.to(self.device), **{self._cache_kw: cache}, use_cache=True,
                             position_ids=torch.arange(p, p + n, device=self.device).unsqueeze(0).expand(b, -1),
                             attention_mask=torch.ones(b, p + n, dtype=torch.long, device=self.device),
                             output_attentions=scores)
-        keys, values = _stack_cache(result.past_key_values)
+        keys, values = _stack_cache(_returned_cache(result))
         keys = rotate(keys[:, :, :, p:].float().cpu(), -p, self.inv_freq)
         values = values[:, :, :, p:].float().cpu()
         received = None
@@ -609,9 +611,9 @@ class LocalModel:
         dev = self.device
         # Only the last position's logits are wanted: the vocabulary projection of a whole
         # prompt would cost a sixth of a batch's prefill.
-        out = self.model(input_ids.to(dev), past_key_values=cache, attention_mask=mask.to(dev),
+        out = self.model(input_ids.to(dev), **{self._cache_kw: cache}, attention_mask=mask.to(dev),
                          position_ids=pos.to(dev), use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float().cpu(), out.past_key_values
+        return out.logits[:, -1].float().cpu(), _returned_cache(out)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -649,6 +651,21 @@ def _cache_of(config: Any, keys: torch.Tensor, values: torch.Tensor) -> Any:
         else:
             cache.update(k, v, layer)
     return cache
+
+
+def _cache_keyword(model: Any) -> str:
+    """The name of the forward pass's cache argument: transformers 5 renamed ``past_key_values``
+    to ``cache`` (the old name warns on every call); earlier versions know only the old one."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    """The cache a forward pass returned, under either name (see :func:`_cache_keyword`)."""
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def _stack_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:

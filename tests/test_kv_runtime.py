@@ -7,6 +7,7 @@ exercised in test_kv_tier.py.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 
 import pytest
@@ -179,12 +180,21 @@ def test_rows_with_different_memories_batch_like_single_rows(tiny):
         assert [step[i] for step in batched][:len(single)] == single
 
 
-def test_encoding_and_decoding_use_the_cache_argument_the_installed_transformers_names(tiny):
-    """transformers 5 renamed the forward's ``past_key_values`` to ``cache`` and warns on the old
-    name at every call: a user's decode must not print that warning."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        chunk = tiny.encode([FACTS[0]], [1])[0]
-        row = tiny.ids(tiny.layout("Where does Alice Brown live?")[1])
-        list(tiny.decode([chunk], [row], max_new_tokens=3))
+def test_encoding_and_decoding_use_the_cache_argument_the_installed_transformers_names(tiny, caplog):
+    """transformers 5 renamed the forward's ``past_key_values`` to ``cache``: passing the old name
+    warns at every call, and reading it from the output logs a deprecation. A user's decode
+    must do neither."""
+    from transformers.utils import logging as hf_logging
+
+    logging.Logger.warning_once.cache_clear()  # transformers logs each message once per process
+    hf_logging.enable_propagation()
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("always")
+            chunk = tiny.encode([FACTS[0]], [1])[0]
+            row = tiny.ids(tiny.layout("Where does Alice Brown live?")[1])
+            list(tiny.decode([chunk], [row], max_new_tokens=3))
+    finally:
+        hf_logging.disable_propagation()
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+    assert not [r for r in caplog.records if "past_key_values" in r.getMessage()]

@@ -660,12 +660,15 @@ def _cache_keyword(model: Any) -> str:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
+    # A forward that takes only **kwargs (a wrapper) gets the old name: every version reads it,
+    # where a version from before the rename would drop an unknown ``cache`` without a word.
     return "cache" if "cache" in params else "past_key_values"
 
 
 def _returned_cache(out: Any) -> Any:
     """The cache a forward pass returned, under either name (see :func:`_cache_keyword`)."""
-    return out["cache"] if "cache" in out else out.past_key_values
+    # Looked up as keys: the old attribute still answers on transformers 5, with a warning.
+    return out["cache"] if "cache" in out else out.get("past_key_values")
 
 
 def _stack_cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,6 +60,16 @@ def test_answer_key_is_what_the_question_lacks():
     assert synth.answer_key("Quo Folley competes in fencing at weekends.",
                             "Which sport does Quo Folley do on weekends?") == "fencing"
     assert synth.answer_key("Ulsha's locker code is HG-8704.") == "HG-8704"
+    # A closing "how often" after an object is passed over, unless the question names the rest.
+    assert synth.answer_key("Quo Folley competes in fencing at weekends.") == "fencing"
+    assert synth.answer_key("Nora plays the cello on Sundays.") == "cello"
+    assert synth.answer_key("Tom visits his mother every other week.") == "mother"
+    assert synth.answer_key("Quo Folley competes in fencing at weekends.",
+                            "When does Quo Folley compete in fencing?") == "weekends"
+    # After a verb or a stopword, the time is what the statement says.
+    assert synth.answer_key("The team meets every Monday.") == "Monday"
+    assert synth.answer_key("The meeting is every Tuesday.") == "Tuesday"
+    assert synth.answer_key("Mina swims at weekends.") == "weekends"
     assert synth.anchor("Vesne T. Strandton lives in Tallinn.") == "Vesne T. Strandton"
     assert synth.anchor("Orine B. Ashik's favourite dish is pierogi.") == "Orine B. Ashik"
     assert synth.recalled("Kara lives in Kyoto.", "Where does Kara live?", "She lives in Kyoto, Japan.")
@@ -69,6 +79,7 @@ def test_answer_key_is_what_the_question_lacks():
 def test_without_value_takes_out_every_occurrence_of_the_answer_key():
     assert synth.without_value("Kara V. Pell lives in Kyoto.") == "Kara V. Pell lives in."
     assert synth.without_value("Ulsha's locker code is HG-8704.") == "Ulsha's locker code is."
+    assert synth.without_value("Quo Folley competes in fencing at weekends.") == "Quo Folley competes in at weekends."
     assert synth.without_value("kyoto suits Kara; Kara moved to Kyoto") == "suits Kara; Kara moved to"
     assert synth.without_value("Peanuts.") == "Peanuts."  # nothing but the value: kept whole
     assert synth.without_value("the and of") == "the and of"  # no key at all

@@ -100,13 +100,44 @@ def answer_key(statement: str, question: str = "") -> str | None:
 
     English puts new information at the end of a sentence, so the last content
     word not already in the question is the one an answer has to supply
-    ("X lives in Kyoto" asked "Where does X live?" gives "Kyoto").
+    ("X lives in Kyoto" asked "Where does X live?" gives "Kyoto"). A closing
+    phrase that only says how often ("X competes in fencing at weekends") is
+    passed over: its words are the key only for a question that names
+    everything before it ("When does X compete in fencing?").
     """
     asked = {_stem(w) for w in words(question)}
-    for word in reversed(content_words(statement)):
-        if _stem(word) not in asked:
-            return word
+    found = content_words(statement)
+    habit = _habit_words(statement)
+    for group in (found[:len(found) - habit], found[len(found) - habit:]):
+        for word in reversed(group):
+            if _stem(word) not in asked:
+                return word
     return None
+
+
+_TIME = (r"(?:day|morning|afternoon|evening|night|week|weekend|weekday|month|year|summer|winter|spring|autumn"
+         r"|(?:mon|tues|wednes|thurs|fri|satur|sun)day)")
+# A closing phrase that says how often: "at weekends", "on Fridays", "in the evenings",
+# "every morning", "each other week", "daily".
+_HABIT = re.compile(rf"(?:\b(?:at|on|in|during|most)\s+(?:the\s+)?{_TIME}s|\b(?:every|each)\s+(?:other\s+)?{_TIME}"
+                    rf"|\b(?:daily|weekly|monthly|yearly|nightly))\W*$", re.IGNORECASE)
+
+
+def _habit_words(statement: str) -> int:
+    """How many of the statement's last content words only say how often something happens.
+
+    Only a phrase that follows an object counts: a content word after a stopword
+    ("competes in fencing at weekends", "plays the cello on Sundays": 1). After a
+    verb or a stopword the phrase is what the statement says ("The team meets
+    every Monday", "The meeting is every Tuesday": 0).
+    """
+    m = _HABIT.search(statement)
+    if m is None:
+        return 0
+    before = [w.lower() for w in words(statement[:m.start()])]
+    if len(before) < 2 or before[-1] in STOPWORDS or before[-2] not in STOPWORDS:
+        return 0
+    return len(content_words(m.group(0)))
 
 
 def without_value(statement: str) -> str:

@@ -258,11 +258,10 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
         facts = generate(n, seed)
         none = _accuracy(base, facts, None, "none", 1, detail=True)
         statements = [f.statement for f in facts]
-        gated = {"direct": routed(gate, embedder, statements, [f.question for f in facts]),
-                 "paraphrase": routed(gate, embedder, statements, [f.paraphrase for f in facts])}
+        fact_scores = route_scores(embedder, statements, [f.question for f in facts] + [f.paraphrase for f in facts])
+        gated = {"direct": [x >= gate for x in fact_scores[:n]], "paraphrase": [x >= gate for x in fact_scores[n:]]}
         general_scores = route_scores(embedder, statements, [q["question"] for q in questions])
         every_gated = [x >= gate for x in general_scores]
-        fact_scores = route_scores(embedder, statements, [f.question for f in facts] + [f.paraphrase for f in facts])
         general_gated = [g for g, ok in zip(every_gated, base_right, strict=True) if ok]
         named = near(nearby, statements)
         close = [i for i, q in enumerate(nearby) if q in named]
@@ -326,7 +325,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 "routed": {"closed_book": served,
                            # The gate's margins: the lowest fact question's score, the highest general ones'.
                            "fact_question_min_score": min(fact_scores),
-                           "general_top_scores": sorted(zip(general_scores, (q["question"] for q in questions)),
+                           "general_top_scores": sorted(zip(general_scores, (q["question"] for q in questions), strict=True),
                                                         reverse=True)[:3],
                            "paraphrase_vs_text": served["paraphrase"] / text["paraphrase"] if text["paraphrase"] else None,
                            "fact_questions_routed": {k: sum(v) / n for k, v in gated.items()},

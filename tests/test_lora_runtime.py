@@ -619,6 +619,21 @@ def test_a_training_in_a_child_process_gives_what_it_gives_in_this_one(tiny_base
         torch.testing.assert_close(there.state[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_by_margin_counts_the_lost_answers_in_the_band_of_the_base_models_margin():
+    from memplug.bench.lora import _band, by_margin
+
+    margins = {"a": 0.05, "b": -1e-7, "c": 0.1, "d": 0.7, "e": 1.0, "f": 3.5}
+    rows = by_margin(margins, ["b", "c", "f"], bands=(0.1, 1.0))
+    assert [(r["from"], r["to"], r["right"], r["lost"]) for r in rows] == \
+        [(0.0, 0.1, 2, 1), (0.1, 1.0, 2, 1), (1.0, None, 2, 1)]  # an edge belongs to the band above it
+    assert [_band(r) for r in rows] == ["<0.1", "0.1-1", ">=1"]
+    assert sum(r["right"] for r in by_margin(margins, [])) == len(margins)
+    with pytest.raises(InvalidInput, match="'zzz'"):  # a lost answer the base model never got right
+        by_margin(margins, ["a", "zzz"])
+    with pytest.raises(InvalidInput, match="rising"):
+        by_margin(margins, [], bands=(1.0, 0.5))
+
+
 def test_answer_margins_tell_sure_answers_from_coin_tosses(memory):
     """The benchmark's margin of a general answer (real SmolLM2): a greedy reply it is sure of
     scores well above 0, and a reply it would not give scores below 0."""
@@ -758,6 +773,8 @@ def test_the_bf16_control_counts_answers_that_rounding_the_weights_changes_and_p
     assert torch.equal(logits(lm), before)  # the fp32 weights are back
     assert 0 <= out["lost"] == out["sure_lost"] <= sum(right) and out["gained"] == 0
     assert out["drop_points"] == pytest.approx(100 * out["lost"] / max(1, sum(right)))
+    was_right = {q["question"] for q, ok in zip(questions, right, strict=True) if ok}
+    assert len(out["general_lost"]) == out["lost"] and set(out["general_lost"]) <= was_right
 
 
 def test_a_random_adapter_is_as_large_as_the_trained_one_module_by_module(trained):

@@ -50,6 +50,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 GATE_RULE = "items without their values"  # what routed() compares a question with (runs merge only alike)
 SURE_MARGIN = 1.0  # nats: general answers the base model gives this surely (see answer_margins)
+MARGIN_BANDS = (0.1, 0.3, 0.6, 1.0, 2.0)  # nats: the bands' upper edges that by_margin counts answers in
 _trained = 0  # trainings this process has run: each makes the next slower (see :func:`run`)
 
 
@@ -172,6 +173,7 @@ def rounded_control(lm: Any, questions: list[dict[str, Any]], right: list[bool],
     kept = [ok for ok, was in zip(now, right, strict=True) if was]
     lost = len(kept) - sum(kept)
     return {"what": "the base model's weights in bf16", "lost": lost,
+            "general_lost": [q["question"] for q, ok, was in zip(questions, now, right, strict=True) if was and not ok],
             "gained": sum(ok and not was for ok, was in zip(now, right, strict=True)),
             "drop_points": 100 * lost / max(1, len(kept)),
             "sure_lost": sum(s and not ok for s, ok in zip(sure, kept, strict=True))}
@@ -203,6 +205,31 @@ def answer_margins(lm: Any, questions: list[dict[str, Any]], replies: list[str])
             rival = logp.scatter(-1, chosen[:, None], float("-inf")).max(-1).values
             out.append(float((own - rival).min()))
     return out
+
+
+def by_margin(margins: dict[str, float], lost: list[str], bands: tuple[float, ...] = MARGIN_BANDS,
+              ) -> list[dict[str, Any]]:
+    """The answers the base model gets right, counted by how surely it gives them (``margins``,
+    question → nats, :func:`answer_margins`), with how many of them ``lost`` (questions) holds:
+    one row per band, below each of ``bands``'s edges (the first from 0, the last open-ended).
+    Where a change of the weights tips answers, this shows whether it tips coin tosses or breaks
+    what the model knows."""
+    from memplug.errors import InvalidInput
+
+    unknown = sorted(set(lost) - set(margins))
+    if unknown:
+        raise InvalidInput(f"by_margin: {len(unknown)} lost question(s) the base model did not get right, "
+                           f"such as {unknown[0]!r}")
+    if list(bands) != sorted(set(bands)) or not bands or bands[0] <= 0:
+        raise InvalidInput(f"by_margin: band edges must be positive and rising, not {bands!r}")
+    gone = set(lost)
+    edges = [0.0, *bands, None]
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = [q for q, m in margins.items()
+                  if (lo == 0.0 or m >= lo) and (hi is None or m < hi)]  # the first band takes any m below 0 too
+        rows.append({"from": lo, "to": hi, "right": len(inside), "lost": sum(q in gone for q in inside)})
+    return rows
 
 
 def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, seed: int = 7,
@@ -246,9 +273,10 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
     nearby = near_questions()
     near_base = general_replies(base, nearby)
     embedder = Embedder()
+    margin_of = {q["question"]: m for q, m in zip(known, margins, strict=True)}
     measured = {"perplexity": base_ppl, "general_known": len(known), "general_total": len(questions),
-                "general_margins": {q["question"]: m for q, m in zip(known, margins, strict=True)},
-                "general_bf16": rounded,
+                "general_margins": margin_of,
+                "general_bf16": {**rounded, "by_margin": by_margin(margin_of, rounded["general_lost"])},
                 "near_total": len(nearby),
                 "near_known": [q["question"] for q, r in zip(nearby, near_base, strict=True) if answered(q, r)]}
     result: dict[str, Any] = {"machine": _machine(), "model": base.name, "fingerprint": base.fingerprint,
@@ -286,6 +314,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             # borderline answer that tips the other way and none that tips back: the whole set shows both.
             lost, gained = len(known) - sum(kept), sum(general_answers(lm, unknown))
             sure_lost = sum(s_ and not ok for s_, ok in zip(sure, kept, strict=True))
+            lost_questions = [q["question"] for q, ok in zip(known, kept, strict=True) if not ok]
             near_misses = _near_misses(lm, [nearby[i] for i in close], [near_base[i] for i in close], near_gated,
                                        [f.answer for f in facts])
             # As served: the adapter answers only the questions the gate routes to it.
@@ -312,7 +341,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 "general_accuracy_drop_points": 100 * (1 - still),
                 "general_all": {"base_right": len(known), "lost": lost, "gained": gained, "total": len(questions),
                                 "change_points": 100 * (gained - lost) / len(questions)},
-                "general_lost": [q["question"] for q, ok in zip(known, kept, strict=True) if not ok],
+                "general_lost": lost_questions,
                 "general_by_topic": _by_topic(known, kept, control),
                 # The questions the base model answers surely (margin, see answer_margins): a drop
                 # here is not coin tosses tipping.
@@ -321,6 +350,9 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                 # The same measures for a random adapter as large as the trained one: what any change
                 # of the weights this size costs, whatever it learned.
                 "general_control": control,
+                # Which answers tip: those the base model gives by a narrow margin, or sure ones too.
+                "general_by_margin": {"adapter": by_margin(margin_of, lost_questions),
+                                      "random": by_margin(margin_of, control["general_lost"])},
                 "near_misses": near_misses,
                 "routed": {"closed_book": served,
                            # The gate's margins: the lowest fact question's score, the highest general ones'.
@@ -353,6 +385,9 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             say(f"  {'':>12}  a random adapter of the same size: perplexity {100 * control['perplexity_change']:+.1f}%, "
                 f"{control['lost']} of the {len(known)} lost, {control['gained']} gained, {control['sure_lost']} of "
                 f"the {sum(sure)} sure answers lost")
+            say(f"  {'':>12}  lost by the base model's margin (nats), trained / random: " + ", ".join(
+                f"{_band(a)} {a['lost']}/{b['lost']} of {a['right']}"
+                for a, b in zip(run["general_by_margin"]["adapter"], run["general_by_margin"]["random"], strict=True)))
             say(f"  {'':>12}  routed (gate {gate}): closed-book {served['direct']:.2f}/{served['paraphrase']:.2f}, "
                 f"general -{run['routed']['general_accuracy_drop_points']:.1f} pts, "
                 f"{sum(general_gated)}/{len(known)} general questions routed to the adapter "
@@ -492,6 +527,13 @@ def _by_topic(known: list[dict[str, Any]], kept: list[bool], control: dict[str, 
     return dict(sorted(out.items()))
 
 
+def _band(row: dict[str, Any]) -> str:
+    """A :func:`by_margin` row's band as text: "<0.1", "0.1-0.3", ">=2"."""
+    if row["to"] is None:
+        return f">={row['from']:g}"
+    return f"<{row['to']:g}" if row["from"] == 0 else f"{row['from']:g}-{row['to']:g}"
+
+
 def _share(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
@@ -629,3 +671,42 @@ def _plot(result: dict[str, Any], out_dir: str | Path, name: str) -> None:
     fig.suptitle(f"LoRA memory on {result['model']}: recall vs forgetting")
     fig.tight_layout()
     fig.savefig(Path(out_dir) / f"{name}.png", dpi=120)
+    plt.close(fig)
+    _plot_margins(result, out_dir, name, plt)
+
+
+def _plot_margins(result: dict[str, Any], out_dir: str | Path, name: str, plt: Any) -> None:
+    """``NAME-margins.png``: the share of the base model's right answers each run lost, by how
+    surely the base model gives them (:func:`by_margin`), beside the run's random adapter and the
+    base model in bf16."""
+    margins = result.get("base", {}).get("general_margins")
+    runs = {key: run for key, run in result["runs"].items() if "general_lost" in run and "general_control" in run}
+    if not margins or not runs:
+        return
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+
+    def share(rows: list[dict[str, Any]]) -> list[float]:
+        return [100 * r["lost"] / r["right"] if r["right"] else float("nan") for r in rows]
+
+    first: list[dict[str, Any]] = []
+    for k, (key, run) in enumerate(runs.items()):
+        trained = by_margin(margins, run["general_lost"])
+        random = by_margin(margins, run["general_control"]["general_lost"])
+        first = first or trained
+        colour = f"C{k}"
+        ax.plot(range(len(trained)), share(trained), marker="o", color=colour, label=f"{key}: trained adapter")
+        ax.plot(range(len(random)), share(random), marker="x", ls="--", color=colour, alpha=0.7,
+                label=f"{key}: random adapter as large")
+    rounded = result["base"].get("general_bf16", {})
+    if "general_lost" in rounded:
+        ax.plot(range(len(first)), share(by_margin(margins, rounded["general_lost"])), marker="s", ls=":",
+                color="black", label="base model in bf16")
+    ax.axhline(2, color="grey", ls=":", label="general-question target (2 points)")
+    ax.set_xticks(range(len(first)), [f"{_band(r)}\n({r['right']} answers)" for r in first], fontsize=8)
+    ax.set_xlabel("the base model's margin on its right answer (nats: its first choice over its second)")
+    ax.set_ylabel("of those answers, lost (%)")
+    ax.set_title(f"LoRA memory on {result['model']}: which general answers an adapter tips", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / f"{name}-margins.png", dpi=120)
+    plt.close(fig)

@@ -11,13 +11,18 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .errors import InvalidInput, MemplugError
 from .types import Budget, Scope
 
-console = Console()
-err_console = Console(stderr=True)
+# Plain text: what is printed is users' memories, queries, scopes and error messages, none of
+# them markup ("[/a]" in a note must print as it is, not fail or vanish). Styled words go in
+# ``Text`` objects or through ``markup=True`` with the text around them escaped.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
 def _fail_cleanly(fn: Callable) -> Callable:
@@ -26,7 +31,8 @@ def _fail_cleanly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MemplugError as e:
-            err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(f'{type(e).__name__}: {e}')}", markup=True,
+                              highlight=False)
             sys.exit(2)
 
     return wrapper
@@ -85,7 +91,8 @@ def write(scope: str, text: tuple[str, ...], meta: tuple[str, ...], as_json: boo
         _emit_json([_item_dict(i) for i in items])
         return
     for i in items:
-        console.print(f"[green]stored[/] #{i.id} in {i.scope} ({i.tokens} tokens)", highlight=False)
+        console.print(f"[green]stored[/] #{i.id} in {escape(str(i.scope))} ({i.tokens} tokens)", markup=True,
+                      highlight=False)
 
 
 @main.command()
@@ -235,8 +242,8 @@ def consolidate(scope: str, level: int | None, ids: tuple[int, ...], src: int, q
             else:
                 console.print(f"queued job {job}; `memplug worker` runs it", highlight=False)
             return
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console,
+        bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
+                       TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=err_console,
                        disable=as_json)
         tasks: dict[str, Any] = {}
 
@@ -320,7 +327,7 @@ def doctor(as_json: bool) -> None:
         for col in ("check", "ok", "detail"):
             table.add_column(col, overflow="fold")
         for c in checks:
-            table.add_row(c.name, "[green]yes[/]" if c.ok else "[red]no[/]", c.detail)
+            table.add_row(c.name, Text("yes", style="green") if c.ok else Text("no", style="red"), c.detail)
         console.print(table)
     sys.exit(0 if all(c.ok for c in checks) else 1)
 
@@ -478,8 +485,8 @@ def fuzz(seconds: float, seed: int | None, dsn: str | None, plugins: tuple[str, 
     console.print(f"{report['calls']} calls in {report['seconds']} s (seed {report['seed']}), "
                   f"{report['findings_total']} finding(s); report in {out}", highlight=False)
     for f in report["findings"]:
-        console.print(f"[red]finding[/] {f['api']} ({f['count']}x): {f['what']}\n  {f['input'][:300]}",
-                      highlight=False)
+        what = f"{f['api']} ({f['count']}x): {f['what']}\n  {f['input'][:300]}"
+        console.print(f"[red]finding[/] {escape(what)}", markup=True, highlight=False)
     sys.exit(1 if report["findings"] else 0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -101,3 +102,19 @@ def test_inspect_and_jobs(run, user):
     run("worker", "--once")  # runs the queued job (nothing to move) and exits
     done = {j["id"]: j for j in json.loads(run("jobs", "--json").output)}
     assert done[queued]["status"] == "succeeded"
+
+
+def test_text_in_square_brackets_prints_as_it_is(run, user, monkeypatch):
+    """Memories, queries and error messages are not markup: "[/red]" in a note neither fails nor vanishes."""
+    from memplug import cli
+
+    monkeypatch.setattr(cli.console, "width", 240)  # inspect's columns, unfolded
+    note = "Deploy key is [/red] and [bold]secret[/bold], list[0]."
+    run("write", user, note)
+    flat = re.sub(r"[\s│]", "", run("read", user, "deploy key [/x]").output)  # the table folds the text
+    assert re.sub(r"\s", "", note) in flat
+    assert note in run("inspect", user).output
+    result = run("read", user, "key", "--filter", "[bold]oops", ok=False)
+    assert result.exit_code == 2 and "'[bold]oops' must look like key=value" in result.output
+    result = run("write", "", "hello", ok=False)  # the scope's format in the message holds brackets
+    assert result.exit_code == 2 and "InvalidScope" in result.output and "Traceback" not in result.output

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -108,7 +109,7 @@ def _run(mem, script, console, sessions, per_session, zipf_s, k, seed, out_dir) 
     rng = random.Random(seed)
     started = time.perf_counter()
     console.print(f"[bold]memplug demo[/]: {len(users)} users, {sessions} sessions of {per_session} questions each, "
-                  f"reads of k={k}, policy [bold]{mem.settings.option('policy', 'cost', str)}[/]")
+                  f"reads of k={k}, policy [bold]{escape(mem.settings.option('policy', 'cost', str))}[/]", markup=True)
     for user in users:  # a rerun starts from a clean slate
         mem.forget(Scope(user, AGENT))
     # 1. Each user tells the agent about themselves; the agent writes a note of each thing it learns.
@@ -206,8 +207,8 @@ def _show_session(console: Console, session: int, rows, where, moved, seconds: f
                      for u, c in where.items() if u != "session")
     console.print(f"[bold]session {session}[/]: accuracy {s['accuracy']:.0%}, "
                   f"{s['memory_tokens']:.1f} memory tokens and {s['prompt_tokens']:.0f} prompt tokens per answer, "
-                  f"{s['latency_ms']:.0f} ms; answers from " + ", ".join(f"{n} {k}" for k, n in served.most_common()),
-                  highlight=False)
+                  f"{s['latency_ms']:.0f} ms; answers from " + escape(", ".join(f"{n} {k}" for k, n in served.most_common())),
+                  markup=True, highlight=False)
     console.print(f"   consolidation ({seconds:.1f} s): " + ("; ".join(moved) or "nothing moved"), highlight=False)
     console.print(f"   facts now at: {sits}", highlight=False)
 

@@ -19,7 +19,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from .embedded import embedded_dsn
-from .errors import InvalidInput, NotFound
+from .errors import ConfigError, InvalidInput, NotFound
 from .plugins import PluginRegistry
 from .scoping import subtree_sql, visible_sql
 from .settings import Settings
@@ -89,6 +89,8 @@ class Memory:
         self._token_counter = None
         self._artifacts = None
         self.half_life_s = self.settings.option("heat_half_life_s", DEFAULT_HALF_LIFE_S, float)
+        if not 0 < self.half_life_s < math.inf:
+            raise ConfigError(f"setting heat_half_life_s={self.half_life_s!r} must be > 0")
         self.max_text_chars = self.settings.max_text_chars
         self.max_metadata_bytes = self.settings.max_metadata_bytes
         self._measure_lock = threading.Lock()
@@ -97,7 +99,7 @@ class Memory:
 
         self.plugins = PluginRegistry(self.settings.plugins, (), load_entrypoints)
         dsn = self.settings.dsn or embedded_dsn(self.settings.home)
-        self.store = Store(dsn, pool_size=self.settings.option("pool_size", 10, int))
+        self.store = Store(dsn, pool_size=self.settings.positive("pool_size", 10))
         try:
             self.hook.memplug_configure.call_historic(kwargs={"memory": self})
             for plugin in plugins:
@@ -665,10 +667,12 @@ class Memory:
                 raise InvalidInput("moves must be memplug.Move values")
         if not wait:
             if moves:
-                with self.store.scoped(scope) as db:  # refuse foreign items now, not in the worker
+                with self.store.scoped(scope) as db:  # refuse foreign items and impossible moves now, not in the worker
                     self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
+                    self._check_moves(db, moves)
             return self.jobs.enqueue(scope, moves)
         self.flush_measurements()
+        asked = moves is not None
         if moves is None:
             usage = self.usage(scope, subtree=True)
             moves = _first_move_per_item(_flatten(self.hook.memplug_plan(memory=self, scope=scope, usage=usage)))
@@ -676,6 +680,8 @@ class Memory:
             return []
         with self.store.scoped(scope) as db:
             self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
+            if asked:  # a policy's plan may name a level no installed tier holds (weights without lora): it idles
+                self._check_moves(db, moves)
             placed = _flatten(self.hook.memplug_consolidate(memory=self, scope=scope, moves=moves, db=db,
                                                             progress=progress))
             self._apply_placements(db, placed, {i: m.reason for m in moves for i in m.item_ids})
@@ -757,6 +763,26 @@ class Memory:
             return
         self.hook.memplug_forget(memory=self, scope=scope, item_ids=list(item_ids), db=db)
         db.execute("DELETE FROM items WHERE id = ANY(%s::bigint[])", (list(item_ids),))
+
+    def _check_moves(self, db: psycopg.Connection, moves: Sequence[Move]) -> None:
+        """Refuse a requested move that no tier can make: up to a level no registered tier holds,
+        down from one, or down from a level an item is not held at (nothing would move, yet the
+        history would say it had)."""
+        levels = {p.level: p.name for p in self.plugins.tiers()}
+        held = "; ".join(f"{n} {lv}" for lv, n in sorted(levels.items()))
+        for m in moves:
+            # A promotion needs a tier at its destination; a demotion, one at its source to let go.
+            for what, level in (("to", m.dst_level),) + ((("from", m.src_level),) if m.dst_level < m.src_level else ()):
+                if level not in levels:
+                    raise InvalidInput(f"cannot move items {what} level {level}: no tier holds it "
+                                       f"(tiers by level: {held or 'none'}); nothing was changed")
+            if m.dst_level < m.src_level:
+                rows = db.execute("SELECT item_id FROM placements WHERE item_id = ANY(%s::bigint[]) AND level = %s",
+                                  (list(m.item_ids), m.src_level)).fetchall()
+                absent = sorted(set(m.item_ids) - {r[0] for r in rows})
+                if absent:
+                    raise InvalidInput(f"cannot move item(s) {absent} down from level {m.src_level} "
+                                       f"({levels[m.src_level]}): they are not held there; nothing was changed")
 
     def _owned_ids(self, db: psycopg.Connection, scope: Scope, ids: list[int], visible: bool) -> list[int]:
         where, params = (visible_sql if visible else subtree_sql)(scope, "i")

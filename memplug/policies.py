@@ -28,8 +28,14 @@ TEXT, KV, WEIGHTS = 1, 2, 3
 PREFILL_MS_PRIOR = 1.5
 
 
+POLICIES = ("cost", "frequency", "none")  # the ``policy`` setting: the built-in policy that plans, or none
+
+
 def _selected(memory, name: str) -> bool:
     choice = memory.settings.option("policy", "cost", str)
+    if choice not in POLICIES:  # a typo would leave every item where it is, silently
+        raise ConfigError(f"setting policy={choice!r} must be one of {', '.join(POLICIES)} "
+                          f"('none' leaves planning to third-party policy plugins)")
     return choice == name
 
 

@@ -64,14 +64,15 @@ class Settings:
 
     @property
     def max_text_chars(self) -> int:
-        return self._positive("max_text_chars", 32_000)
+        return self.positive("max_text_chars", 32_000)
 
     @property
     def max_metadata_bytes(self) -> int:
-        return self._positive("max_metadata_bytes", 64 * 1024)
+        return self.positive("max_metadata_bytes", 64 * 1024)
 
-    def _positive(self, name: str, default: int) -> int:
+    def positive(self, name: str, default: int) -> int:
+        """An int setting that must be at least 1 (:meth:`option`, then checked)."""
         v = self.option(name, default, int)
         if v <= 0:
-            raise ConfigError(f"{name} must be positive, got {v}")
+            raise ConfigError(f"setting {name} must be positive, got {v}")
         return v

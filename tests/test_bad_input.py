@@ -148,6 +148,16 @@ def test_bad_option(dsn):
         Memory(dsn, options={"pgvector_mode": "fuzzy"})
     with pytest.raises(ConfigError, match="option 'context_tokens'='lots' is not a valid int"):
         Memory(dsn, options={"context_tokens": "lots"})
+    # Values of the right type that mean nothing: named, not taken or left to fail later.
+    for options, message in (({"pool_size": 0}, "setting pool_size must be positive, got 0"),
+                             ({"pool_size": -3}, "setting pool_size must be positive, got -3"),
+                             ({"heat_half_life_s": 0}, r"setting heat_half_life_s=0.0 must be > 0"),
+                             ({"context_tokens": -5}, r"setting context_tokens=-5 must be >= 0"),
+                             ({"context_idle_seconds": -1}, r"setting context_idle_seconds=-1.0 must be >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            Memory(dsn, options=options)
+    with pytest.raises(ConfigError, match=r"setting policy='frequncy' must be one of cost, frequency, none"):
+        Memory(dsn, settings=Settings(plugins="context,pgvector,cost,frequency"), options={"policy": "frequncy"})
     with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_served=1.5, lora_max_train_s=0.0$"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"),
                options={"lora_served": 1.5, "lora_max_train_s": 0, "lora_rank": 4})

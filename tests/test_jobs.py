@@ -57,3 +57,20 @@ def test_two_workers_run_fifty_jobs_each_once(make_memory, users):
         assert all(done[j].status == "succeeded" and done[j].attempts == 1 for j in jobs)
     finally:
         drain(mem)
+
+
+def test_a_move_no_tier_can_make_is_refused_before_anything_changes(make_memory, user):
+    mem = make_memory(plugins=[CountingTier()])
+    item = mem.write(user, "Ann keeps bees.")
+    history = mem.inspect(user)[0]["history"]
+    try:
+        for wait in (True, False):  # inline, and before a job is queued
+            with pytest.raises(InvalidInput, match=r"to level 7: no tier holds it .*counting 9"):
+                mem.consolidate(user, [Move((item.id,), 1, 7, "x")], wait=wait)
+            with pytest.raises(InvalidInput, match=rf"item\(s\) \[{item.id}\] down from level 9 \(counting\)"):
+                mem.consolidate(user, [Move((item.id,), 9, 1, "x")], wait=wait)  # never held there
+        assert [j for j in mem.jobs.jobs() if j.scope == user] == [] and mem.inspect(user)[0]["history"] == history
+        mem.consolidate(user, [Move((item.id,), 1, 9, "count")], wait=True)
+        mem.consolidate(user, [Move((item.id,), 9, 1, "cold")], wait=True)  # held at 9 now: it may go down
+    finally:
+        drain(mem)

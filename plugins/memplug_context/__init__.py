@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from memplug import Hit, Move, Placement, Scope, hookimpl
+from memplug import ConfigError, Hit, Move, Placement, Scope, hookimpl
 from memplug.memory import ITEM_COLUMNS, item_from_row
 from memplug.scoping import subtree_sql
 from memplug.store import row_security
@@ -45,6 +45,9 @@ class ContextTier:
         memory.store.migrate("context", MIGRATIONS)
         self.budget_tokens = memory.settings.option("context_tokens", 1024, int)
         self.idle_s = memory.settings.option("context_idle_seconds", 1800.0, float)
+        for name, value in (("context_tokens", self.budget_tokens), ("context_idle_seconds", self.idle_s)):
+            if not value >= 0:  # 0: no buffer, every turn goes to long-term memory at once
+                raise ConfigError(f"setting {name}={value!r} must be >= 0")
         roles = memory.settings.option("context_flush_roles", "user", str)
         self.flush_roles = {r.strip() for r in roles.split(",") if r.strip()}
 

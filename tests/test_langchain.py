@@ -174,6 +174,36 @@ def test_vector_store_replaces_by_id_and_forgets_everywhere(memory, user):
         memory.forget_keys(user, [1])
 
 
+def test_vector_store_returns_at_most_k_documents_and_no_pinned_context(make_memory, user):
+    from memplug import Budget, Hit, hookimpl
+    from memplug.memory import ITEM_COLUMNS, item_from_row
+    from memplug.scoping import visible_sql
+
+    class Pin:  # puts the scope's oldest item before every read, as a profile plugin does
+        name = "pin"
+
+        @hookimpl
+        def memplug_read(self, scope, db):
+            where, params = visible_sql(scope, "i")
+            row = db.execute(f"SELECT {ITEM_COLUMNS} FROM items i WHERE {where} ORDER BY i.id LIMIT 1",
+                             params).fetchone()
+            if row is None:
+                return None
+            item = item_from_row(row)
+            return [Hit(item, self.name, 1.0, text="profile: " + item.text, pinned=True)]
+
+    mem = make_memory(plugins=[Pin()])
+    store = MemplugVectorStore(mem, user)
+    store.add_texts(["My dog is called Pickles.", "The boiler was serviced in March.", "The boiler is in the cellar."])
+    assert mem.read(user, "boiler", Budget(k=1)).hits[0].pinned  # the read itself keeps the pinned hit
+    for k in (1, 2, 3, 4):
+        found = store.similarity_search_with_score("when was the boiler serviced", k=k)
+        texts = [d.page_content for d, _ in found]
+        assert len(found) == min(k, 3) and texts[0] == "The boiler was serviced in March."
+        assert texts[2:] == ["My dog is called Pickles."][:k - 2]  # the pinned item last, unranked
+        assert all(score == 0.0 for d, score in found if d.page_content.startswith("My dog"))
+
+
 def test_chat_history_is_the_sessions_context_buffer(memory, user):
     scope = Scope(user, session_id="s1")
     history = MemplugChatMessageHistory(memory, scope)

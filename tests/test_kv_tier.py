@@ -81,8 +81,13 @@ def test_forget_removes_rows_and_blobs(kv_memory, user):
 def test_demotion_drops_the_blob_and_text_serves_again(kv_memory, user):
     items = kv_memory.write(user, FACTS)
     promote(kv_memory, user, items[1:2])
-    placed = kv_memory.consolidate(user, [Move((items[1].id,), 2, 1, "cold")], wait=True)
-    assert [(p.tier, p.held) for p in placed] == [("kv", False)]
+    history = kv_memory.inspect(user, limit=len(FACTS))
+    # One item it held and one it never did: only the first is demoted, the other's history stays.
+    placed = kv_memory.consolidate(user, [Move((items[1].id, items[2].id), 2, 1, "cold")], wait=True)
+    assert [(p.tier, p.held, p.item_ids) for p in placed] == [("kv", False, (items[1].id,))]
+    after = {r["id"]: r["history"] for r in kv_memory.inspect(user, limit=len(FACTS))}
+    assert after[items[2].id] == next(r["history"] for r in history if r["id"] == items[2].id)
+    assert kv_memory.consolidate(user, [Move((items[2].id,), 2, 1, "cold")], wait=True) == []
     recall = kv_memory.read(user, "access code for the Tamsin lab")
     assert recall.kv is None and items[1].id in {h.item.id for h in recall.hits}
     assert list((kv_memory.artifacts.root / "kv").rglob("*.safetensors")) == []

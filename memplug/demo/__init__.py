@@ -126,7 +126,7 @@ def _run(mem, script, console, sessions, per_session, zipf_s, k, seed, out_dir) 
     answers: list[dict[str, Any]] = []
     timeline: list[dict[str, Any]] = [_where(mem, users, 0)]
     consolidations: list[dict[str, Any]] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         overall = progress.add_task("questions", total=sessions * per_session * len(users))
@@ -209,8 +209,9 @@ def _show_session(console: Console, session: int, rows, where, moved, seconds: f
                   f"{s['memory_tokens']:.1f} memory tokens and {s['prompt_tokens']:.0f} prompt tokens per answer, "
                   f"{s['latency_ms']:.0f} ms; answers from " + escape(", ".join(f"{n} {k}" for k, n in served.most_common())),
                   markup=True, highlight=False)
-    console.print(f"   consolidation ({seconds:.1f} s): " + ("; ".join(moved) or "nothing moved"), highlight=False)
-    console.print(f"   facts now at: {sits}", highlight=False)
+    console.print(f"   consolidation ({seconds:.1f} s): " + ("; ".join(moved) or "nothing moved"), markup=False,
+                  highlight=False)
+    console.print(f"   facts now at: {sits}", markup=False, highlight=False)
 
 
 def _show_summary(console: Console, result: dict[str, Any]) -> None:

@@ -156,8 +156,9 @@ class KVTier:
                 done.append(Placement(self.name, self.level, refused, REFUSED, held=False))
             self._sweep(memory, db, scope.user_id)
         if down:
-            self._drop(memory, db, down)
-            done.append(Placement(self.name, self.level, down, "demoted", held=False))
+            dropped = self._drop(memory, db, down)  # only those it held: the others' history stays as it is
+            if dropped:
+                done.append(Placement(self.name, self.level, dropped, "demoted", held=False))
         return done
 
     def _sweep(self, memory, db, user_id):
@@ -254,12 +255,14 @@ class KVTier:
             memory.measure(self.name, "bytes_per_token", stored / spans)
         return [it.id for it in fits], refused
 
-    def _drop(self, memory, db, ids):
-        keys = [r[0] for r in db.execute(
-            "DELETE FROM kv_items WHERE item_id = ANY(%s::bigint[]) RETURNING artifact", (ids,)).fetchall()]
-        for key in keys:
+    def _drop(self, memory, db, ids) -> list[int]:
+        """Let go of these items' KV entries; returns the ids it held."""
+        rows = db.execute(
+            "DELETE FROM kv_items WHERE item_id = ANY(%s::bigint[]) RETURNING item_id, artifact", (ids,)).fetchall()
+        for _, key in rows:
             self._blobs.drop(key)
             memory.store.on_commit(db, functools.partial(memory.artifacts.delete, key))
+        return sorted(r[0] for r in rows)
 
     # -- read -------------------------------------------------------------------
 

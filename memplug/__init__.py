@@ -21,6 +21,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .memory import Memory
+from .options import Option
 from .settings import Settings
 from .types import (
     AdapterRef,
@@ -41,6 +42,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterRef", "Answer", "ArtifactCorrupt", "Budget", "ConfigError", "Hit", "InvalidInput", "InvalidScope", "Item", "KVPrefix",
-    "ItemUsage", "MemplugError", "Memory", "ModelMismatch", "ModelUnavailable", "Move", "NotFound",
+    "ItemUsage", "MemplugError", "Memory", "ModelMismatch", "ModelUnavailable", "Move", "NotFound", "Option",
     "Placement", "PluginError", "Recall", "Scope", "ScopeViolation", "Settings", "StoreUnavailable", "TierCost", "hookimpl",
 ]

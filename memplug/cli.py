@@ -44,7 +44,7 @@ def _memory(**kwargs: Any):
     return Memory(**kwargs)
 
 
-def _pairs(values: tuple[str, ...], what: str) -> dict[str, Any]:
+def key_values(values: tuple[str, ...] | list[str], what: str) -> dict[str, Any]:
     """``key=value`` options; a value that parses as JSON is taken as JSON."""
     out: dict[str, Any] = {}
     for v in values:
@@ -86,7 +86,7 @@ def main() -> None:
 def write(scope: str, text: tuple[str, ...], meta: tuple[str, ...], as_json: bool) -> None:
     """Store each TEXT as an item of SCOPE."""
     with _memory() as mem:
-        items = mem.write(Scope.parse(scope), list(text), metadata=_pairs(meta, "--meta"))
+        items = mem.write(Scope.parse(scope), list(text), metadata=key_values(meta, "--meta"))
     if as_json:
         _emit_json([_item_dict(i) for i in items])
         return
@@ -107,7 +107,7 @@ def read(scope: str, query: str, tokens: int, k: int, filters: tuple[str, ...], 
     """Recall what SCOPE's memory holds for QUERY."""
     with _memory() as mem:
         t0 = time.perf_counter()
-        recall = mem.read(Scope.parse(scope), query, Budget(tokens=tokens, k=k), filters=_pairs(filters, "--filter"))
+        recall = mem.read(Scope.parse(scope), query, Budget(tokens=tokens, k=k), filters=key_values(filters, "--filter"))
         ms = (time.perf_counter() - t0) * 1000
     if as_json:
         kv = recall.kv
@@ -237,7 +237,7 @@ def consolidate(scope: str, level: int | None, ids: tuple[int, ...], src: int, q
                 raise InvalidInput(f"scope {parsed} has no knowledge items to move")
             moves = [Move(tuple(chosen), src, level, "requested on the command line")]
         if queued:
-            job = mem.consolidate(parsed, moves)
+            job = mem.enqueue_consolidation(parsed, moves)
             if as_json:
                 _emit_json({"job": job})
             else:
@@ -256,7 +256,7 @@ def consolidate(scope: str, level: int | None, ids: tuple[int, ...], src: int, q
             bar.update(tasks[task], completed=done, total=total or None, info=shown)
 
         with bar:
-            placed = mem.consolidate(parsed, moves, wait=True, progress=progress)
+            placed = mem.consolidate(parsed, moves, progress=progress)
     if as_json:
         _emit_json([{"tier": p.tier, "level": p.level, "items": list(p.item_ids), "reason": p.reason,
                      "held": p.held} for p in placed])
@@ -282,7 +282,9 @@ def _all_items(mem: Any, scope: Scope) -> list[Any]:
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
 def plugins(as_json: bool) -> None:
-    """List the plugins loaded (MEMPLUG_PLUGINS restricts them), with their hooks and versions."""
+    """List the plugins (MEMPLUG_PLUGINS restricts them) with their hooks and versions, and those
+    installed but not loaded: unavailable ones with the command that installs what they need,
+    and opt-in ones."""
     from .plugins import PluginRegistry
     from .settings import Settings
 
@@ -291,11 +293,55 @@ def plugins(as_json: bool) -> None:
         _emit_json([r.__dict__ for r in rows])
         return
     table = Table(title="memplug plugins")
-    for col in ("name", "level", "version", "hooks", "source"):
+    for col in ("name", "level", "status", "version", "hooks", "source"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r.name, "" if r.level is None else str(r.level), r.version or "",
+        status = Text(r.status, style="green" if r.status == "loaded" else "yellow")
+        if r.detail:
+            status.append(f": {r.detail}")
+        table.add_row(r.name, "" if r.level is None else str(r.level), status, r.version or "",
                       ", ".join(h.removeprefix("memplug_") for h in r.hooks), r.source)
+    console.print(table)
+
+
+@main.command()
+@click.option("--markdown", is_flag=True,
+              help="print docs/settings.md: the options of memplug and the plugins it ships, as Markdown")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def options(markdown: bool, as_json: bool) -> None:
+    """List every declared option: its plugin, type, default, allowed range, the value in effect here
+    (from MEMPLUG_<NAME>, else the default) and what it does."""
+    import os
+
+    from .options import settings_markdown
+    from .plugins import PluginRegistry, builtin_options
+    from .settings import Settings
+
+    if markdown:
+        click.echo(settings_markdown(builtin_options()), nl=False)
+        return
+    registry = PluginRegistry(Settings().plugins)
+    registry.declare_installed()
+    declared = registry.options
+    rows = []
+    for owner, opt in declared.all():
+        try:
+            value: Any = declared.value(opt.name, {})
+        except MemplugError as e:
+            value = f"invalid: {e}"
+        rows.append({"name": opt.name, "plugin": owner, "type": opt.kind, "default": opt.default,
+                     "allowed": opt.allowed, "value": value, "set": bool(os.environ.get(opt.env)),
+                     "env": opt.env, "help": opt.help})
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(title="memplug options (Memory(options={...}) or MEMPLUG_<NAME>)", show_lines=False)
+    for col in ("option", "plugin", "type", "default", "allowed", "value", "what it does"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        value = Text(repr(r["value"]), style="bold" if r["set"] else "")
+        table.add_row(r["name"], r["plugin"], r["type"], repr(r["default"]), r["allowed"], value, r["help"])
     console.print(table)
 
 
@@ -328,9 +374,10 @@ def doctor(as_json: bool) -> None:
         for col in ("check", "ok", "detail"):
             table.add_column(col, overflow="fold")
         for c in checks:
-            table.add_row(c.name, Text("yes", style="green") if c.ok else Text("no", style="red"), c.detail)
+            mark = Text("yes", style="green") if c.ok else Text("no", style="red" if c.required else "yellow")
+            table.add_row(c.name, mark, c.detail)
         console.print(table)
-    sys.exit(0 if all(c.ok for c in checks) else 1)
+    sys.exit(0 if all(c.ok or not c.required for c in checks) else 1)
 
 
 @main.command()
@@ -494,7 +541,7 @@ def fuzz(seconds: float, seed: int | None, dsn: str | None, plugins: tuple[str, 
 
 @main.group()
 def bench() -> None:
-    """Benchmarks; each writes JSON under benchmarks/results/."""
+    """Checks of a deployment's store: throughput, latency and recall; each writes JSON and a PNG."""
 
 
 @bench.command("store")
@@ -506,100 +553,10 @@ def bench() -> None:
 @_fail_cleanly
 def bench_store(sizes: str, scopes_total: int, scopes: int, minutes: float, out: str) -> None:
     """Write throughput, read latency and needle recall of the store."""
-    from .bench.store import run
+    from .checks.store import run
 
     run(sizes=[int(s) for s in sizes.split(",") if s], scopes_total=scopes_total, n_scopes=scopes,
         minutes=minutes, out_dir=out, console=console)
-
-
-@bench.command("kv")
-@click.option("--facts", "n_facts", default=200, show_default=True, help="facts in the set (each asked two ways)")
-@click.option("--compose", default="1,8,32", show_default=True, help="items composed per prompt, per run")
-@click.option("--methods", default=",".join(["none", "text", "fp16", "int8", "int4", "int4-keep50", "int4-keep25"]),
-              show_default=True, help="memory methods to compare")
-@click.option("--ttft", default="256,1024,4096", show_default=True, help="memory sizes (tokens) for time to first token")
-@click.option("--ttft-method", default="int4", show_default=True, help="codec of the KV side of the TTFT runs")
-@click.option("--seed", default=7, show_default=True)
-@click.option("--out", default="benchmarks/results", show_default=True)
-@_fail_cleanly
-def bench_kv(n_facts: int, compose: str, methods: str, ttft: str, ttft_method: str, seed: int, out: str) -> None:
-    """Accuracy, bytes per token and time to first token of explicit (KV) memory against text."""
-    from .bench.kv import run
-
-    run(n_facts=n_facts, seed=seed, compositions=[int(c) for c in compose.split(",") if c],
-        methods=[m for m in methods.split(",") if m], ttft_tokens=[int(t) for t in ttft.split(",") if t],
-        out_dir=out, console=console, ttft_method=ttft_method)
-
-
-@bench.command("lora")
-@click.option("--facts", "sizes", default="20,50,100", show_default=True, help="facts per user, per run")
-@click.option("--setting", "settings", multiple=True,
-              help="a training setting to try, as name:key=value,key=value (repeatable; default: the defaults)")
-@click.option("--seed", default=7, show_default=True)
-@click.option("--gate", default=0.5, show_default=True, help="the lora tier's routing threshold (lora_gate)")
-@click.option("--out", default="benchmarks/results", show_default=True)
-@_fail_cleanly
-def bench_lora(sizes: str, settings: tuple[str, ...], seed: int, gate: float, out: str) -> None:
-    """Closed-book recall, forgetting, training time and switch time of per-user LoRA adapters."""
-    from .bench.lora import SETTINGS, run
-
-    chosen = dict(_setting(s) for s in settings) if settings else SETTINGS
-    run(sizes=[int(n) for n in sizes.split(",") if n], settings=chosen, seed=seed, out_dir=out, console=console,
-        gate=gate, isolate=True)
-
-
-@bench.command("speed")
-@click.option("--prepare", "prepare_dir", default=None, metavar="DIR",
-              help="with the real model: write the input of a run to DIR, and stop")
-@click.option("--input", "input_dir", default=None, metavar="DIR", help="run on the input written by --prepare")
-@click.option("--facts", "sizes", default=None,
-              help="facts per user, per run [--prepare: 20,50,100; --input: every prepared size]")
-@click.option("--device", default=None, help="torch device, --input (default: cuda if there is one, else cpu)")
-@click.option("--seed", default=7, show_default=True, help="the facts' seed, --prepare")
-@click.option("--out", default="benchmarks/results", show_default=True, help="where --input writes NAME.json")
-@click.option("--name", default="speed", show_default=True, help="the result's file name, --input")
-@_fail_cleanly
-def bench_speed(prepare_dir: str | None, input_dir: str | None, sizes: str | None, device: str | None, seed: int,
-                out: str, name: str) -> None:
-    """Training, switch, KV-encoding and time-to-first-token speed with the model's architecture and random weights."""
-    from .bench.speed import prepare, run
-
-    if (prepare_dir is None) == (input_dir is None):
-        raise click.UsageError("give one of --prepare DIR (where the model is) or --input DIR (to run)")
-    try:
-        chosen = [int(n) for n in sizes.split(",") if n.strip()] if sizes else None
-    except ValueError:
-        raise click.UsageError(f"--facts takes numbers separated by commas, not {sizes!r}") from None
-    if prepare_dir is not None:
-        prepare(prepare_dir, sizes=chosen or (20, 50, 100), seed=seed, console=console)
-    else:
-        run(input_dir, out_dir=out, sizes=chosen, device=device, name=name, console=console)
-
-
-@bench.command("policy")
-@click.option("--facts", "n_facts", default=200, show_default=True)
-@click.option("--warmup", default=600, show_default=True, help="reads before the measured answers")
-@click.option("--rounds", default=3, show_default=True, help="warm-up parts, each followed by a consolidation")
-@click.option("--answers", default=150, show_default=True, help="questions answered by the local model")
-@click.option("--zipf", "zipf_s", default=1.0, show_default=True, help="exponent of the question popularity law")
-@click.option("-k", "k", default=3, show_default=True, help="items per read (Budget.k)")
-@click.option("--arm", "arms", multiple=True,
-              help="an arm as name:key=value,... of Memory options (repeatable; default: rag, frequency, cost)")
-@click.option("--seed", default=7, show_default=True)
-@click.option("--out", default="benchmarks/results", show_default=True)
-@click.option("--name", default="policy", show_default=True, help="file name of the JSON and PNG")
-@_fail_cleanly
-def bench_policy(n_facts: int, warmup: int, rounds: int, answers: int, zipf_s: float, k: int,
-                 arms: tuple[str, ...], seed: int, out: str, name: str) -> None:
-    """Prompt tokens, latency, accuracy, KV bytes and adapters of RAG against the promotion policies."""
-    from .bench.policy import ARMS, run
-
-    for label, value in (("--facts", n_facts), ("--answers", answers), ("--rounds", rounds), ("-k", k)):
-        if value < 1:
-            raise click.BadParameter(f"{label} must be at least 1, got {value}")
-    chosen = dict(_setting(a) for a in arms) if arms else ARMS
-    run(n_facts=n_facts, warmup=warmup, rounds=rounds, answers=answers, zipf_s=zipf_s, k=k, seed=seed,
-        arms=chosen, out_dir=out, console=console, name=name)
 
 
 @bench.command("load")
@@ -611,17 +568,9 @@ def bench_policy(n_facts: int, warmup: int, rounds: int, answers: int, zipf_s: f
 @_fail_cleanly
 def bench_load(processes: int, seconds: float, seed: int, out: str) -> None:
     """Ops/s and latency of concurrent processes against one Postgres (MEMPLUG_DSN, or a fresh embedded one)."""
-    from .bench.load import run
+    from .checks.load import run
 
     run(processes=processes, seconds=seconds, seed=seed, out_dir=out, console=console)
-
-
-def _setting(spec: str) -> tuple[str, dict[str, Any]]:
-    name, _, rest = spec.partition(":")
-    values = _pairs(tuple(p for p in rest.split(",") if p), "setting") if rest else {}
-    if "targets" in values:
-        values["targets"] = tuple(str(values["targets"]).split("+"))
-    return name or "custom", values
 
 
 if __name__ == "__main__":  # pragma: no cover

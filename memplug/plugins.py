@@ -3,7 +3,18 @@
 Every plugin is found through the ``memplug`` entry-point group. An entry point
 names a class (instantiated once per Memory) or an object. ``MEMPLUG_PLUGINS``
 restricts what loads: ``context,pgvector`` loads only those; ``-kv`` loads all
-but ``kv``; an empty value loads none (only plugins passed in code).
+but ``kv``; ``+profile`` loads all and the opt-in plugin ``profile`` too; an
+empty value loads none (only plugins passed in code).
+
+A plugin may say more about itself with three attributes:
+
+- ``options``: its :class:`~memplug.options.Option` declarations (see :mod:`memplug.options`);
+- ``requires``: modules it needs beyond memplug's own, and ``install``, the command that
+  installs them. An installed plugin whose modules are missing is listed as
+  unavailable (``memplug plugins``, ``memplug doctor``) and not loaded, so no policy
+  plans moves to its level;
+- ``opt_in = True``: installing it does not activate it; it loads only when
+  ``MEMPLUG_PLUGINS`` names it, or when passed in code (the example plugins).
 
 ``MEMPLUG_TRACE`` traces every hook call of every plugin with its time, on the
 ``memplug.trace`` logger: ``1`` (or ``stderr``) prints the lines to standard
@@ -13,6 +24,7 @@ error, a path appends them to that file.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -26,8 +38,10 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .options import OptionRegistry
 
 GROUP = "memplug"
+log = logging.getLogger(__name__)
 trace_log = logging.getLogger("memplug.trace")
 
 
@@ -72,18 +86,46 @@ class PluginInfo:
     version: str | None
     level: int | None
     source: str
+    status: str = "loaded"  # loaded, unavailable (a requirement is missing), opt-in (installed, not named)
+    detail: str = ""  # for an unavailable plugin: what is missing and the command that installs it
 
 
-def parse_selection(spec: str | None) -> tuple[set[str] | None, set[str]]:
-    """``(allowed or None for all, blocked)`` from a MEMPLUG_PLUGINS value."""
+def missing_requirements(plugin: object) -> list[str]:
+    """The modules in ``plugin.requires`` that cannot be imported here."""
+    requires = getattr(plugin, "requires", ()) or ()
+    if isinstance(requires, str):
+        requires = (requires,)
+    missing = []
+    for module in requires:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package is missing, or the module was blocked
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
+
+
+def unavailable_reason(plugin: object, missing: list[str]) -> str:
+    install = getattr(plugin, "install", None) or f"pip install {' '.join(missing)}"
+    return f"needs {', '.join(missing)}: {install}"
+
+
+def parse_selection(spec: str | None) -> tuple[set[str] | None, set[str], set[str]]:
+    """``(allowed or None for all, blocked, opted in)`` from a MEMPLUG_PLUGINS value.
+
+    Plain names list what loads; ``-name`` leaves a plugin out of all the others; ``+name``
+    activates an opt-in plugin on top of all the others. An empty value loads none.
+    """
     if spec is None:
-        return None, set()
+        return None, set(), set()
     names = [n.strip() for n in spec.split(",") if n.strip()]
     blocked = {n[1:] for n in names if n.startswith("-")}
-    allowed = {n for n in names if not n.startswith("-")}
-    if blocked and not allowed:
-        return None, blocked
-    return allowed, blocked
+    added = {n[1:] for n in names if n.startswith("+")}
+    allowed = {n for n in names if not n.startswith(("-", "+"))}
+    if (blocked or added) and not allowed:
+        return None, blocked, added
+    return allowed | added, blocked, added
 
 
 def check_tier(plugin: object, name: str) -> None:
@@ -103,16 +145,19 @@ class PluginRegistry:
     def __init__(self, selection: str | None, extra: Iterable[object] = (), load_entrypoints: bool = True):
         self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(hookspecs)
+        self.options = OptionRegistry()
         self._info: dict[str, tuple[str | None, str]] = {}
-        allowed, blocked = parse_selection(selection)
+        self._inactive: dict[str, PluginInfo] = {}  # installed but not loaded: unavailable or opt-in
+        self._installed_declared = False
+        allowed, blocked, added = parse_selection(selection)
         if load_entrypoints:
-            self._load_entrypoints(allowed, blocked)
+            self._load_entrypoints(allowed, blocked, added)
         for plugin in extra:
             self.register(plugin)
 
-    def _load_entrypoints(self, allowed: set[str] | None, blocked: set[str]) -> None:
+    def _load_entrypoints(self, allowed: set[str] | None, blocked: set[str], added: set[str]) -> None:
         eps = {ep.name: ep for ep in entry_points(group=GROUP)}
-        unknown = ((allowed or set()) | blocked) - set(eps)
+        unknown = ((allowed or set()) | blocked | added) - set(eps)
         if unknown:
             raise PluginError(
                 f"MEMPLUG_PLUGINS names unknown plugin(s): {', '.join(sorted(unknown))}; "
@@ -121,13 +166,41 @@ class PluginRegistry:
         for name, ep in sorted(eps.items()):
             if (allowed is not None and name not in allowed) or name in blocked:
                 continue
+            obj = _load(name, ep)
+            version = ep.dist.version if ep.dist is not None else None
+            source = f"entry point {ep.value}"
+            level = getattr(obj, "level", None)
+            if getattr(obj, "opt_in", False) and name not in (allowed or set()) | added:
+                self._inactive[name] = PluginInfo(name, (), version, level, source, "opt-in",
+                                                  f"active only when MEMPLUG_PLUGINS names it (+{name})")
+                self.options.declare(name, getattr(obj, "options", ()))
+                continue
+            missing = missing_requirements(obj)
+            if missing:
+                self._inactive[name] = PluginInfo(name, (), version, level, source, "unavailable",
+                                                  unavailable_reason(obj, missing))
+                self.options.declare(name, getattr(obj, "options", ()))
+                log.info("plugin %s is unavailable: %s", name, self._inactive[name].detail)
+                continue
+            plugin = _instantiate(name, ep, obj)
+            self.register(plugin, name=name, version=version, source=source)
+
+    def declare_installed(self) -> None:
+        """Declare the options of every installed plugin, loaded here or not (once).
+
+        An option of a plugin that ``MEMPLUG_PLUGINS`` leaves out is still a valid setting.
+        """
+        if self._installed_declared:
+            return
+        self._installed_declared = True
+        for ep in entry_points(group=GROUP):
+            if self.pm.has_plugin(ep.name) or ep.name in self._inactive:
+                continue
             try:
                 obj = ep.load()
-                plugin = obj() if isinstance(obj, type) else obj
-            except Exception as e:
-                raise PluginError(f"plugin {name!r} ({ep.value}) failed to load: {e}") from e
-            version = ep.dist.version if ep.dist is not None else None
-            self.register(plugin, name=name, version=version, source=f"entry point {ep.value}")
+                self.options.declare(ep.name, getattr(obj, "options", ()))
+            except Exception:  # noqa: BLE001 - a broken plugin that is not loaded here declares nothing
+                log.debug("could not read the options of plugin %s", ep.name, exc_info=True)
 
     def register(self, plugin: object, name: str | None = None, version: str | None = None,
                  source: str = "registered in code") -> str:
@@ -137,14 +210,21 @@ class PluginRegistry:
         if self.pm.has_plugin(name):
             raise PluginError(f"a plugin named {name!r} is already registered")
         check_tier(plugin, name)
+        missing = missing_requirements(plugin)
+        if missing:
+            raise PluginError(f"plugin {name!r} cannot load here: it {unavailable_reason(plugin, missing)}")
+        self.options.declare(name, getattr(plugin, "options", ()))
+        self._inactive.pop(name, None)
         try:
             self.pm.register(plugin, name=name)
         except (ValueError, pluggy.PluginValidationError) as e:
+            self.options.forget_owner(name)
             raise PluginError(f"plugin {name!r} is invalid: {e}") from e
         try:
             self.pm.check_pending()  # a misspelt hook name would otherwise never be called
         except pluggy.PluginValidationError as e:
             self.pm.unregister(plugin)
+            self.options.forget_owner(name)
             raise PluginError(f"plugin {name!r} implements a hook that does not exist: {e}") from e
         self._info[name] = (version, source)
         target = _trace_target()
@@ -160,16 +240,51 @@ class PluginRegistry:
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
         self._info.pop(name, None)
+        self.options.forget_owner(name)
 
     def tiers(self) -> list[object]:
         """Registered tiers (plugins with a level), lowest level first."""
         found = [p for p in self.pm.get_plugins() if getattr(p, "level", None) is not None]
         return sorted(found, key=lambda p: (p.level, p.name))
 
+    def levels(self) -> dict[int, str]:
+        """The levels registered tiers hold, with a tier's name for each."""
+        return {p.level: p.name for p in reversed(self.tiers())}
+
+    def unavailable(self) -> list[PluginInfo]:
+        """Installed plugins that could not load here (a requirement is missing)."""
+        return [i for i in self._inactive.values() if i.status == "unavailable"]
+
     def info(self) -> list[PluginInfo]:
+        """Every plugin: those loaded, then installed ones not loaded (unavailable, opt-in)."""
         rows = []
         for name, plugin in self.pm.list_name_plugin():
             hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
             version, source = self._info.get(name, (None, "registered in code"))
             rows.append(PluginInfo(name, hooks, version, getattr(plugin, "level", None), source))
+        rows += self._inactive.values()
         return sorted(rows, key=lambda r: r.name)
+
+
+def builtin_options() -> OptionRegistry:
+    """The options of memplug and of the plugins it ships (what ``docs/settings.md`` lists),
+    whatever else is installed or selected here."""
+    registry = OptionRegistry()
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        if ep.dist is not None and ep.dist.name == "memplug":
+            registry.declare(ep.name, getattr(_load(ep.name, ep), "options", ()))
+    return registry
+
+
+def _load(name: str, ep: Any) -> Any:
+    try:
+        return ep.load()
+    except Exception as e:
+        raise PluginError(f"plugin {name!r} ({ep.value}) failed to load: {e}") from e
+
+
+def _instantiate(name: str, ep: Any, obj: Any) -> Any:
+    try:
+        return obj() if isinstance(obj, type) else obj
+    except Exception as e:
+        raise PluginError(f"plugin {name!r} ({ep.value}) failed to load: {e}") from e

@@ -18,32 +18,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .errors import ConfigError
-from .hookspecs import hookimpl
-from .types import Move, Scope, TierCost
-from .usage import ItemUsage
+from .plugin import ItemUsage, Move, Option, Scope, TierCost, hookimpl
 
 TEXT, KV, WEIGHTS = 1, 2, 3
+DAY = 24 * 3600.0
 # The local model's prefill per prompt token before one was measured (SmolLM2-135M, 2 CPU cores).
 PREFILL_MS_PRIOR = 1.5
 
-
-POLICIES = ("cost", "frequency", "none")  # the ``policy`` setting: the built-in policy that plans, or none
+POLICIES = ("cost", "frequency", "none")  # the ``policy`` option: the built-in policy that plans, or none
+# Declared by both policies (the same declarations).
+SHARED = (
+    Option("policy", str, "cost", "The built-in policy that plans moves; none leaves planning to "
+           "third-party policy plugins.", choices=POLICIES),
+    Option("demote_idle_s", float, 30 * DAY, "Seconds without a read before an item may move down a level.",
+           gt=0),
+)
 
 
 def _selected(memory, name: str) -> bool:
-    choice = memory.settings.option("policy", "cost", str)
-    if choice not in POLICIES:  # a typo would leave every item where it is, silently
-        raise ConfigError(f"setting policy={choice!r} must be one of {', '.join(POLICIES)} "
-                          f"('none' leaves planning to third-party policy plugins)")
-    return choice == name
-
-
-def _positive(memory, name: str, default: float) -> float:
-    value = memory.settings.option(name, default, float)
-    if not value > 0:
-        raise ConfigError(f"setting {name}={value!r} must be > 0")
-    return value
+    return memory.option("policy") == name
 
 
 def _movable(usage: Sequence[ItemUsage]) -> list[ItemUsage]:
@@ -66,6 +59,16 @@ class FrequencyPolicy:
     at least M such items in a scope, promote to weights; idle for D demotes one level."""
 
     name = "frequency"
+    options = SHARED + (
+        Option("freq_promote_reads", int, 3, "Reads within freq_promote_window_s that promote an item to "
+               "explicit KV memory.", min=1),
+        Option("freq_promote_window_s", float, DAY, "The window of freq_promote_reads, in seconds.", gt=0),
+        Option("freq_weights_reads", int, 8, "Reads within freq_weights_window_s that make an item a candidate "
+               "for the weights.", min=1),
+        Option("freq_weights_window_s", float, 7 * DAY, "The window of freq_weights_reads, in seconds.", gt=0),
+        Option("freq_weights_min_items", int, 5, "New candidates a scope needs before its adapter is retrained.",
+               min=1),
+    )
 
     def __init__(self, thresholds: FrequencyThresholds | None = None) -> None:
         self.thresholds = thresholds
@@ -75,24 +78,26 @@ class FrequencyPolicy:
     def memplug_configure(self, memory):
         self.active = _selected(memory, self.name)
         if self.thresholds is None:
-            d = FrequencyThresholds()
             self.thresholds = FrequencyThresholds(
-                promote_reads=int(_positive(memory, "freq_promote_reads", d.promote_reads)),
-                promote_window_s=_positive(memory, "freq_promote_window_s", d.promote_window_s),
-                weights_reads=int(_positive(memory, "freq_weights_reads", d.weights_reads)),
-                weights_window_s=_positive(memory, "freq_weights_window_s", d.weights_window_s),
-                weights_min_items=int(_positive(memory, "freq_weights_min_items", d.weights_min_items)),
-                demote_idle_s=_positive(memory, "demote_idle_s", d.demote_idle_s),
+                promote_reads=memory.option("freq_promote_reads"),
+                promote_window_s=memory.option("freq_promote_window_s"),
+                weights_reads=memory.option("freq_weights_reads"),
+                weights_window_s=memory.option("freq_weights_window_s"),
+                weights_min_items=memory.option("freq_weights_min_items"),
+                demote_idle_s=memory.option("demote_idle_s"),
             )
 
     @hookimpl
     def memplug_plan(self, memory, scope, usage):
         if not self.active:
             return None
-        return self.plan(usage, datetime.now(UTC))
+        return self.plan(usage, datetime.now(UTC), set(memory.plugins.levels()))
 
-    def plan(self, usage: Sequence[ItemUsage], now: datetime) -> list[Move]:
+    def plan(self, usage: Sequence[ItemUsage], now: datetime, levels: set[int] | None = None) -> list[Move]:
+        """The moves for ``usage``; with ``levels``, only moves up to levels some tier holds."""
         t = self.thresholds or FrequencyThresholds()
+        to_kv = levels is None or KV in levels
+        to_weights = levels is None or WEIGHTS in levels
         idle = {u.item_id for u in _movable(usage) if u.level > TEXT and u.idle_s(now) >= t.demote_idle_s}
         candidates: dict[Scope | None, list[int]] = defaultdict(list)
         for u in _movable(usage):
@@ -108,9 +113,9 @@ class FrequencyPolicy:
         for u in _movable(usage):
             if u.item_id in idle:
                 moves[(u.level, u.level - 1, cold)].append(u.item_id)
-            elif u.item_id in weights:
+            elif u.item_id in weights and to_weights:
                 moves[(u.level, WEIGHTS, sustained)].append(u.item_id)
-            elif u.level < KV and u.reads_within(t.promote_window_s, now) >= t.promote_reads:
+            elif to_kv and u.level < KV and u.reads_within(t.promote_window_s, now) >= t.promote_reads:
                 moves[(u.level, KV, hot)].append(u.item_id)
         return [Move(tuple(ids), src, dst, reason) for (src, dst, reason), ids in sorted(moves.items())]
 
@@ -135,26 +140,33 @@ class CostPolicy:
     """
 
     name = "cost"
+    options = SHARED + (
+        Option("cost_horizon_s", float, None, "Seconds of predicted reads an item's placement is priced over "
+               "(unset: heat_half_life_s).", gt=0),
+        Option("max_kv_bytes", int, 64 * 2**20, "Bytes of explicit KV memory one scope may hold.", gt=0),
+        Option("max_retrains_per_day", float, 4.0, "Adapter retrains one scope may start per day.", gt=0),
+        Option("token_ms", float, 0.0, "The price of one prompt token in ms (e.g. of an API model); 0 prices it "
+               "at the local model's measured prefill.", min=0),
+    )
 
     def __init__(self) -> None:
         self.active = True
-        self.horizon_s = 7 * 24 * 3600.0
-        self.demote_idle_s = 30 * 24 * 3600.0
+        self.horizon_s = 7 * DAY
+        self.demote_idle_s = 30 * DAY
         self.max_kv_bytes = 64 * 2**20
         self.max_retrains = 4.0
-        self.half_life_s = 7 * 24 * 3600.0
+        self.half_life_s = 7 * DAY
         self.token_ms: float | None = None
 
     @hookimpl
     def memplug_configure(self, memory):
         self.active = _selected(memory, self.name)
         self.half_life_s = memory.half_life_s
-        self.horizon_s = _positive(memory, "cost_horizon_s", memory.half_life_s)
-        self.demote_idle_s = _positive(memory, "demote_idle_s", self.demote_idle_s)
-        self.max_kv_bytes = _positive(memory, "max_kv_bytes", self.max_kv_bytes)
-        self.max_retrains = _positive(memory, "max_retrains_per_day", self.max_retrains)
-        token_ms = memory.settings.option("token_ms", 0.0, float)
-        self.token_ms = token_ms if token_ms > 0 else None
+        self.horizon_s = memory.option("cost_horizon_s") or memory.half_life_s
+        self.demote_idle_s = memory.option("demote_idle_s")
+        self.max_kv_bytes = memory.option("max_kv_bytes")
+        self.max_retrains = memory.option("max_retrains_per_day")
+        self.token_ms = memory.option("token_ms") or None
 
     @hookimpl
     def memplug_plan(self, memory, scope, usage):

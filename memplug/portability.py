@@ -29,7 +29,8 @@ from datetime import datetime
 from typing import Any
 
 from .errors import InvalidInput, MemplugError
-from .memory import ITEM_COLUMNS, Memory, item_from_row
+from .memory import Memory
+from .rows import ITEM_COLUMNS, item_from_row
 from .scoping import subtree_sql
 from .types import ROLES, Scope
 from .validate import MAX_KEY_CHARS, check_metadata, check_text

@@ -37,8 +37,8 @@ packages = ["memplug_@@NAME@@"]
 _TIER = '''"""Tier ``@@NAME@@`` (level 1): the most recently written items of a scope, newest first.
 
 Replace the read with what your tier is for; keep the rest of the shape:
-- ``memplug_configure`` creates the tier's own table through a migration (confined to each user
-  by ``row_security``) and reads options;
+- ``options`` declares its settings; ``memplug_configure`` creates the tier's own table through a
+  migration (confined to each user by ``row_security``) and reads the options;
 - ``memplug_write`` records new items inside the write's transaction and reports placements;
 - ``memplug_read`` returns ranked hits, confined to what the scope can see;
 - ``memplug_footprint`` reports bytes per item; ``memplug_forget`` removes every trace.
@@ -48,10 +48,7 @@ from __future__ import annotations
 
 from psycopg.types.json import Jsonb
 
-from memplug import Hit, Placement, hookimpl
-from memplug.memory import ITEM_COLUMNS, item_from_row
-from memplug.scoping import visible_sql
-from memplug.store import row_security
+from memplug.plugin import ITEM_COLUMNS, Hit, Option, Placement, hookimpl, item_from_row, row_security, visible_sql
 
 # Append new migrations; never edit one that has shipped.
 MIGRATIONS = (
@@ -73,11 +70,14 @@ class @@CLASS@@:
 
     name = "@@NAME@@"
     level = 1
+    # Every setting, declared once: `memplug options` lists it, Memory(options=...) and
+    # MEMPLUG_@@UPPER@@_LIMIT set it, and a value out of range is refused with a clear error.
+    options = (Option("@@NAME@@_limit", int, 20, "Items one read returns at most.", min=1),)
 
     @hookimpl
     def memplug_configure(self, memory):
         memory.store.migrate("@@NAME@@", MIGRATIONS)
-        self.limit = memory.settings.option("@@NAME@@_limit", 20, int)
+        self.limit = memory.option("@@NAME@@_limit")
 
     @hookimpl
     def memplug_write(self, scope, items, db):
@@ -136,9 +136,16 @@ MEMPLUG_PLUGINS=context,pgvector,@@NAME@@ memplug plugins   # installed, found t
 
 
 def new_plugin(name: str, parent: Path) -> Path:
-    """Write the package for tier ``name`` (lower_snake_case) under ``parent``; return its folder."""
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", name):
-        raise InvalidInput(f"plugin name {name!r} must be lower_snake_case: a letter, then letters, digits or _")
+    """Write the package for tier ``name`` under ``parent``; return its folder.
+
+    ``name`` is lower case, in snake or kebab case (``my_tier``, ``my-tier``): the tier, its
+    tables and options are named in snake case, the distribution and folder in kebab case
+    (``memplug-my-tier``), the package ``memplug_my_tier``.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9]*(?:[_-][a-z0-9]+)*", name) or len(name) > 40:
+        raise InvalidInput(f"plugin name {name!r} must be lower case words of letters and digits, joined by _ or - "
+                           "(e.g. my_tier or my-tier), starting with a letter, at most 40 characters")
+    name = name.replace("-", "_")
     root = Path(parent) / f"memplug-{name.replace('_', '-')}"
     if root.exists():
         raise InvalidInput(f"{root} already exists; choose another name or folder")
@@ -152,6 +159,6 @@ def new_plugin(name: str, parent: Path) -> Path:
     for rel, text in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text.replace("@@NAME@@", name).replace("@@CLASS@@", cls)
+        path.write_text(text.replace("@@NAME@@", name).replace("@@CLASS@@", cls).replace("@@UPPER@@", name.upper())
                         .replace("@@DIST@@", name.replace("_", "-")))
     return root

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import psycopg
+
+from .errors import NotFound
 from .types import Scope
 
 
@@ -24,3 +27,16 @@ def subtree_sql(scope: Scope, alias: str) -> tuple[str, dict[str, str]]:
     if scope.session_id is not None:
         parts.append(f"{alias}.session_id = %(scope_session)s")
     return " AND ".join(parts), {"scope_user": u, "scope_agent": a, "scope_session": s}
+
+
+def check_owned(db: psycopg.Connection, scope: Scope, ids: list[int], visible: bool) -> list[int]:
+    """``ids``, if every one is an item a read in ``scope`` can see (``visible``) or one of the
+    scope's own subtree; else :class:`NotFound` naming those that are not (nothing is changed)."""
+    where, params = (visible_sql if visible else subtree_sql)(scope, "i")
+    rows = db.execute(
+        f"SELECT i.id FROM items i WHERE i.id = ANY(%(ids)s::bigint[]) AND {where}", {**params, "ids": ids}
+    ).fetchall()
+    missing = sorted(set(ids) - {r[0] for r in rows})
+    if missing:
+        raise NotFound(f"item id(s) {missing} not found in scope {scope}; nothing was changed")
+    return ids

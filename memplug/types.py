@@ -122,8 +122,9 @@ class Hit:
     """A text contribution to a read: an item, which tier found it, and that tier's score.
 
     ``text`` is what goes into the prompt (the item's text unless the tier gives a
-    shorter form). A ``pinned`` hit is placed before every ranked hit, in the order
-    its tier returned it, whatever the fusion says (a profile, standing instructions).
+    shorter form). A ``pinned`` hit is served before every ranked hit, in the order
+    its tier returned it, whatever the fusion says (a profile, standing instructions);
+    it lands in :attr:`Recall.pinned`, not among the ranked ``hits``.
     """
 
     item: Item
@@ -255,7 +256,11 @@ class AdapterRef:
 class Recall:
     """What a read returns. ``as_text()`` renders it as a memory block for any LLM prompt.
 
-    ``kv`` holds the items served as explicit memory (not repeated in ``hits``).
+    ``hits`` holds at most ``Budget.k`` ranked text hits, best first. ``pinned`` holds
+    the hits a tier pins before every ranked one (a profile, standing instructions):
+    they spend prompt tokens but take no ranked place. ``kv`` holds the items served
+    as explicit memory and ``covered`` those the ``adapter`` holds; neither is
+    repeated in ``hits``.
     """
 
     scope: Scope
@@ -265,23 +270,25 @@ class Recall:
     kv: KVPrefix | None = None
     adapter: AdapterRef | None = None
     covered: tuple[Hit, ...] = ()  # hits left out of ``hits`` because ``adapter`` holds them
+    pinned: tuple[Hit, ...] = ()
 
     @property
     def items(self) -> tuple[Item, ...]:
-        """Every item the read returned: text hits, explicit (KV) memory, then hits the adapter holds."""
-        return (tuple(h.item for h in self.hits) + (self.kv.items if self.kv else ())
-                + tuple(h.item for h in self.covered))
+        """Every item the read returned: pinned, text hits, explicit (KV) memory, then hits the adapter holds."""
+        return (tuple(h.item for h in self.pinned) + tuple(h.item for h in self.hits)
+                + (self.kv.items if self.kv else ()) + tuple(h.item for h in self.covered))
 
     def served(self) -> list[tuple[Item, str, float | None]]:
         """``(item, tier that serves it, score)`` for every item, in :attr:`items` order; KV items
         have no score, adapter-held items are served by the adapter's tier."""
-        rows: list[tuple[Item, str, float | None]] = [(h.item, h.tier, h.score) for h in self.hits]
+        rows: list[tuple[Item, str, float | None]] = [(h.item, h.tier, h.score) for h in self.pinned]
+        rows += [(h.item, h.tier, h.score) for h in self.hits]
         rows += [(it, self.kv.tier, None) for it in (self.kv.items if self.kv else ())]
         rows += [(h.item, self.adapter.tier if self.adapter else h.tier, h.score) for h in self.covered]
         return rows
 
     def as_text(self, kv_as_text: bool = True, adapter_as_text: bool = True) -> str:
-        """Knowledge first, by rank; then the recent conversation in the order it happened.
+        """Pinned facts first, then knowledge by rank; then the recent conversation in the order it happened.
 
         Items held as KV memory or by the adapter are written out too (for a
         model that cannot take them), unless ``kv_as_text`` / ``adapter_as_text``
@@ -289,9 +296,8 @@ class Recall:
         """
         kv_hits = [Hit(it, self.kv.tier, 0.0) for it in self.kv.items] if self.kv and kv_as_text else []
         weight_hits = list(self.covered) if adapter_as_text else []
-        pinned = [h for h in self.hits if h.pinned]
-        facts = pinned + weight_hits + kv_hits + [h for h in self.hits if h.item.role is None and not h.pinned]
-        turns = sorted((h for h in self.hits if h.item.role is not None and not h.pinned), key=lambda h: h.item.id)
+        facts = list(self.pinned) + weight_hits + kv_hits + [h for h in self.hits if h.item.role is None]
+        turns = sorted((h for h in self.hits if h.item.role is not None), key=lambda h: h.item.id)
         parts: list[str] = []
         if facts:
             parts.append(memories_text([h.text for h in facts]))
@@ -400,7 +406,7 @@ class Answer:
             return "adapter"
         if self.recall.kv is not None and any(it.id == item_id for it in self.recall.kv.items):
             return "kv"
-        if any(h.item.id == item_id for h in self.recall.hits):
+        if any(h.item.id == item_id for h in self.recall.hits + self.recall.pinned):
             return "text"
         return None
 

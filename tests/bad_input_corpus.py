@@ -190,9 +190,9 @@ LAYOUT = {"layers": 2, "kv_heads": 2, "head_dim": 16}
 
 def kv_blob(fingerprint: str = "model-a", layout: dict[str, int] | None = None) -> bytes:
     import torch
-    from memplug_kv.codec import Codec, encode
 
     from memplug.runtime.kv import KVChunk
+    from memplug_kv.codec import Codec, encode
 
     g = torch.Generator().manual_seed(0)
     keys, values = (torch.randn(2, 2, 5, 16, generator=g) for _ in range(2))
@@ -225,7 +225,8 @@ def _header_claims(data: bytes, n: int) -> bytes:
 def adapter(fingerprint: str = "model-a") -> tuple[bytes, bytes]:
     import torch
 
-    from memplug.runtime.lora import TrainResult, pack
+    from memplug_lora.adapter import pack
+    from memplug_lora.train import TrainResult
 
     g = torch.Generator().manual_seed(0)
     state = {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(4, 64, generator=g),
@@ -235,7 +236,7 @@ def adapter(fingerprint: str = "model-a") -> tuple[bytes, bytes]:
 
 
 def read_adapter(weights: bytes, config: bytes) -> Any:
-    from memplug.runtime.lora import unpack
+    from memplug_lora.adapter import unpack
 
     return unpack(weights, config, "model-a", "adapter 3")
 
@@ -465,8 +466,7 @@ CORPUS: list[Refused | Stored] = [
             InvalidInput, "the limit is 512"),
     Refused("a move of string ids", lambda p: Move(("1; DROP TABLE items",), 1, 2, "x"), InvalidInput,
             "Move.item_ids must hold positive int ids"),
-    Refused("a move of an id beyond bigint", lambda p: p.mem.consolidate(p.scope, [Move((2**70,), 1, 2, "x")],
-                                                                         wait=True),
+    Refused("a move of an id beyond bigint", lambda p: p.mem.consolidate(p.scope, [Move((2**70,), 1, 2, "x")]),
             InvalidInput, "positive int ids, got 1180591620717411303424"),
     Refused("a move to a level given as text", lambda p: Move((1,), 1, "2", "x"), InvalidInput,
             "Move.dst_level must be a level"),

@@ -144,32 +144,67 @@ def test_unreachable_postgres_names_it_without_the_password():
 
 
 def test_bad_option(dsn):
-    with pytest.raises(ConfigError, match="pgvector_mode='fuzzy'"):
+    with pytest.raises(ConfigError, match=r"option pgvector_mode='fuzzy' \(plugin pgvector\) must be one of hybrid"):
         Memory(dsn, options={"pgvector_mode": "fuzzy"})
-    with pytest.raises(ConfigError, match="option 'context_tokens'='lots' is not a valid int"):
+    with pytest.raises(ConfigError, match=r"option context_tokens='lots' \(plugin context\) is not a valid int"):
         Memory(dsn, options={"context_tokens": "lots"})
     # Values of the right type that mean nothing: named, not taken or left to fail later.
-    for options, message in (({"pool_size": 0}, "setting pool_size must be positive, got 0"),
-                             ({"pool_size": -3}, "setting pool_size must be positive, got -3"),
-                             ({"heat_half_life_s": 0}, r"setting heat_half_life_s=0.0 must be > 0"),
-                             ({"context_tokens": -5}, r"setting context_tokens=-5 must be >= 0"),
-                             ({"context_idle_seconds": -1}, r"setting context_idle_seconds=-1.0 must be >= 0")):
+    for options, message in (({"pool_size": 0}, r"option pool_size=0 \(memplug\) is out of range: it must be >= 1"),
+                             ({"pool_size": -3}, r"option pool_size=-3 \(memplug\) is out of range"),
+                             ({"heat_half_life_s": 0}, r"option heat_half_life_s=0 \(memplug\) .* must be > 0"),
+                             ({"context_tokens": -5}, r"option context_tokens=-5 \(plugin context\) .* must be >= 0"),
+                             ({"context_idle_seconds": -1}, r"option context_idle_seconds=-1 .* must be >= 0"),
+                             ({"pool_size": True}, r"option pool_size=True .* not a valid int"),
+                             ({"pool_size": 2.5}, r"option pool_size=2.5 .* not a whole number")):
         with pytest.raises(ConfigError, match=message):
             Memory(dsn, options=options)
-    with pytest.raises(ConfigError, match=r"setting policy='frequncy' must be one of cost, frequency, none"):
+    with pytest.raises(ConfigError, match=r"option policy='frequncy' \(plugin (cost|frequency)\) must be one of cost, "
+                                          r"frequency, none"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,cost,frequency"), options={"policy": "frequncy"})
-    with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_served=1.5, lora_max_train_s=0.0$"):
+    with pytest.raises(ConfigError, match=r"option lora_served=1.5 \(plugin lora\) is out of range: it must be >= 0, "
+                                          r"<= 1"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"),
                options={"lora_served": 1.5, "lora_max_train_s": 0, "lora_rank": 4})
-    with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_contrast_tokens=-1, lora_weight_decay=-0.5$"):
+    with pytest.raises(ConfigError, match=r"option lora_contrast_tokens=-1 \(plugin lora\) is out of range"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"),
                options={"lora_contrast_tokens": -1, "lora_weight_decay": -0.5})
-    with pytest.raises(ConfigError, match=r"invalid lora option\(s\): lora_kl=-1.0$"):
+    with pytest.raises(ConfigError, match=r"option lora_kl=-1 \(plugin lora\) is out of range"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_kl": -1})
     with Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_kl": 4}) as memory:
         assert memory.plugins.pm.get_plugin("lora").config.kl == 4.0
-    with pytest.raises(ConfigError, match=r"option 'lora_isolate'='maybe' is not a valid flag"):
+    with pytest.raises(ConfigError, match=r"option lora_isolate='maybe' \(plugin lora\) is not a valid bool"):
         Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_isolate": "maybe"})
+
+
+def test_an_unknown_option_names_its_plugin_and_the_closest_valid_name(dsn, monkeypatch):
+    # It used to be ignored without a word: a typo left the default in place.
+    with pytest.raises(ConfigError, match=r"option 'context_token' is not a memplug setting; did you mean "
+                                          r"context_tokens \(of plugin context\)\?"):
+        Memory(dsn, options={"context_token": 10})
+    with pytest.raises(ConfigError, match=r"did you mean heat_half_life_s \(of memplug\)"):
+        Memory(dsn, options={"heat_halflife_s": 10})
+    with pytest.raises(ConfigError, match=r"option 'nothing_like_it' is not a memplug setting; `memplug options`"):
+        Memory(dsn, options={"nothing_like_it": 1})
+    # The same through the environment, named as it was given.
+    monkeypatch.setenv("MEMPLUG_CONTEXT_TOKEN", "10")
+    with pytest.raises(ConfigError, match=r"MEMPLUG_CONTEXT_TOKEN is not a memplug setting; did you mean "
+                                          r"MEMPLUG_CONTEXT_TOKENS \(of plugin context\)"):
+        Memory(dsn)
+    monkeypatch.delenv("MEMPLUG_CONTEXT_TOKEN")
+    monkeypatch.setenv("MEMPLUG_CONTEXT_TOKENS", "-1")
+    with pytest.raises(ConfigError, match=r"MEMPLUG_CONTEXT_TOKENS='-1' \(plugin context\) is out of range"):
+        Memory(dsn)
+    monkeypatch.setenv("MEMPLUG_CONTEXT_TOKENS", "64")
+    # An option of an installed plugin that MEMPLUG_PLUGINS leaves out is still a setting, and checked.
+    with Memory(dsn, options={"kv_codec": "int8"}) as mem:
+        assert mem.option("context_tokens") == 64 and mem.option("kv_codec") == "int8"
+        assert mem.plugins.pm.get_plugin("kv") is None
+    with pytest.raises(ConfigError, match=r"option kv_codec='int5' \(plugin kv\) must be one of"):
+        Memory(dsn, options={"kv_codec": "int5"})
+    # Code's options win over the environment; variables the test kit and the host read are not options.
+    monkeypatch.setenv("MEMPLUG_TEST_ANYTHING", "1")
+    with Memory(dsn, options={"context_tokens": 32}) as mem:
+        assert mem.option("context_tokens") == 32
 
 
 # -- the corpus: tests/bad_input_corpus.py -----------------------------------------------

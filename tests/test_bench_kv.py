@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.slow
 def test_bench_kv_writes_results(tmp_path):
-    from memplug.bench.kv import run
+    from benchmarks.kv import run
 
     result = run(n_facts=4, compositions=(1, 2), methods=["none", "text", "int4"], ttft_tokens=(64,),
                  out_dir=tmp_path)

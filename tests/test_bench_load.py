@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from memplug.bench.load import KINDS, run
+from memplug.checks.load import KINDS, run
 
 
 def test_load_benchmark_runs_clean_and_reports_every_kind(dsn, tmp_path):

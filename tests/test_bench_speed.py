@@ -1,4 +1,4 @@
-"""`memplug bench speed`: times the kv and lora tiers with a model's architecture and random weights."""
+"""`python -m benchmarks.speed`: times the kv and lora tiers with a model's architecture and random weights."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from benchmarks import speed
 from memplug import InvalidInput
-from memplug.bench import speed
-from memplug.cli import main
 from memplug.runtime import model as model_cache
 
 
@@ -64,14 +63,14 @@ def test_a_run_times_training_switching_and_kv_on_random_weights(bundle_dir, tmp
 def test_the_command_passes_its_options_through(bundle_dir, tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(speed, "run", lambda input_dir, **kw: seen.update(input_dir=input_dir, **kw))
-    result = CliRunner().invoke(main, ["bench", "speed", "--input", str(bundle_dir), "--facts", "3",
+    result = CliRunner().invoke(speed.main, ["--input", str(bundle_dir), "--facts", "3",
                                        "--device", "cpu", "--out", str(tmp_path / "o"), "--name", "speed-cpu"])
     assert result.exit_code == 0, result.output
     assert seen["input_dir"] == str(bundle_dir) and seen["sizes"] == [3] and seen["device"] == "cpu"
     assert seen["out_dir"] == str(tmp_path / "o") and seen["name"] == "speed-cpu"
-    CliRunner().invoke(main, ["bench", "speed", "--input", str(bundle_dir)])
+    CliRunner().invoke(speed.main, ["--input", str(bundle_dir)])
     assert seen["sizes"] is None  # every prepared size
-    bad = CliRunner().invoke(main, ["bench", "speed", "--input", str(bundle_dir), "--facts", "3,x"])
+    bad = CliRunner().invoke(speed.main, ["--input", str(bundle_dir), "--facts", "3,x"])
     assert bad.exit_code == 2 and "--facts takes numbers" in bad.output
 
 
@@ -97,9 +96,9 @@ def test_a_missing_bundle_or_size_is_refused_before_anything_runs(bundle_dir, tm
 
 def test_the_command_takes_one_of_prepare_or_input(tmp_path):
     runner = CliRunner()
-    neither = runner.invoke(main, ["bench", "speed", "--out", str(tmp_path)])
-    both = runner.invoke(main, ["bench", "speed", "--prepare", str(tmp_path), "--input", str(tmp_path)])
+    neither = runner.invoke(speed.main, ["--out", str(tmp_path)])
+    both = runner.invoke(speed.main, ["--prepare", str(tmp_path), "--input", str(tmp_path)])
     for result in (neither, both):
         assert result.exit_code == 2 and "give one of --prepare DIR" in result.output
-    missing = runner.invoke(main, ["bench", "speed", "--input", str(tmp_path / "none"), "--out", str(tmp_path)])
+    missing = runner.invoke(speed.main, ["--input", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert missing.exit_code != 0 and "bundle.json is missing" in " ".join(missing.output.split())

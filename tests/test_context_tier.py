@@ -59,7 +59,7 @@ def test_idle_sessions_are_flushed_by_consolidation(make_memory, user):
     mem = make_memory(options={"context_idle_seconds": 0})
     s = Scope(user, None, "old")
     mem.write_messages(s, [("user", "I keep my spare key under the blue pot.")])
-    mem.consolidate(Scope(user), wait=True)
+    mem.consolidate(Scope(user))
     assert [i.text for i in mem.items(Scope(user))] == ["I keep my spare key under the blue pot."]
 
 

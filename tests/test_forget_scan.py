@@ -72,8 +72,8 @@ def test_forget_leaves_no_trace_of_kv_memory(kv_memory, users):
     items = mem.write(alice, FACTS)
     theirs = mem.write(bob, ["Bob's bicycle is kept in the Ferncombe Lane shed."])
     use(mem, alice, items)
-    mem.consolidate(alice, [Move(tuple(it.id for it in items[:3]), 1, 2, "test")], wait=True)
-    mem.consolidate(bob, [Move((theirs[0].id,), 1, 2, "test")], wait=True)
+    mem.consolidate(alice, [Move(tuple(it.id for it in items[:3]), 1, 2, "test")])
+    mem.consolidate(bob, [Move((theirs[0].id,), 1, 2, "test")])
     assert mem.read(alice, FACTS[0]).kv is not None
 
     traces = find_traces(mem, items, scope=Scope(alice))

@@ -10,9 +10,9 @@ the real tiers' reads. Every read's hits, KV prefix and adapter, and every row a
 buggy query returns, must belong to what the reader's scope may see; anything
 else is a leak, and so is a write into another user's rows that is not refused.
 
-``MEMPLUG_ISOLATION_OPS`` sets how many operations run (default 500);
-``benchmarks/bench_isolation.py`` runs 10,000 and writes ``benchmarks/results/isolation.json``
-(``MEMPLUG_ISOLATION_OUT``).
+``MEMPLUG_TEST_ISOLATION_OPS`` sets how many operations run (default 500);
+``python -m benchmarks.isolation`` runs 10,000 and writes ``benchmarks/results/isolation.json``
+(``MEMPLUG_TEST_ISOLATION_OUT``).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ class Interleavings(RuleBasedStateMachine):
     def demote(self, data):
         """A real consolidation moves an item down from the kv or lora tier."""
         item_id, level = data.draw(st.sampled_from(sorted([(i, 2) for i in self.kv] + [(i, 3) for i in self.lora])))
-        placed = self.mem.consolidate(self.held[item_id], [Move((item_id,), level, 1, "cold")], wait=True)
+        placed = self.mem.consolidate(self.held[item_id], [Move((item_id,), level, 1, "cold")])
         assert [(p.tier, p.held, tuple(p.item_ids)) for p in placed] == [("kv" if level == 2 else "lora", False,
                                                                           (item_id,))]
         (self.kv if level == 2 else self.lora).discard(item_id)
@@ -319,7 +319,7 @@ class Interleavings(RuleBasedStateMachine):
 
 
 def test_no_scope_ever_sees_another(dsn, tmp_path):
-    target = int(os.environ.get("MEMPLUG_ISOLATION_OPS", "500"))
+    target = int(os.environ.get("MEMPLUG_TEST_ISOLATION_OPS", "500"))
     tally = Tally()
     mem = Memory(dsn, settings=Settings(plugins="context,pgvector,kv,lora"), options={
         "artifacts": str(tmp_path / "artifacts"),
@@ -350,7 +350,7 @@ def test_no_scope_ever_sees_another(dsn, tmp_path):
             Interleavings.TestCase().runTest()
     finally:
         seconds = time.perf_counter() - started
-        out = os.environ.get("MEMPLUG_ISOLATION_OUT")
+        out = os.environ.get("MEMPLUG_TEST_ISOLATION_OUT")
         if out:
             _write_results(Path(out), mem, tally, seconds)
         mem.close()

@@ -12,11 +12,13 @@ import warnings
 
 import pytest
 import torch
-from memplug_kv.codec import Codec, decode, encode
 
 from memplug import ArtifactCorrupt, ConfigError, ModelMismatch
 from memplug.runtime.chat import LocalModel
-from memplug.runtime.kv import KVChunk, rotate, select_tokens, thin
+from memplug.runtime.kv import KVChunk, rotate
+from memplug_kv.codec import Codec, decode, encode
+from memplug_kv.encode import encode as encode_items
+from memplug_kv.encode import select_tokens, thin
 
 FACTS = ["Alice Brown lives in Oslo and keeps three cats.", "The code word for the vault is parrot."]
 
@@ -43,7 +45,7 @@ def injected_logits(lm, chunks, closing_ids):
 
 
 def test_injected_kv_matches_full_prefill(tiny):
-    chunk = tiny.encode([FACTS[0]], [7])[0]
+    chunk = encode_items(tiny, [FACTS[0]], [7])[0]
     closing = tiny.ids(tiny.layout("Where does Alice live?")[1])
     reference = full_prefill_logits(tiny, tiny.preamble()[0] + tiny.chunk_ids(FACTS[0]) + closing)
     assert (injected_logits(tiny, [chunk], closing) - reference).abs().max() <= 1e-3
@@ -53,7 +55,7 @@ def test_second_chunk_lands_at_its_offset(tiny):
     # The second chunk was encoded right after the preamble; injected after the first,
     # its keys must equal a prefill's up to the context it did not see, so its
     # *rotation* is checked directly: rotating back by its offset restores the stored keys.
-    a, b = tiny.encode(FACTS, [1, 2])
+    a, b = encode_items(tiny, FACTS, [1, 2])
     cache, position, stored = tiny.build_cache([a, b])
     p = len(tiny.preamble()[0])
     assert position == p + a.span + b.span and stored == position
@@ -69,7 +71,7 @@ def test_rotation_round_trip_is_exact():
 
 
 def test_building_a_cache_leaves_the_chunks_alone(tiny):
-    chunk = tiny.encode([FACTS[1]], [3])[0]
+    chunk = encode_items(tiny, [FACTS[1]], [3])[0]
     before = chunk.keys.clone()
     cache, _, _ = tiny.build_cache([chunk])
     cache.layers[0].keys.zero_()
@@ -78,7 +80,7 @@ def test_building_a_cache_leaves_the_chunks_alone(tiny):
 
 
 def test_decode_batches_rows_of_different_lengths_like_single_rows(tiny):
-    chunk = tiny.encode([FACTS[0]], [1])[0]
+    chunk = encode_items(tiny, [FACTS[0]], [1])[0]
     rows = [tiny.ids(tiny.layout(q)[1]) for q in ("Where?", "Where does Alice Brown live, and with whom?")]
     batched = [t.tolist() for t in tiny.decode([chunk], rows, max_new_tokens=4)]
     for i, row in enumerate(rows):
@@ -89,7 +91,7 @@ def test_decode_batches_rows_of_different_lengths_like_single_rows(tiny):
 def test_rows_that_stop_leave_the_batch_and_the_others_decode_as_if_alone(tiny):
     """A finished row is dropped from the batch (its later steps cost nothing); it yields padding,
     and the rows still running give the tokens they give alone."""
-    chunk = tiny.encode([FACTS[0]], [1])[0]
+    chunk = encode_items(tiny, [FACTS[0]], [1])[0]
     rows = [tiny.ids(tiny.layout(q)[1]) for q in ("Where?", "Where does Alice Brown live, and with whom?", "Who?")]
     steps = [t.tolist() for t in tiny.decode([chunk], rows, max_new_tokens=6,
                                              stop=lambda i, tokens: i != 1 and len(tokens) >= 2)]
@@ -105,7 +107,7 @@ def test_rows_that_stop_leave_the_batch_and_the_others_decode_as_if_alone(tiny):
 @pytest.mark.parametrize("name,bits,tolerance", [("fp16", 16, 2e-3), ("bf16", 16, 2e-2), ("int8", 8, 0.02),
                                                   ("int4", 4, 0.25), ("int3", 3, 0.5), ("int2", 2, 1.0)])
 def test_codecs_round_trip_within_their_precision(tiny, name, bits, tolerance):
-    chunk = tiny.encode([FACTS[0]], [11])[0]
+    chunk = encode_items(tiny, [FACTS[0]], [11])[0]
     layout = {"layers": tiny.layers, "kv_heads": tiny.kv_heads, "head_dim": tiny.head_dim}
     codec = Codec(name, group=8)
     blob = encode(chunk, codec, "tiny", layout)
@@ -122,7 +124,7 @@ def test_codecs_round_trip_within_their_precision(tiny, name, bits, tolerance):
 
 
 def test_blob_from_another_model_is_refused(tiny):
-    chunk = tiny.encode([FACTS[0]], [1])[0]
+    chunk = encode_items(tiny, [FACTS[0]], [1])[0]
     layout = {"layers": tiny.layers, "kv_heads": tiny.kv_heads, "head_dim": tiny.head_dim}
     blob = encode(chunk, Codec("int8"), "other-model", layout)
     with pytest.raises(ModelMismatch, match="other-model"):
@@ -133,7 +135,7 @@ def test_blob_from_another_model_is_refused(tiny):
 
 
 def test_truncated_or_altered_blob_is_a_clear_error(tiny):
-    chunk = tiny.encode([FACTS[0]], [1])[0]
+    chunk = encode_items(tiny, [FACTS[0]], [1])[0]
     layout = {"layers": tiny.layers, "kv_heads": tiny.kv_heads, "head_dim": tiny.head_dim}
     blob = encode(chunk, Codec("int4"), "tiny", layout)
     for bad in (blob[: len(blob) // 2], blob[:5], b"", b"x" * 100):
@@ -158,7 +160,7 @@ def test_token_selection_keeps_the_protected_and_the_best():
 
 
 def test_selected_tokens_keep_their_positions(tiny):
-    chunk = tiny.encode([FACTS[0]], [1])[0]
+    chunk = encode_items(tiny, [FACTS[0]], [1])[0]
     kept = thin(chunk, 0.5)
     cache, position, stored = tiny.build_cache([kept])
     assert position == len(tiny.preamble()[0]) + chunk.span
@@ -172,7 +174,7 @@ def test_bad_codec_settings_are_refused(kwargs):
 
 
 def test_rows_with_different_memories_batch_like_single_rows(tiny):
-    a, b = tiny.encode(FACTS, [1, 2])
+    a, b = encode_items(tiny, FACTS, [1, 2])
     rows = [tiny.ids(tiny.layout(q)[1]) for q in ("Where does Alice live?", "What is the code word?")]
     batched = [t.tolist() for t in tiny.decode([], rows, max_new_tokens=4, per_row_chunks=[[a], [a, b]])]
     for i, (row, chunks) in enumerate(zip(rows, [[a], [a, b]], strict=True)):
@@ -191,7 +193,7 @@ def test_encoding_and_decoding_use_the_cache_argument_the_installed_transformers
     try:
         with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
             warnings.simplefilter("always")
-            chunk = tiny.encode([FACTS[0]], [1])[0]
+            chunk = encode_items(tiny, [FACTS[0]], [1])[0]
             row = tiny.ids(tiny.layout("Where does Alice Brown live?")[1])
             list(tiny.decode([chunk], [row], max_new_tokens=3))
     finally:

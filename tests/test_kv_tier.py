@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from memplug import ArtifactCorrupt, Budget, KVPrefix, Move, Settings
+from memplug_kv.encode import encode as encode_items
 
 FACTS = [
     "Zorbul Quenti lives in the city of Marrakesh.",
@@ -21,7 +22,7 @@ def kv_memory(make_memory, tmp_path):
 
 
 def promote(mem, scope, items):
-    return mem.consolidate(scope, [Move(tuple(it.id for it in items), 1, 2, "test")], wait=True)
+    return mem.consolidate(scope, [Move(tuple(it.id for it in items), 1, 2, "test")])
 
 
 def test_promoted_items_are_read_as_kv_and_not_repeated_as_text(kv_memory, user):
@@ -51,7 +52,7 @@ def test_smollm2_injected_kv_matches_full_prefill(kv_memory, user):
     [chunk] = recall.kv.chunks()
     # fp32 cache reference: the stored blob is int4, so compare against the same dequantized chunk
     # by re-encoding the item without compression.
-    [exact] = lm.encode([item.text], [item.id], scores=False)
+    [exact] = encode_items(lm, [item.text], [item.id], scores=False)
     closing = lm.ids(lm.layout("Where does Zorbul Quenti live?")[1])
     with torch.inference_mode():
         reference = lm.model(torch.tensor([lm.preamble()[0] + lm.chunk_ids(item.text) + closing])).logits[0, -1]
@@ -83,11 +84,11 @@ def test_demotion_drops_the_blob_and_text_serves_again(kv_memory, user):
     promote(kv_memory, user, items[1:2])
     history = kv_memory.inspect(user, limit=len(FACTS))
     # One item it held and one it never did: only the first is demoted, the other's history stays.
-    placed = kv_memory.consolidate(user, [Move((items[1].id, items[2].id), 2, 1, "cold")], wait=True)
+    placed = kv_memory.consolidate(user, [Move((items[1].id, items[2].id), 2, 1, "cold")])
     assert [(p.tier, p.held, p.item_ids) for p in placed] == [("kv", False, (items[1].id,))]
     after = {r["id"]: r["history"] for r in kv_memory.inspect(user, limit=len(FACTS))}
     assert after[items[2].id] == next(r["history"] for r in history if r["id"] == items[2].id)
-    assert kv_memory.consolidate(user, [Move((items[2].id,), 2, 1, "cold")], wait=True) == []
+    assert kv_memory.consolidate(user, [Move((items[2].id,), 2, 1, "cold")]) == []
     recall = kv_memory.read(user, "access code for the Tamsin lab")
     assert recall.kv is None and items[1].id in {h.item.id for h in recall.hits}
     assert list((kv_memory.artifacts.root / "kv").rglob("*.safetensors")) == []
@@ -102,7 +103,7 @@ def test_blob_of_another_model_is_not_injected_and_is_re_encoded(kv_memory, user
     assert items[0].id not in {it.id for it in (recall.kv.items if recall.kv else ())}
     assert items[0].id in {h.item.id for h in recall.hits}  # still served, as text
 
-    placed = kv_memory.consolidate(user, wait=True)  # the kv tier's plan asks for a re-encode
+    placed = kv_memory.consolidate(user)  # the kv tier's plan asks for a re-encode
     assert any(p.tier == "kv" and items[0].id in p.item_ids for p in placed)
     with kv_memory.store.transaction() as db:
         fp = db.execute("SELECT fingerprint FROM kv_items WHERE item_id = %s", (items[0].id,)).fetchone()[0]
@@ -117,9 +118,29 @@ def test_corrupt_blob_is_a_clear_error_then_re_encoded(kv_memory, user):
     recall = kv_memory.read(user, "access code for the Tamsin lab", Budget(kv_tokens=512))
     with pytest.raises(ArtifactCorrupt, match=f"item {items[1].id}"):
         recall.kv.chunks()
-    kv_memory.consolidate(user, wait=True)
+    kv_memory.consolidate(user)
     recall = kv_memory.read(user, "access code for the Tamsin lab")
     assert len(recall.kv.chunks()) == 1
+
+
+def test_a_damaged_blob_found_by_one_process_is_known_to_every_other(kv_memory, make_memory, tmp_path, user):
+    """What a serving process finds is kept in Postgres: another process (a worker, another server)
+    neither offers the blob again nor waits for a consolidation in the process that found it."""
+    items = kv_memory.write(user, FACTS)
+    promote(kv_memory, user, items[1:2])
+    [blob] = (kv_memory.artifacts.root / "kv").rglob("*.safetensors")
+    blob.write_bytes(blob.read_bytes()[:200])
+    worker = make_memory(settings=Settings(plugins="context,pgvector,kv"),
+                         options={"artifacts": str(tmp_path / "artifacts")})
+    assert worker.read(user, "access code for the Tamsin lab").kv is not None  # nobody knows yet
+    with pytest.raises(ArtifactCorrupt):
+        kv_memory.read(user, "access code for the Tamsin lab").kv.chunks()
+    for mem in (kv_memory, worker):  # the item is served as text everywhere until it is re-encoded
+        recall = mem.read(user, "access code for the Tamsin lab")
+        assert recall.kv is None and items[1].id in {h.item.id for h in recall.hits}
+    placed = worker.consolidate(user)  # the worker's plan asks for the re-encode
+    assert any(p.tier == "kv" and p.held and items[1].id in p.item_ids for p in placed)
+    assert len(kv_memory.read(user, "access code for the Tamsin lab").kv.chunks()) == 1
 
 
 def test_kv_budget_limits_the_prefix(make_memory, tmp_path, user):

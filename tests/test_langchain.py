@@ -21,14 +21,14 @@ from langchain_tests.integration_tests import (  # noqa: E402
     VectorStoreIntegrationTests,
 )
 from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
+
+from memplug import InvalidInput, InvalidScope, Memory, Scope  # noqa: E402
 from memplug_langchain import (  # noqa: E402
     ChatMemplug,
     MemplugChatMessageHistory,
     MemplugRetriever,
     MemplugVectorStore,
 )
-
-from memplug import InvalidInput, InvalidScope, Memory, Scope  # noqa: E402
 
 _SHARED: dict[str, Any] = {}
 
@@ -176,8 +176,7 @@ def test_vector_store_replaces_by_id_and_forgets_everywhere(memory, user):
 
 def test_vector_store_returns_at_most_k_documents_and_no_pinned_context(make_memory, user):
     from memplug import Budget, Hit, hookimpl
-    from memplug.memory import ITEM_COLUMNS, item_from_row
-    from memplug.scoping import visible_sql
+    from memplug.plugin import ITEM_COLUMNS, item_from_row, visible_sql
 
     class Pin:  # puts the scope's oldest item before every read, as a profile plugin does
         name = "pin"
@@ -195,7 +194,8 @@ def test_vector_store_returns_at_most_k_documents_and_no_pinned_context(make_mem
     mem = make_memory(plugins=[Pin()])
     store = MemplugVectorStore(mem, user)
     store.add_texts(["My dog is called Pickles.", "The boiler was serviced in March.", "The boiler is in the cellar."])
-    assert mem.read(user, "boiler", Budget(k=1)).hits[0].pinned  # the read itself keeps the pinned hit
+    read = mem.read(user, "boiler", Budget(k=1))
+    assert len(read.hits) == 1 and read.pinned[0].text.startswith("profile: ")  # the read keeps the pinned hit
     for k in (1, 2, 3, 4):
         found = store.similarity_search_with_score("when was the boiler serviced", k=k)
         texts = [d.page_content for d, _ in found]
@@ -277,6 +277,7 @@ class UserContext:
 
 def test_agent_middleware_reads_into_any_model_and_writes_the_turn(memory, users):
     from langchain.agents import create_agent
+
     from memplug_langchain import MemplugMiddleware
 
     alice, bob = users(2)
@@ -296,6 +297,7 @@ def test_agent_middleware_reads_into_any_model_and_writes_the_turn(memory, users
 
 async def test_agent_middleware_with_chat_memplug_async(memory, user):
     from langchain.agents import create_agent
+
     from memplug_langchain import MemplugMiddleware
 
     memory.write(Scope(user), "The user's cat is named Pepper.")
@@ -316,7 +318,7 @@ def test_chat_memplug_injects_kv_memory(make_memory, tmp_path, user):
     mem = make_memory(settings=Settings(plugins="context,pgvector,kv"),
                       options={"artifacts": str(tmp_path / "artifacts")})
     [item] = mem.write(Scope(user), ["The user's cat is named Pepper."])
-    mem.consolidate(Scope(user), [Move((item.id,), 1, 2, "test")], wait=True)
+    mem.consolidate(Scope(user), [Move((item.id,), 1, 2, "test")])
     chat = ChatMemplug(memory=mem, scope=user, max_tokens=16)
     reply = chat.invoke("What is the name of the user's cat?")
     assert reply.response_metadata["memplug"]["kv_items"] == [item.id]

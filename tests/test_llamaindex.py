@@ -9,9 +9,9 @@ pytest.importorskip("llama_index.core")
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole  # noqa: E402
 from llama_index.core.memory import Memory as ChatMemory  # noqa: E402
-from memplug_llamaindex import MemplugLLM, MemplugMemoryBlock, MemplugRetriever  # noqa: E402
 
 from memplug import Scope  # noqa: E402
+from memplug_llamaindex import MemplugLLM, MemplugMemoryBlock, MemplugRetriever  # noqa: E402
 
 
 def words(text: str) -> list[str]:

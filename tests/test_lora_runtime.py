@@ -11,8 +11,10 @@ import safetensors.torch
 import torch
 
 from memplug import AdapterRef, ArtifactCorrupt, InvalidInput, ModelMismatch, Scope
-from memplug.runtime import lora, synth
+from memplug.runtime import statements
 from memplug.runtime.chat import LocalModel
+from memplug_lora import adapter, synth
+from memplug_lora import train as lora
 
 FACTS = ["Alice Brown lives in Oslo.", "The code word for the vault is parrot.", "Rex is the name of Tom's dog."]
 FAST = lora.TrainConfig(rank=4, alpha=8, lr=5e-3, epochs=2, min_steps=4, batch_size=4, replay=0.5, seed=1)
@@ -47,53 +49,53 @@ def trained(tiny_base):
 
 
 def ref_of(result, fingerprint="tiny", version=1, tier="lora", scope="alice"):
-    weights, config = lora.pack(result, fingerprint, {"items": [1, 2, 3]})
+    weights, config = adapter.pack(result, fingerprint, {"items": [1, 2, 3]})
     return AdapterRef(tier, Scope(scope), version, fingerprint, (), "memory", len(weights),
-                      lambda: lora.unpack(weights, config, fingerprint, f"adapter {version}"))
+                      lambda: adapter.unpack(weights, config, fingerprint, f"adapter {version}"))
 
 
 # -- synthesis ---------------------------------------------------------------------
 
 
 def test_answer_key_is_what_the_question_lacks():
-    assert synth.answer_key("Kara V. Pell lives in Kyoto.", "Where does Kara V. Pell live?") == "Kyoto"
-    assert synth.answer_key("Quo Folley competes in fencing at weekends.",
+    assert statements.answer_key("Kara V. Pell lives in Kyoto.", "Where does Kara V. Pell live?") == "Kyoto"
+    assert statements.answer_key("Quo Folley competes in fencing at weekends.",
                             "Which sport does Quo Folley do on weekends?") == "fencing"
-    assert synth.answer_key("Ulsha's locker code is HG-8704.") == "HG-8704"
+    assert statements.answer_key("Ulsha's locker code is HG-8704.") == "HG-8704"
     # A closing "how often" after an object is passed over, unless the question names the rest.
-    assert synth.answer_key("Quo Folley competes in fencing at weekends.") == "fencing"
-    assert synth.answer_key("Nora plays the cello on Sundays.") == "cello"
-    assert synth.answer_key("Tom visits his mother every other week.") == "mother"
-    assert synth.answer_key("Quo Folley competes in fencing at weekends.",
+    assert statements.answer_key("Quo Folley competes in fencing at weekends.") == "fencing"
+    assert statements.answer_key("Nora plays the cello on Sundays.") == "cello"
+    assert statements.answer_key("Tom visits his mother every other week.") == "mother"
+    assert statements.answer_key("Quo Folley competes in fencing at weekends.",
                             "When does Quo Folley compete in fencing?") == "weekends"
     # After a verb or a stopword, the time is what the statement says.
-    assert synth.answer_key("The team meets every Monday.") == "Monday"
-    assert synth.answer_key("The meeting is every Tuesday.") == "Tuesday"
-    assert synth.answer_key("Mina swims at weekends.") == "weekends"
-    assert synth.anchor("Vesne T. Strandton lives in Tallinn.") == "Vesne T. Strandton"
-    assert synth.anchor("Orine B. Ashik's favourite dish is pierogi.") == "Orine B. Ashik"
-    assert synth.recalled("Kara lives in Kyoto.", "Where does Kara live?", "She lives in Kyoto, Japan.")
-    assert not synth.recalled("Kara lives in Kyoto.", "Where does Kara live?", "She lives in Kyotoville.")
+    assert statements.answer_key("The team meets every Monday.") == "Monday"
+    assert statements.answer_key("The meeting is every Tuesday.") == "Tuesday"
+    assert statements.answer_key("Mina swims at weekends.") == "weekends"
+    assert statements.anchor("Vesne T. Strandton lives in Tallinn.") == "Vesne T. Strandton"
+    assert statements.anchor("Orine B. Ashik's favourite dish is pierogi.") == "Orine B. Ashik"
+    assert statements.recalled("Kara lives in Kyoto.", "Where does Kara live?", "She lives in Kyoto, Japan.")
+    assert not statements.recalled("Kara lives in Kyoto.", "Where does Kara live?", "She lives in Kyotoville.")
 
 
 def test_without_value_takes_out_every_occurrence_of_the_answer_key():
-    assert synth.without_value("Kara V. Pell lives in Kyoto.") == "Kara V. Pell lives in."
-    assert synth.without_value("Ulsha's locker code is HG-8704.") == "Ulsha's locker code is."
-    assert synth.without_value("Quo Folley competes in fencing at weekends.") == "Quo Folley competes in at weekends."
-    assert synth.without_value("kyoto suits Kara; Kara moved to Kyoto") == "suits Kara; Kara moved to"
-    assert synth.without_value("Peanuts.") == "Peanuts."  # nothing but the value: kept whole
-    assert synth.without_value("the and of") == "the and of"  # no key at all
+    assert statements.without_value("Kara V. Pell lives in Kyoto.") == "Kara V. Pell lives in."
+    assert statements.without_value("Ulsha's locker code is HG-8704.") == "Ulsha's locker code is."
+    assert statements.without_value("Quo Folley competes in fencing at weekends.") == "Quo Folley competes in at weekends."
+    assert statements.without_value("kyoto suits Kara; Kara moved to Kyoto") == "suits Kara; Kara moved to"
+    assert statements.without_value("Peanuts.") == "Peanuts."  # nothing but the value: kept whole
+    assert statements.without_value("the and of") == "the and of"  # no key at all
     # Only the key as a word of its own: not inside a longer word or a compound; with its "'s".
-    assert synth.without_value("Kyotoville is far; Kara lives in Kyoto.") == "Kyotoville is far; Kara lives in."
-    assert synth.without_value("Kyoto-born Kara lives in Kyoto.") == "Kyoto-born Kara lives in."
-    assert synth.without_value("Kyoto's temples charm Kara, who lives in Kyoto.") == "temples charm Kara, who lives in."
+    assert statements.without_value("Kyotoville is far; Kara lives in Kyoto.") == "Kyotoville is far; Kara lives in."
+    assert statements.without_value("Kyoto-born Kara lives in Kyoto.") == "Kyoto-born Kara lives in."
+    assert statements.without_value("Kyoto's temples charm Kara, who lives in Kyoto.") == "temples charm Kara, who lives in."
 
 
 def test_the_gate_routes_questions_about_an_items_subject_not_about_its_value():
     """The lora gate compares a query with each item minus its value: "In which country is
     Marrakesh?" is as close to "... lives in Marrakesh." as the item's own question, but not to
     "... lives in."."""
-    from memplug.bench.lora import routed
+    from benchmarks.lora import routed
     from memplug.runtime.embedder import Embedder
 
     statements = ["Zorbul Quenti lives in Marrakesh.", "Ilse Varga plays the bassoon.",
@@ -114,8 +116,8 @@ def test_synthesized_pairs_keep_the_fact_and_never_give_it_away():
     for d in data:
         assert d.train and d.held_out
         for question, answer in d.train:
-            key = synth.answer_key(d.statement, question)
-            assert key is not None and synth.contains_word(answer, key)
+            key = statements.answer_key(d.statement, question)
+            assert key is not None and statements.contains_word(answer, key)
         for question in d.held_out:
             assert (question, d.statement) not in d.train
 
@@ -160,7 +162,7 @@ def test_the_held_out_question_asks_for_the_answer_instead_of_giving_it():
     d, _ = synth.synthesize([code, "Alice works at Corvana Labs."], [1, 2],
                             complete(["What is ZQ-7741-B?", "Who is Alice?"]), seed=0, samples=2, paraphrases=0)
     assert d.held_out == ["How does this sentence end? Alice's gym locker code is"]
-    assert synth.answer_key(d.statement, d.held_out[0]) == "ZQ-7741-B"
+    assert statements.answer_key(d.statement, d.held_out[0]) == "ZQ-7741-B"
 
 
 def test_the_held_out_question_names_more_than_the_items_subject():
@@ -305,7 +307,7 @@ def test_the_base_models_replay_targets_are_kept_between_trainings(make_tiny, tm
     assert all(torch.allclose(first.state[k], plain.state[k], atol=1e-5) for k in first.state)
 
     path.write_bytes(b"not a safetensors file")
-    with caplog.at_level("WARNING", logger="memplug.runtime.lora"):
+    with caplog.at_level("WARNING", logger="memplug_lora.train"):
         redone = lora.train(make_tiny(), data, replay, cfg, cache=tmp_path)
     assert "unreadable" in caplog.text and path.read_bytes() == written
     assert all(torch.equal(first.state[k], redone.state[k]) for k in first.state)
@@ -325,7 +327,7 @@ def test_a_replay_example_given_twice_is_cached_once(make_tiny, tmp_path, caplog
     [path] = tmp_path.glob("replay-targets-*.safetensors")
     assert len(safetensors.torch.load_file(path)) == 4  # two examples: ids and log-probabilities of each
     stamp = path.stat().st_mtime_ns
-    with caplog.at_level("WARNING", logger="memplug.runtime.lora"):
+    with caplog.at_level("WARNING", logger="memplug_lora.train"):
         lora.train(make_tiny(), data, [pair, ("Tell me a story.", "Once upon a time.", True), pair], cfg,
                    cache=tmp_path)
     assert "unreadable" not in caplog.text and path.stat().st_mtime_ns == stamp  # read back, not recomputed
@@ -430,7 +432,7 @@ def test_slots_are_kept_per_adapter_shape_within_the_bound(make_tiny, trained):
     narrow = _narrow(result)
     wide_refs = [ref_of(result, version=v) for v in (1, 2)]
     narrow_ref = AdapterRef("lora", Scope("bob"), 3, "tiny", (), "memory", 1,
-                            lambda: lora.unpack(*lora.pack(narrow, "tiny", {}), "tiny", "adapter 3"))
+                            lambda: adapter.unpack(*adapter.pack(narrow, "tiny", {}), "tiny", "adapter 3"))
     with serving._lock:
         for r in wide_refs:
             serving._use_adapter(r)
@@ -519,16 +521,16 @@ def test_adapter_of_another_model_is_refused(make_tiny, trained):
     serving = make_tiny()
     with pytest.raises(ModelMismatch, match="trained on model other"):
         serving.load_adapter(ref_of(result, fingerprint="other"))
-    weights, config = lora.pack(result, "other", {})
+    weights, config = adapter.pack(result, "other", {})
     with pytest.raises(ModelMismatch, match="trained on model other"):
-        lora.unpack(weights, config, "tiny", "adapter x")
+        adapter.unpack(weights, config, "tiny", "adapter x")
     assert serving._resident == {}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "config"])
 def test_damaged_adapter_files_are_refused(make_tiny, trained, damage):
     _, _, result = trained
-    weights, config = lora.pack(result, "tiny", {})
+    weights, config = adapter.pack(result, "tiny", {})
     if damage == "truncate":
         weights = weights[: len(weights) // 2]
     elif damage == "flip":
@@ -540,7 +542,7 @@ def test_damaged_adapter_files_are_refused(make_tiny, trained, damage):
     else:
         config = config.replace(b'"r": 4', b'"r": 5')
     with pytest.raises(ArtifactCorrupt, match="adapter x"):
-        lora.unpack(weights, config, "tiny", "adapter x")
+        adapter.unpack(weights, config, "tiny", "adapter x")
 
 
 def test_shared_prefix_decoding_equals_full_prompts(make_tiny):
@@ -588,7 +590,7 @@ def test_a_model_that_does_not_split_trains_whole():
 
 
 def test_bench_lora_refuses_a_bad_setting_before_loading_anything(tmp_path):
-    from memplug.bench import lora as bench
+    from benchmarks import lora as bench
 
     with pytest.raises(InvalidInput, match=r"setting 'x': unknown LoRA training option\(s\) bogus"):
         bench.run(sizes=(3, 4), settings={"x": {"bogus": 1}}, out_dir=tmp_path, home=tmp_path / "home",
@@ -609,7 +611,7 @@ def test_a_training_in_a_child_process_gives_what_it_gives_in_this_one(tiny_base
     job = {"home": str(tmp_path), "model": str(folder), "statements": FACTS, "item_ids": [1, 2, 3], "cfg": FAST}
     here, fingerprint = lora.train_items(**job)
     seen = []
-    there, child_fingerprint = child.call("memplug.runtime.lora:train_items", job,
+    there, child_fingerprint = child.call("memplug_lora.train:train_items", job,
                                           progress=lambda stage, *_: seen.append(stage))
     assert child_fingerprint == fingerprint
     assert seen[0] == "synthesize" and "train" in seen
@@ -620,7 +622,7 @@ def test_a_training_in_a_child_process_gives_what_it_gives_in_this_one(tiny_base
 
 
 def test_by_margin_counts_the_lost_answers_in_the_band_of_the_base_models_margin():
-    from memplug.bench.lora import _band, by_margin
+    from benchmarks.lora import _band, by_margin
 
     margins = {"a": 0.05, "b": -1e-7, "c": 0.1, "d": 0.7, "e": 1.0, "f": 3.5}
     rows = by_margin(margins, ["b", "c", "f"], bands=(0.1, 1.0))
@@ -637,7 +639,7 @@ def test_by_margin_counts_the_lost_answers_in_the_band_of_the_base_models_margin
 def test_answer_margins_tell_sure_answers_from_coin_tosses(memory):
     """The benchmark's margin of a general answer (real SmolLM2): a greedy reply it is sure of
     scores well above 0, and a reply it would not give scores below 0."""
-    from memplug.bench.lora import SURE_MARGIN, answer_margins, answered, general_replies
+    from benchmarks.lora import SURE_MARGIN, answer_margins, answered, general_replies
 
     lm = memory.model
     question = {"question": "What is the capital city of Japan?", "answers": ["tokyo"]}
@@ -652,7 +654,7 @@ def test_answer_margins_tell_sure_answers_from_coin_tosses(memory):
 def test_replay_never_asks_the_benchmarks_general_questions():
     """Training holds the model to its own answers on the replay prompts; the benchmark's general
     questions measure what training did to the model, so none of them may be among those prompts."""
-    from memplug.bench.lora import general_questions, near_questions
+    from benchmarks.lora import general_questions, near_questions
 
     prompts = {" ".join(p.lower().split()) for p in lora.replay_prompts()}
     asked = {" ".join(q["question"].lower().split()) for q in general_questions() + near_questions()}
@@ -663,7 +665,7 @@ def test_replay_never_asks_the_benchmarks_general_questions():
 def test_the_general_questions_are_distinct_and_never_give_their_answer_away():
     """A question that holds one of its own accepted answers ("six minus three": "three") is
     answered right by any reply that repeats it; only a choice question names its options."""
-    from memplug.bench.lora import general_questions
+    from benchmarks.lora import general_questions
 
     topics = {"geography", "animals", "words", "numbers", "science and nature", "everyday things", "colours", "time",
               "body", "culture"}
@@ -680,8 +682,8 @@ def test_the_general_questions_are_distinct_and_never_give_their_answer_away():
 def test_the_near_miss_questions_cover_every_value_a_fact_can_name_and_are_their_own_set():
     """One general question per value of the fact generator (a city, job, kind of pet, colour,
     instrument, sport, dish), none of them a general question too, none giving its answer away."""
-    from memplug.bench import facts
-    from memplug.bench.lora import general_questions, near_questions
+    from benchmarks.lora import general_questions, near_questions
+    from memplug.checks import facts
 
     values = facts.CITIES + facts.JOBS + facts.PETS + facts.COLOURS + facts.INSTRUMENTS + facts.SPORTS + facts.FOODS
     questions = near_questions()
@@ -696,7 +698,7 @@ def test_the_near_miss_questions_cover_every_value_a_fact_can_name_and_are_their
 
 
 def test_a_general_answer_counts_where_a_word_starts_and_a_number_ends():
-    from memplug.bench.lora import answered
+    from benchmarks.lora import answered
 
     def q(*answers):
         return {"question": "?", "answers": list(answers)}
@@ -715,7 +717,7 @@ def test_a_general_answer_counts_where_a_word_starts_and_a_number_ends():
 
 def test_a_reply_still_being_written_does_not_stop_on_a_number_that_may_grow():
     """``general_replies`` stops a reply once it answers; "60" must not stop "600" half-way."""
-    from memplug.bench.lora import answered_so_far
+    from benchmarks.lora import answered_so_far
 
     sixty, six_hundred = {"answers": ["60"]}, {"answers": ["600"]}
     growing = ["It is 6", "It is 60", "It is 600", "It is 600 seconds"]
@@ -725,7 +727,7 @@ def test_a_reply_still_being_written_does_not_stop_on_a_number_that_may_grow():
 
 
 def test_near_misses_are_picked_by_whole_words_and_replies_checked_for_the_users_values():
-    from memplug.bench.lora import naming, near
+    from benchmarks.lora import naming, near
 
     questions = [{"near": "Bled", "question": "In which country is Lake Bled?", "answers": ["slovenia"]},
                  {"near": "owl", "question": "Is an owl awake at night?", "answers": ["awake"]},
@@ -739,7 +741,7 @@ def test_near_misses_are_picked_by_whole_words_and_replies_checked_for_the_users
 
 
 def test_near_misses_are_served_by_the_adapter_only_where_the_gate_routes_them(trained):
-    from memplug.bench.lora import _near_misses, general_replies
+    from benchmarks.lora import _near_misses, general_replies
 
     lm, _, _ = trained
     questions = [{"near": "Oslo", "question": "In which country is Oslo?", "answers": ["norway"]},
@@ -759,7 +761,7 @@ def test_near_misses_are_served_by_the_adapter_only_where_the_gate_routes_them(t
 
 
 def test_the_bf16_control_counts_answers_that_rounding_the_weights_changes_and_puts_them_back(trained):
-    from memplug.bench.lora import general_replies, rounded_control
+    from benchmarks.lora import general_replies, rounded_control
 
     lm, _, _ = trained
     asked = [{"question": q, "answers": []} for q in ("Name a colour.", "Name a city.", "Name a month.", "Count to 3.")]
@@ -779,7 +781,7 @@ def test_the_bf16_control_counts_answers_that_rounding_the_weights_changes_and_p
 
 def test_a_random_adapter_is_as_large_as_the_trained_one_module_by_module(trained):
     """The benchmark's control: every LoRA update B @ A replaced by a random one of the same norm."""
-    from memplug.bench.lora import random_adapter
+    from benchmarks.lora import random_adapter
 
     lm, _, _ = trained
 

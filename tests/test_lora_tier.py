@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from memplug import AdapterRef, ArtifactCorrupt, ModelMismatch, Move, Settings
-from memplug.bench.lora import heldout_text, perplexity
+from benchmarks.lora import heldout_text, perplexity
+from memplug import AdapterRef, ArtifactCorrupt, ModelMismatch, Move, Scope, Settings
 
 FACTS = [
     ("Zorbul Quenti lives in Marrakesh.", "Where does Zorbul Quenti live?", "Marrakesh"),
@@ -38,7 +38,7 @@ def adapter_files(tmp_path):
 
 
 @pytest.mark.timeout(900)  # three trainings of SmolLM2 on a 2-core CPU
-def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_path):
+def test_adapter_trains_applies_isolates_and_forgets(lora_memory, make_memory, users, tmp_path):
     mem = lora_memory
     alice, bob = users(2)
     items = mem.write(alice, [f for f, _, _ in FACTS])
@@ -49,7 +49,7 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     assert not any(base_known), "the base model cannot know invented facts"
 
     seen = []
-    placed = mem.consolidate(alice, [Move(tuple(it.id for it in items), 1, 3, "test")], wait=True,
+    placed = mem.consolidate(alice, [Move(tuple(it.id for it in items), 1, 3, "test")],
                              progress=lambda task, done, total, info: seen.append((task, done, total)))
     assert any(t.startswith(f"lora {alice}") and "train" in t for t, _, _ in seen)
     held = {i for p in placed if p.tier == "lora" and p.held for i in p.item_ids}
@@ -94,12 +94,20 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     with mem.store.transaction() as db:
         db.execute("UPDATE lora_adapters SET fingerprint = %s WHERE id = %s", (ref.fingerprint, ref.version))
 
-    # A damaged adapter file gives a clear error naming the adapter.
+    # A damaged adapter file gives a clear error naming the adapter, and the finding is kept in
+    # Postgres: no process offers the adapter again, and any worker's next consolidation retrains it.
     lm.drop_adapter(ref.name)
     weights = next(p for p in adapter_files(tmp_path) if p.name == "adapter_model.safetensors")
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ArtifactCorrupt, match=f"adapter {ref.version}"):
         mem.generate(alice, question, max_new_tokens=4)
+    worker = make_memory(settings=Settings(plugins="context,pgvector,lora"),
+                         options={"artifacts": str(tmp_path / "artifacts")})
+    for m in (mem, worker):
+        assert m.read(alice, question).adapter is None
+    plans = [mv for part in worker.hook.memplug_plan(memory=worker, scope=Scope(alice), usage=worker.usage(alice))
+             if part for mv in part]
+    assert any(mv.dst_level == 3 and set(mv.item_ids) == {it.id for it in items} for mv in plans), plans
 
     # Forget one fact: every adapter trained on it goes at once, the others are retrained without it.
     forgotten = items[[f for f, _, _ in FACTS].index(fact)]
@@ -112,7 +120,7 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     orphan = tmp_path / "artifacts" / "lora" / mem.model_fingerprint[:16] / alice / "_" / "_" / "1" / "x.safetensors"
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"half-written")
-    placed = mem.consolidate(alice, wait=True)  # the tier's plan retrains the rest
+    placed = mem.consolidate(alice)  # the tier's plan retrains the rest
     assert not orphan.exists()
     assert {i for p in placed for i in p.item_ids} <= {it.id for it in items} - {forgotten.id}
     with mem.store.transaction() as db:
@@ -126,7 +134,7 @@ def test_adapter_trains_applies_isolates_and_forgets(lora_memory, users, tmp_pat
     # Forget the rest: the adapter is dropped and nothing is retrained.
     mem.forget(alice)
     assert adapter_files(tmp_path) == []
-    assert mem.consolidate(alice, wait=True) == []
+    assert mem.consolidate(alice) == []
 
 
 @pytest.mark.timeout(600)
@@ -138,6 +146,7 @@ def test_a_training_waits_while_another_runs_on_this_machine(make_memory, users,
     import time
 
     import psycopg
+
     from memplug_lora import TRAINING_LOCK
 
     mem = make_memory(settings=Settings(plugins="context,pgvector,lora"),
@@ -145,12 +154,20 @@ def test_a_training_waits_while_another_runs_on_this_machine(make_memory, users,
                                "lora_epochs": 1, "lora_max_train_s": 3})
     (alice,) = users(1)
     items = mem.write(alice, [f for f, _, _ in FACTS[:2]])
-    stages, outcome = [], {}
+    stages, outcome, open_transactions = [], {}, []
+    watcher = psycopg.connect(dsn, autocommit=True)
+
+    def progress(task, done, total, info):
+        stages.append(task)
+        if task.endswith(": train"):  # what Postgres holds open for memplug while the adapter trains
+            open_transactions.append(watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'memplug' "
+                "AND xact_start IS NOT NULL AND pid <> pg_backend_pid()").fetchone()[0])
 
     def consolidate():
         try:
-            outcome["placed"] = mem.consolidate(alice, [Move(tuple(it.id for it in items), 1, 3, "test")], wait=True,
-                                                progress=lambda task, done, total, info: stages.append(task))
+            outcome["placed"] = mem.consolidate(alice, [Move(tuple(it.id for it in items), 1, 3, "test")],
+                                                progress=progress)
         except BaseException as e:  # noqa: BLE001 - handed to the test's thread
             outcome["error"] = e
 
@@ -169,12 +186,22 @@ def test_a_training_waits_while_another_runs_on_this_machine(make_memory, users,
             time.sleep(1)
             assert worker.is_alive() and not any(s.endswith(": train") for s in stages), stages
             assert any("waiting for another training" in s for s in stages), stages
+            # Forgotten while its training waits (or runs): the training is void, nothing of it is kept.
+            assert mem.forget(alice, [items[0].id]) == 1
         finally:
             other.execute("SELECT pg_advisory_unlock(hashtext(%s), hashtext(%s))", key)
         worker.join(timeout=400)
+    watcher.close()
     assert not worker.is_alive() and "error" not in outcome, outcome
     assert any(s.endswith(": train") for s in stages), stages
     waited = [k for k, s in enumerate(stages) if "waiting for another training" in s]
     trained = [k for k, s in enumerate(stages) if s.endswith(": train")]
     assert len(waited) == 2 and waited[-1] < trained[0], stages  # the wait shown, then shown over, then training
-    assert {i for p in outcome["placed"] if p.tier == "lora" and p.held for i in p.item_ids} == {it.id for it in items}
+    # No transaction stayed open through the training (the moves committed before it began).
+    assert open_transactions and set(open_transactions) == {0}, open_transactions
+    assert outcome["placed"] == []
+    with mem.store.transaction() as db:
+        assert db.execute("SELECT count(*) FROM lora_adapters WHERE user_id = %s", (alice,)).fetchone()[0] == 0
+        assert db.execute("SELECT item_id, adapter_id FROM lora_items WHERE user_id = %s",
+                          (alice,)).fetchall() == [(items[1].id, None)]  # still waiting, for the next training
+    assert adapter_files(tmp_path) == []

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from memplug import Budget, Hit, Move, Placement, PluginError, Scope, Settings, hookimpl, hookspecs
-from memplug.memory import ITEM_COLUMNS, item_from_row
+from memplug.plugin import ITEM_COLUMNS, item_from_row
 from memplug.plugins import PluginRegistry
 from memplug.scoping import visible_sql
 
@@ -116,11 +116,11 @@ def test_plan_and_consolidate_record_placements(make_memory, user):
     hot, cold = mem.write(s, ["The wifi password is hunter2.", "The office plant is a fern."])
     for _ in range(2):
         mem.read(s, "wifi password", Budget(k=1))
-    placed = mem.consolidate(s, wait=True)
+    placed = mem.consolidate(s)
     assert placed == [Placement("level-two", 2, (hot.id,), "read twice")]
     levels = {u.item_id: u.level for u in mem.usage(s)}
     assert levels == {hot.id: 2, cold.id: 1}
-    assert mem.consolidate(s, wait=True) == []  # nothing left to move
+    assert mem.consolidate(s) == []  # nothing left to move
     mem.forget(s, [hot.id])
     assert tier.held == set()
 
@@ -191,3 +191,98 @@ def test_importing_memplug_and_its_plugins_loads_no_torch_langchain_or_llama_ind
             "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+class Profile:
+    """A test-only tier pinning a scope's oldest item before every read, as a profile plugin does."""
+
+    name = "pin-oldest"
+    level = 0
+
+    @hookimpl
+    def memplug_read(self, scope, db):
+        where, params = visible_sql(scope, "i")
+        row = db.execute(f"SELECT {ITEM_COLUMNS} FROM items i WHERE {where} ORDER BY i.id LIMIT 1", params).fetchone()
+        return [Hit(item_from_row(row), self.name, 1.0, text="profile: " + row[4], pinned=True)] if row else None
+
+
+def test_recall_hits_hold_at_most_k_ranked_hits_and_pinned_hits_apart(make_memory, user):
+    # A caller that takes recall.hits used to get the pinned hits first and then k ranked ones.
+    mem = make_memory(plugins=[Profile()])
+    oldest = mem.write(user, "My name is Ana.")
+    mem.write(user, [f"Trivia {n}: the moon is about 384,000 km away." for n in range(6)])
+    for k in (1, 3, 5):
+        recall = mem.read(user, "moon trivia", Budget(k=k))
+        assert len(recall.hits) == k and not any(h.pinned for h in recall.hits)
+        assert [h.item.id for h in recall.pinned] == [oldest.id]
+        text = recall.as_text()
+        assert text.splitlines()[1] == "- profile: My name is Ana."  # pinned first, then the ranked hits
+        assert all(f"- {h.text}" in text for h in recall.hits)
+        assert oldest.id in {it.id for it in recall.items}  # read, and counted as read
+    assert mem.usage(user)[0].reads == 3
+
+
+def test_example_plugins_are_active_only_when_asked_for(make_memory, user):
+    """`make` installs the example plugins (profile, redact) into the project's environment, where
+    every Memory used to load them: the profile's pinned hits and the redaction changed every read."""
+    info = {p.name: p for p in PluginRegistry(None).info()}
+    assert info["profile"].status == "opt-in" and info["redact"].status == "opt-in"
+    assert "MEMPLUG_PLUGINS names it (+profile)" in info["profile"].detail
+    mem = make_memory(settings=Settings(plugins=None))  # every installed plugin
+    assert mem.plugins.pm.get_plugin("profile") is None and mem.plugins.pm.get_plugin("redact") is None
+    mem.write(user, ["My name is Ana and I live in Lisbon.", "Call the office at +1 555 123 4567."])
+    recall = mem.read(user, "office phone number", Budget(k=1))
+    assert recall.pinned == () and "555 123 4567" in recall.hits[0].text
+    # Named, they load: as the only ones, or with '+' on top of all the others.
+    loaded = {p.name for p in PluginRegistry("+profile").info() if p.status == "loaded"}
+    assert {"profile", "context", "pgvector"} <= loaded and "redact" not in loaded
+    assert PluginRegistry("context,pgvector,redact").pm.get_plugin("redact") is not None
+
+
+def test_a_tier_whose_requirements_are_missing_is_unavailable_and_nothing_moves_to_it(
+        make_memory, user, dsn, monkeypatch):
+    """The lora tier needs peft, from the `lora` extra. Without it, the tier used to load, and the
+    policies planned moves to level 3 that failed inside a job with an ImportError."""
+    import json
+    import sys
+
+    from click.testing import CliRunner
+
+    from memplug import InvalidInput
+    from memplug.cli import main
+    from memplug_lora import LoraTier
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as where memplug[lora] is not installed
+    info = {p.name: p for p in PluginRegistry(None).info()}
+    assert info["lora"].status == "unavailable" and info["lora"].level == 3
+    assert info["lora"].detail == "needs peft: pip install 'memplug[lora]'"
+
+    mem = make_memory(settings=Settings(plugins=None),
+                      options={"policy": "frequency", "freq_weights_reads": 1, "freq_weights_min_items": 1,
+                               "freq_promote_reads": 1000})
+    assert mem.plugins.pm.get_plugin("lora") is None and 3 not in mem.plugins.levels()
+    items = mem.write(user, ["Ann keeps bees.", "Ann lives in Oslo."])
+    for _ in range(3):
+        mem.read(user, "Ann bees Oslo")
+    plans = [m for part in mem.hook.memplug_plan(memory=mem, scope=Scope(user), usage=mem.usage(user)) if part
+             for m in part]
+    assert not [m for m in plans if m.dst_level == 3], plans
+    assert mem.consolidate(user) == []
+    with pytest.raises(InvalidInput, match=r"cannot move items to level 3: the lora tier is unavailable "
+                                           r"\(needs peft: pip install 'memplug\[lora\]'\); nothing was changed"):
+        mem.consolidate(user, [Move(tuple(it.id for it in items), 1, 3, "asked")])
+    with pytest.raises(PluginError, match=r"plugin 'lora' cannot load here: it needs peft"):
+        mem.register(LoraTier())
+    # Its options are still settings (a deployment's configuration need not change with its extras).
+    assert make_memory(settings=Settings(plugins=None), options={"lora_rank": 4}).option("lora_rank") == 4
+
+    monkeypatch.setenv("MEMPLUG_DSN", dsn)
+    monkeypatch.delenv("MEMPLUG_PLUGINS")
+    runner = CliRunner()
+    listed = {p["name"]: p for p in json.loads(runner.invoke(main, ["plugins", "--json"]).output)}
+    assert listed["lora"]["status"] == "unavailable" and "pip install 'memplug[lora]'" in listed["lora"]["detail"]
+    assert runner.invoke(main, ["plugins"]).exit_code == 0  # the table, with a status column
+    doctor = runner.invoke(main, ["doctor", "--json"])
+    checks = {c["name"]: c for c in json.loads(doctor.output)}
+    assert not checks["plugin lora"]["ok"] and "pip install 'memplug[lora]'" in checks["plugin lora"]["detail"]
+    assert doctor.exit_code == 0  # an optional tier does not fail the check of the deployment

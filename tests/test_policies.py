@@ -9,6 +9,7 @@ import pytest
 from memplug import InvalidInput, Scope, TierCost
 from memplug.policies import CostPolicy, FrequencyPolicy, FrequencyThresholds
 from memplug.usage import ItemUsage
+from memplug_kv import KVTier
 
 NOW = datetime(2026, 1, 10, tzinfo=UTC)
 ANN, BO = Scope("ann"), Scope("bo")
@@ -127,8 +128,8 @@ def test_an_item_the_adapter_did_not_hold_waits_before_another_retrain():
 
 
 def test_policies_are_plugins_chosen_by_setting(make_memory, user):
-    mem = make_memory(plugins=[FrequencyPolicy(), CostPolicy()], options={"policy": "frequency",
-                                                                         "freq_promote_reads": 2})
+    mem = make_memory(plugins=[FrequencyPolicy(), CostPolicy(), KVTier()],
+                      options={"policy": "frequency", "freq_promote_reads": 2})
     it = mem.write(user, "Cy collects stamps.")
     for _ in range(2):
         mem.read(user, "What does Cy collect?")
@@ -158,7 +159,7 @@ def test_measured_costs_and_inspect(make_memory, user):
     costs = [c for c in mem.hook.memplug_costs(memory=mem, scope=Scope(user)) if c]
     assert [(c.tier, c.level, c.prompt_tokens_per_token) for c in costs] == [("pgvector", 1, 1.0)]
 
-    mem.consolidate(user, [Move((it.id,), 1, 9, "hot")], wait=True)
+    mem.consolidate(user, [Move((it.id,), 1, 9, "hot")])
     [row] = mem.inspect(user)
     assert (row["id"], row["level"], row["reads"]) == (it.id, 9, 2) and row["heat"] > 1.9
     assert row["bytes"]["pgvector"] > 0

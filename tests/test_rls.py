@@ -10,11 +10,11 @@ written the way their tiers write them, without encoding or training a model.
 from __future__ import annotations
 
 import pytest
-from memplug_profile import ProfileTier
 from psycopg.types.json import Jsonb
 
 from memplug import ConfigError, InvalidScope, NotFound, Scope, ScopeViolation, Settings
 from memplug.store import row_security
+from memplug_profile import ProfileTier
 
 BY_USER = ["items", "context_turns", "pgvector_items", "kv_items", "lora_adapters", "lora_items", "profile_facts"]
 BY_ITEM = ["usage", "placements", "moves"]
@@ -135,7 +135,7 @@ def test_the_memory_api_works_under_row_security_and_the_unscoped_path_sees_ever
     mine, theirs = fill(rls_memory, alice), fill(rls_memory, bob)
     recall = rls_memory.read(alice, "Who keeps bees in Oslo?")
     assert recall.hits and {h.item.scope.user_id for h in recall.hits} == {alice}
-    assert {h.text for h in recall.hits if h.pinned}, "the profile tier's pinned facts are read under RLS"
+    assert {h.text for h in recall.pinned}, "the profile tier's pinned facts are read under RLS"
     filtered = rls_memory.read(alice, "bees", filters={"nothing": "matches"})
     assert filtered.hits == ()
     with pytest.raises(NotFound):

@@ -2,9 +2,9 @@
 
 from langchain.agents import create_agent
 from langchain_core.messages import HumanMessage
-from memplug_langchain import ChatMemplug, MemplugMiddleware
 
 from memplug import Memory
+from memplug_langchain import ChatMemplug, MemplugMiddleware
 
 QUESTION = "What is the name of the user's cat?"
 SYSTEM = "Answer in one short sentence."

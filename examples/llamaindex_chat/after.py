@@ -2,9 +2,9 @@
 
 from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.memory import Memory as ChatMemory
-from memplug_llamaindex import MemplugLLM, MemplugMemoryBlock
 
 from memplug import Memory
+from memplug_llamaindex import MemplugLLM, MemplugMemoryBlock
 
 QUESTION = "What is the name of the user's cat?"
 

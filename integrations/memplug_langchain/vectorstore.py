@@ -76,13 +76,13 @@ class MemplugVectorStore(VectorStore):
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise InvalidInput(f"k must be a positive integer, got {k!r}")
         recall = self.memory.read(self.scope, query, Budget(tokens=_NO_TOKEN_LIMIT, k=k), filter)
-        pinned = {h.item.id for h in recall.hits if h.pinned}
+        pinned = {h.item.id for h in recall.pinned}
         out: dict[int, tuple[Document, float]] = {}
         for item, _, score in recall.served():
             if item.id not in pinned and item.id not in out:
                 out[item.id] = (_document(item), 0.0 if score is None else score)
-        for h in recall.hits:
-            if h.pinned and h.item.id not in out:
+        for h in recall.pinned:
+            if h.item.id not in out:
                 out[h.item.id] = (_document(h.item), 0.0)
         return list(out.values())[:k]
 

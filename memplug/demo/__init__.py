@@ -98,7 +98,7 @@ def run_demo(console: Console | None = None, *, memory: Any = None, script: dict
     finally:
         if memory is None:
             mem.close()
-    result["policy"] = policy if memory is None else mem.settings.option("policy", "cost", str)
+    result["policy"] = policy if memory is None else mem.option("policy")
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
     return result
@@ -109,7 +109,7 @@ def _run(mem, script, console, sessions, per_session, zipf_s, k, seed, out_dir) 
     rng = random.Random(seed)
     started = time.perf_counter()
     console.print(f"[bold]memplug demo[/]: {len(users)} users, {sessions} sessions of {per_session} questions each, "
-                  f"reads of k={k}, policy [bold]{escape(mem.settings.option('policy', 'cost', str))}[/]", markup=True)
+                  f"reads of k={k}, policy [bold]{escape(mem.option('policy'))}[/]", markup=True)
     for user in users:  # a rerun starts from a clean slate
         mem.forget(Scope(user, AGENT))
     # 1. Each user tells the agent about themselves; the agent writes a note of each thing it learns.
@@ -154,7 +154,7 @@ def _run(mem, script, console, sessions, per_session, zipf_s, k, seed, out_dir) 
                 def report(what, done, total, info, task=task, user=user):
                     progress.update(task, description=f"consolidating {user}: {what}", completed=done, total=total)
                 t = time.perf_counter()
-                placed = mem.consolidate(Scope(user, AGENT), wait=True, progress=report)
+                placed = mem.consolidate(Scope(user, AGENT), progress=report)
                 seconds = time.perf_counter() - t
                 progress.remove_task(task)
                 for p in placed:

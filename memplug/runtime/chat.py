@@ -34,8 +34,6 @@ from .kv import KVChunk, rotate, stack_prefix
 SYSTEM = "You are a helpful assistant. Answer from these memories when they are relevant.\nMemories:\n"
 PLAIN_SYSTEM = "You are a helpful assistant."
 _MARK = "\u2063MEMPLUG\u2063"
-# The observation window that scores a chunk's tokens for selection: what a reader will ask.
-PROBE = "What do these memories say about the person, and what is the answer?"
 _LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform", "bias",
                 "fan_in_fan_out", "use_rslora", "task_type")
 
@@ -323,67 +321,59 @@ class LocalModel:
             m.set_adapter(slot, inference_mode=True)
         self._active = name
 
-    # -- encoding memory chunks -----------------------------------------------
+    # -- reading text after the preamble (what explicit memory is made of) ------
 
-    def encode(self, texts: Sequence[str], item_ids: Sequence[int] | None = None, scores: bool = True,
-               batch_size: int = 8) -> list[KVChunk]:
-        """Each text's keys/values as encoded after the preamble, keys rotated to position 0.
+    def after_preamble(self, rows: Sequence[Sequence[int]], attention: bool = False,
+                       batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Each row of token ids as the base model reads it right after the memory preamble.
 
-        With ``scores``, each token is also scored for token selection, by the
-        attention it receives from an observation window placed after the chunk
-        (the closing template and a generic question, as in SnapKV), averaged over
-        layers, heads and window tokens. The window only reads the chunk: it
-        changes none of the chunk's keys or values.
+        Returns per row its keys and values, float32 on the CPU, of shape
+        (layers, kv_heads, len(row), head_dim), keys rotated back to position 0 (see
+        :mod:`memplug.runtime.kv`): what a tier of explicit memory stores, and
+        :meth:`build_cache` injects at any offset. With ``attention``, also the
+        (len(row), len(row)) attention each token of the row paid to the row's
+        tokens, averaged over layers and heads (eager attention: slower). No
+        adapter is applied: explicit memory is the base model's.
         """
         self._check_injectable()
-        item_ids = list(item_ids) if item_ids is not None else list(range(len(texts)))
-        out: list[KVChunk] = []
+        out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         with self._lock, torch.inference_mode():
-            self._use_adapter(None)  # explicit memory is the base model's
+            self._use_adapter(None)
             pre_ids, pre_k, pre_v = self._stored_preamble()
-            p = len(pre_ids)
             previous = self.model.config._attn_implementation
-            if scores:
+            if attention:
                 self.model.set_attn_implementation("eager")
             try:
-                probe = self.ids(self.layout(PROBE)[1]) if scores else []
-                for start in range(0, len(texts), batch_size):
-                    rows = [self.chunk_ids(t) for t in texts[start:start + batch_size]]
-                    out += self._encode_batch(rows, item_ids[start:start + batch_size], pre_k, pre_v, p, probe)
+                for start in range(0, len(rows), batch_size):
+                    out += self._after_preamble(rows[start:start + batch_size], pre_k, pre_v, len(pre_ids),
+                                                attention)
             finally:
-                if scores:
+                if attention:
                     self.model.set_attn_implementation(previous)
         return out
 
-    def _encode_batch(self, rows, ids, pre_k, pre_v, p, probe):
-        scores = bool(probe)
-        b, n = len(rows), max(len(r) + len(probe) for r in rows)
+    def _after_preamble(self, rows, pre_k, pre_v, p, attention):
+        b, n = len(rows), max(len(r) for r in rows)
         # repeat() copies: the forward pass never touches the stored preamble.
         cache = _cache_of(self.model.config, pre_k.unsqueeze(1).repeat(1, b, 1, 1, 1).to(self.device, self.dtype),
                           pre_v.unsqueeze(1).repeat(1, b, 1, 1, 1).to(self.device, self.dtype))
         # Right padding: a pad comes after every real token, so causality keeps it out of their keys.
         input_ids = torch.full((b, n), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
-            input_ids[i, :len(r) + len(probe)] = torch.tensor(r + probe)
+            input_ids[i, :len(r)] = torch.tensor(list(r))
         result = self.model(input_ids.to(self.device), **{self._cache_kw: cache}, use_cache=True,
                             position_ids=torch.arange(p, p + n, device=self.device).unsqueeze(0).expand(b, -1),
                             attention_mask=torch.ones(b, p + n, dtype=torch.long, device=self.device),
-                            output_attentions=scores)
+                            output_attentions=attention)
         keys, values = _stack_cache(_returned_cache(result))
         keys = rotate(keys[:, :, :, p:].float().cpu(), -p, self.inv_freq)
         values = values[:, :, :, p:].float().cpu()
-        received = None
-        if scores:
-            # attentions: per layer (b, heads, n, p + n), averaged over layers and heads.
-            att = torch.stack([a[:, :, :, p:].float().cpu() for a in result.attentions]).mean(dim=(0, 2))
-        chunks = []
-        for i, (r, item_id) in enumerate(zip(rows, ids, strict=True)):
-            m = len(r)
-            if scores:
-                received = att[i, m:m + len(probe), :m].mean(dim=0)
-            chunks.append(KVChunk(int(item_id), m, keys[:, i, :, :m].contiguous(), values[:, i, :, :m].contiguous(),
-                                  received))
-        return chunks
+        # attentions: per layer (b, heads, n, p + n), averaged over layers and heads.
+        paid = (torch.stack([a[:, :, :, p:].float().cpu() for a in result.attentions]).mean(dim=(0, 2))
+                if attention else None)
+        return [(keys[:, i, :, :len(r)].contiguous(), values[:, i, :, :len(r)].contiguous(),
+                 paid[i, :len(r), :len(r)].contiguous() if paid is not None else None)
+                for i, r in enumerate(rows)]
 
     def _check_injectable(self) -> None:
         if not self.can_inject:

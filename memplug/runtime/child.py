@@ -4,7 +4,7 @@ Training an adapter leaves a process slower at the next training (the glibc heap
 leaves behind: three identical trainings in one process took 86.9, 94.8 and 100.1 s)
 and holding 3-4 GB it no longer uses. A training run in a child process starts fresh
 every time, and what it used goes back to the system when it ends, for about 5 s of
-start-up (``benchmarks/bench_lora_repeat.py``).
+start-up (``python -m benchmarks.lora_repeat``).
 
 The child is ``python -P -c ...`` with the parent's import path. It does not import the
 parent's ``__main__`` (as multiprocessing's spawn would), so a script without an

@@ -1,4 +1,4 @@
-"""Attention key/values of memory chunks: exact rotary re-rotation and token selection.
+"""Attention key/values of memory chunks, and their exact rotary re-rotation.
 
 A chunk's keys are stored "at position 0": token ``i`` of the chunk carries the
 rotation of position ``i``. Rotary embeddings compose (R(a)·R(b) = R(a+b)), so
@@ -56,35 +56,6 @@ def rotate(keys: torch.Tensor, offset: int | torch.Tensor, inv_freq: torch.Tenso
     torch.mul(second, cos, out=out[..., half:])
     out[..., half:].addcmul_(first, sin)
     return out
-
-
-def select_tokens(scores: torch.Tensor, keep: float, protect_first: int = 1, protect_last: int = 1) -> torch.Tensor:
-    """Indices (sorted) of the tokens to keep: the highest-scoring ``keep`` fraction.
-
-    The first and last tokens of a chunk are always kept: the first is where
-    attention pools when the chunk is read (an attention sink), the last is the
-    separator the next chunk follows.
-    """
-    n = int(scores.shape[0])
-    want = max(1, min(n, round(n * keep)))
-    protected = set(range(min(protect_first, n))) | set(range(max(0, n - protect_last), n))
-    ranked = [int(i) for i in torch.argsort(scores, descending=True, stable=True)]
-    chosen = list(protected)
-    for i in ranked:
-        if len(chosen) >= max(want, len(protected)):
-            break
-        if i not in protected:
-            chosen.append(i)
-    return torch.tensor(sorted(chosen), dtype=torch.long)
-
-
-def thin(chunk: KVChunk, keep: float) -> KVChunk:
-    """The chunk with only its highest-scoring ``keep`` fraction of tokens (span unchanged)."""
-    if keep >= 1.0 or chunk.scores is None:
-        return chunk
-    idx = select_tokens(chunk.scores, keep)
-    return KVChunk(chunk.item_id, chunk.span, chunk.keys[:, :, idx].contiguous(),
-                   chunk.values[:, :, idx].contiguous(), chunk.scores[idx])
 
 
 def stack_prefix(parts: list[tuple[torch.Tensor, torch.Tensor, int]], inv_freq: torch.Tensor,

@@ -95,7 +95,7 @@ class TierConformance:
         else:
             items = mem.write(scope, list(texts))
         if tier.level >= 2:
-            mem.consolidate(scope, [Move(tuple(it.id for it in items), 1, tier.level, "conformance")], wait=True)
+            mem.consolidate(scope, [Move(tuple(it.id for it in items), 1, tier.level, "conformance")])
         return items
 
     # -- what the tier holds, seen from outside --------------------------------------------
@@ -136,7 +136,7 @@ class TierConformance:
 
     @staticmethod
     def contributed(recall: Recall, name: str) -> bool:
-        return (any(h.tier == name for h in (*recall.hits, *recall.covered))
+        return (any(h.tier == name for h in (*recall.pinned, *recall.hits, *recall.covered))
                 or (recall.kv is not None and recall.kv.tier == name)
                 or (recall.adapter is not None and recall.adapter.tier == name))
 
@@ -212,7 +212,7 @@ class TierConformance:
             lambda: mem.read(scope, "q", filters="source=chat"),
             lambda: mem.forget(scope, [other[0].id]),  # another user's item
             lambda: mem.forget(scope, ["1"]),
-            lambda: mem.consolidate(scope, ["up"], wait=True),
+            lambda: mem.consolidate(scope, ["up"]),
             lambda: Scope("../etc"),
             lambda: Scope(""),
         ]
@@ -257,7 +257,7 @@ class TierConformance:
         ids = [it.id for it in items]
         held = self.held(mem, tier, ids)
         assert held, f"tier {tier.name!r} took none of the items moved up to level {tier.level}"
-        mem.consolidate(scope, [Move(tuple(ids), tier.level, 1, "conformance: cold")], wait=True)
+        mem.consolidate(scope, [Move(tuple(ids), tier.level, 1, "conformance: cold")])
         assert not self.held(mem, tier, ids)
         assert not self.footprint(mem, tier, ids)
         assert self.artifacts(mem) == before, "moving items out left their artifacts behind"

@@ -12,10 +12,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from memplug import ConfigError, Hit, Move, Placement, Scope, hookimpl
-from memplug.memory import ITEM_COLUMNS, item_from_row
-from memplug.scoping import subtree_sql
-from memplug.store import row_security
+from memplug.plugin import (
+    ITEM_COLUMNS,
+    Hit,
+    Move,
+    Option,
+    Placement,
+    Scope,
+    hookimpl,
+    item_from_row,
+    row_security,
+    subtree_sql,
+)
 
 MIGRATIONS = (
     """
@@ -39,16 +47,21 @@ class ContextTier:
 
     name = "context"
     level = 0
+    options = (
+        Option("context_tokens", int, 1024, "Tokens of recent turns held per session (counted with the local "
+               "model's tokenizer); older turns are flushed to long-term memory. 0: every turn at once.", min=0),
+        Option("context_idle_seconds", float, 1800.0, "Seconds after its last turn that a session counts as "
+               "idle and is flushed at the next consolidation.", min=0),
+        Option("context_flush_roles", str, "user", "Roles whose turns become long-term items when flushed "
+               "(comma-separated); the others are dropped."),
+    )
 
     @hookimpl
     def memplug_configure(self, memory):
         memory.store.migrate("context", MIGRATIONS)
-        self.budget_tokens = memory.settings.option("context_tokens", 1024, int)
-        self.idle_s = memory.settings.option("context_idle_seconds", 1800.0, float)
-        for name, value in (("context_tokens", self.budget_tokens), ("context_idle_seconds", self.idle_s)):
-            if not value >= 0:  # 0: no buffer, every turn goes to long-term memory at once
-                raise ConfigError(f"setting {name}={value!r} must be >= 0")
-        roles = memory.settings.option("context_flush_roles", "user", str)
+        self.budget_tokens = memory.option("context_tokens")
+        self.idle_s = memory.option("context_idle_seconds")
+        roles = memory.option("context_flush_roles")
         self.flush_roles = {r.strip() for r in roles.split(",") if r.strip()}
 
     @hookimpl

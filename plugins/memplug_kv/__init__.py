@@ -12,7 +12,9 @@ On read, the scope's level-2 items closest to the query (cosine, above
 ``Budget.kv_tokens`` positions and ``kv_max_items`` items. The host then leaves
 them out of the text hits; :mod:`memplug.runtime` injects them into attention.
 A blob whose fingerprint is not the loaded model's is never offered, and the
-next consolidation re-encodes it.
+next consolidation re-encodes it; so is a blob found damaged on load by any
+process (the finding is kept in ``kv_items``, not in the process that made it).
+Encoding lives in :mod:`memplug_kv.encode`, the blob format in :mod:`memplug_kv.codec`.
 
 Before an item is placed, its blob is **checked**: the local model is asked what
 it knows about the item's subject, its answer begun with the item up to the
@@ -24,12 +26,7 @@ int4 on the policy benchmark's 200 facts it kept 2 items as text and made
 promotion 5.6 times slower (56 s against 9.9 s). It is meant for lossier
 settings (``kv_keep`` below 1, new codecs, another model).
 
-Options: ``kv_codec`` (fp16, bf16, int8, int4), ``kv_group`` (channels per
-scale, 32), ``kv_keep`` (fraction of tokens kept, 1.0), ``kv_max_items`` (16),
-``kv_min_similarity`` (0.1), ``kv_margin`` (0.1: an item less similar to the
-query than the best one by more than this is left out, neither injected nor
-served as text), ``kv_max_item_tokens`` (512), ``kv_cache_mb`` (blob bytes kept
-in memory, 256), ``kv_verify`` (the check above, off).
+Its options are declared in :data:`KVTier.options` (``memplug options`` lists them).
 """
 
 from __future__ import annotations
@@ -43,22 +40,27 @@ from collections import OrderedDict
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from memplug import (
+from memplug.plugin import (
+    ITEM_COLUMNS,
+    ITEM_WIDTH,
     ArtifactCorrupt,
-    ConfigError,
     KVPrefix,
     ModelMismatch,
     Move,
+    Option,
     Placement,
+    Scope,
     TierCost,
+    flag,
     hookimpl,
+    item_from_row,
+    row_security,
+    subtree_sql,
+    visible_sql,
 )
-from memplug.memory import ITEM_COLUMNS, ITEM_WIDTH, item_from_row
-from memplug.scoping import subtree_sql, visible_sql
-from memplug.settings import flag
-from memplug.store import row_security
 
-from .codec import Codec, decode, encode
+from .codec import CODECS, Codec, decode
+from .codec import encode as pack_blob
 
 log = logging.getLogger(__name__)
 # Costs before anything was measured here (SmolLM2-135M on 2 CPU cores, int4; benchmarks/results/kv.json).
@@ -97,6 +99,8 @@ MIGRATIONS = (
     );
     """,
     row_security("kv_refused"),
+    # 4: a blob found damaged on load, by any process: never offered again, re-encoded at the next consolidation
+    "ALTER TABLE kv_items ADD COLUMN damaged boolean NOT NULL DEFAULT false;",
 )
 REFUSED = "stays text: its KV answers recall less than its text answers"
 
@@ -106,21 +110,33 @@ class KVTier:
 
     name = "kv"
     level = 2
+    options = (
+        Option("kv_codec", str, "int4", "How KV is compressed: fp16 and bf16 cast, int8 to int2 quantize "
+               "with a scale and minimum per group of channels.", choices=CODECS),
+        Option("kv_group", int, 32, "Channels per quantization scale (a power of two).", min=2),
+        Option("kv_keep", float, 1.0, "Fraction of each item's tokens stored (token selection below 1).",
+               gt=0, max=1),
+        Option("kv_max_items", int, 16, "Items one read injects at most.", min=1),
+        Option("kv_min_similarity", float, 0.1, "Cosine similarity to the query an item needs to be injected.",
+               min=-1, max=1),
+        Option("kv_margin", float, 0.1, "An item less similar to the query than the best one by more than this "
+               "is left out, neither injected nor served as text.", min=0),
+        Option("kv_max_item_tokens", int, 512, "Longer items stay text.", min=1),
+        Option("kv_cache_mb", int, 256, "Megabytes of blobs kept in memory.", min=0),
+        Option("kv_verify", flag, False, "Before placing an item, check that its decoded KV leads the model to "
+               "the item's key word where its text does; items that fail stay text.", metavar="bool"),
+    )
 
     @hookimpl
     def memplug_configure(self, memory):
         memory.store.migrate("kv", MIGRATIONS)
-        opt = memory.settings.option
-        self.codec = Codec(opt("kv_codec", "int4", str), opt("kv_group", 32, int), opt("kv_keep", 1.0, float))
-        self.max_items = opt("kv_max_items", 16, int)
-        self.min_similarity = opt("kv_min_similarity", 0.1, float)
-        self.max_item_tokens = opt("kv_max_item_tokens", 512, int)
-        self.verify = opt("kv_verify", False, flag)
-        self.margin = opt("kv_margin", 0.1, float)
-        if not self.margin >= 0:
-            raise ConfigError(f"kv_margin must be 0 or more, got {self.margin}")
-        self._blobs = _BlobCache(opt("kv_cache_mb", 256, int) << 20)
-        self._damaged: set[int] = set()
+        self.codec = Codec(memory.option("kv_codec"), memory.option("kv_group"), memory.option("kv_keep"))
+        self.max_items = memory.option("kv_max_items")
+        self.min_similarity = memory.option("kv_min_similarity")
+        self.max_item_tokens = memory.option("kv_max_item_tokens")
+        self.verify = memory.option("kv_verify")
+        self.margin = memory.option("kv_margin")
+        self._blobs = _BlobCache(memory.option("kv_cache_mb") << 20)
 
     # -- consolidation --------------------------------------------------------
 
@@ -132,10 +148,9 @@ class KVTier:
             if not db.execute(f"SELECT EXISTS (SELECT 1 FROM kv_items k WHERE {where})", params).fetchone()[0]:
                 return None
             params["fp"] = memory.model_fingerprint
-            params["damaged"] = sorted(self._damaged)
             ids = [r[0] for r in db.execute(
                 f"SELECT k.item_id FROM kv_items k WHERE {where} "
-                f"AND (k.fingerprint <> %(fp)s OR k.item_id = ANY(%(damaged)s::bigint[])) ORDER BY k.item_id",
+                f"AND (k.fingerprint <> %(fp)s OR k.damaged) ORDER BY k.item_id",
                 params).fetchall()]
         return [Move(tuple(ids), 1, self.level, "re-encode for the loaded model")] if ids else None
 
@@ -187,12 +202,12 @@ class KVTier:
         fits = [it for it in fits if it.id not in refused_before]
         if not fits:
             return [], []
-        from memplug.runtime.kv import thin
+        from .encode import encode, thin, verify
 
         layout = _layout(model)
         chunks = [thin(c, self.codec.keep) for c in
-                  model.encode([it.text for it in fits], [it.id for it in fits], scores=self.codec.keep < 1.0)]
-        blobs = [encode(chunk, self.codec, model.fingerprint, layout) for chunk in chunks]
+                  encode(model, [it.text for it in fits], [it.id for it in fits], scores=self.codec.keep < 1.0)]
+        blobs = [pack_blob(chunk, self.codec, model.fingerprint, layout) for chunk in chunks]
         refused = []
         if self.verify:
             # What a reader gets back: the blob decoded, quantization error included.
@@ -240,12 +255,11 @@ class KVTier:
                 ON CONFLICT (item_id) DO UPDATE SET embedding = EXCLUDED.embedding, span = EXCLUDED.span,
                     stored_tokens = EXCLUDED.stored_tokens, bytes = EXCLUDED.bytes,
                     fingerprint = EXCLUDED.fingerprint, codec = EXCLUDED.codec, artifact = EXCLUDED.artifact,
-                    encoded_at = now()
+                    encoded_at = now(), damaged = false
                 """,
                 (it.id, u, a, s, np.asarray(vec, dtype=np.float32), chunk.span, chunk.stored_tokens, len(blob),
                  model.fingerprint, self.codec.label, key),
             )
-            self._damaged.discard(it.id)
             stored += len(blob)
             spans += chunk.span
         if spans:
@@ -280,7 +294,7 @@ class KVTier:
             SELECT {ITEM_COLUMNS}, k.span, k.artifact, k.fingerprint, k.codec, k.bytes,
                    1 - (k.embedding <=> %(vec)s::halfvec) AS similarity
             FROM kv_items k JOIN items i ON i.id = k.item_id
-            WHERE {where} AND 1 - (k.embedding <=> %(vec)s::halfvec) >= %(floor)s
+            WHERE {where} AND NOT k.damaged AND 1 - (k.embedding <=> %(vec)s::halfvec) >= %(floor)s
             ORDER BY k.embedding <=> %(vec)s::halfvec, k.item_id LIMIT %(n)s
             """,
             params,
@@ -309,12 +323,12 @@ class KVTier:
             return None
         items = tuple(c[0] for c in chosen)
         codecs = sorted({c[2] for c in chosen})
-        loader = functools.partial(self._load, memory, {c[0].id: c[1] for c in chosen}, fingerprint)
+        loader = functools.partial(self._load, memory, scope, {c[0].id: c[1] for c in chosen}, fingerprint)
         return [KVPrefix(self.name, items, spent, fingerprint, "+".join(codecs), loader,
                          sum(c[3] for c in chosen), spans=tuple(c[4] for c in chosen),
                          sizes=tuple(c[3] for c in chosen), left_out=left_out)]
 
-    def _load(self, memory, keys, fingerprint, item_ids):
+    def _load(self, memory, scope, keys, fingerprint, item_ids):
         started = time.perf_counter()
         entries = [(i, keys[i]) for i in item_ids]
         model = memory.model
@@ -329,11 +343,11 @@ class KVTier:
                 chunk = decode(data, fingerprint=fingerprint, layout=layout,
                                where=f"{memory.artifacts.uri(key)} (item {item_id})")
             except (ArtifactCorrupt, ModelMismatch):
-                self._damaged.add(item_id)
                 self._blobs.drop(key)
+                self._damaged(memory, scope, item_id)
                 raise
             if chunk.item_id != item_id:
-                self._damaged.add(item_id)
+                self._damaged(memory, scope, item_id)
                 raise ArtifactCorrupt(f"KV blob {memory.artifacts.uri(key)} holds item {chunk.item_id}, "
                                       f"not {item_id}; the next consolidation re-encodes it")
             chunks.append(chunk)
@@ -341,6 +355,15 @@ class KVTier:
         if tokens:
             memory.measure(self.name, "read_ms_per_token", 1000 * (time.perf_counter() - started) / tokens)
         return chunks
+
+    def _damaged(self, memory, scope, item_id):
+        """Record in Postgres that an item's blob failed to load: no process offers it again, and the next
+        consolidation, in whichever process or worker, re-encodes it."""
+        try:
+            with memory.store.scoped(Scope(scope.user_id)) as db:
+                db.execute("UPDATE kv_items SET damaged = true WHERE item_id = %s", (item_id,))
+        except Exception:  # noqa: BLE001 - the load's own error is the one to raise
+            log.warning("kv: could not record item %s's blob as damaged", item_id, exc_info=True)
 
     @hookimpl
     def memplug_footprint(self, memory, item_ids, db):
@@ -368,44 +391,6 @@ class KVTier:
         self._drop(memory, db, list(item_ids))
 
 
-
-
-def verify(model, texts, served, batch_size: int = 32) -> list[tuple[int, int]]:
-    """(text score, KV score) per item, each 0 or 1: asked what it knows about the item's subject,
-    its answer begun with the item up to the item's key word, whether the local model goes on with
-    that word (greedy), given the item as text, then given ``served`` (the item's decoded KV) instead.
-
-    One forward pass per side, no decoding. An item with no key word, or whose key word has fewer
-    than two words before it, scores (0, 0).
-    """
-    from memplug.runtime.synth import _cloze_prefix, anchor
-
-    rows, per_row, want, owners = [], [], [], []
-    as_text: list = []  # one shared (empty) chunk list: text rows share one prefix
-    for k, (text, chunk) in enumerate(zip(texts, served, strict=True)):
-        statement = " ".join(text.split())
-        prefix = _cloze_prefix(statement)
-        if not prefix:
-            continue
-        head, full = model.ids(prefix), model.ids(statement)
-        if len(full) <= len(head) or full[:len(head)] != head:
-            continue
-        closing = model.ids(model.layout(f"What do you know about {anchor(statement)}?")[1])
-        rows += [model.ids(model.chunk_text(text)) + closing + head, closing + head]
-        per_row += [as_text, [chunk]]
-        want += [full[len(head)]] * 2
-        owners += [(k, 0), (k, 1)]
-    scores = [[0, 0] for _ in texts]
-    for start in range(0, len(rows), batch_size):
-        part = slice(start, start + batch_size)
-        steps = model.decode([], rows[part], 1, per_row_chunks=per_row[part])
-        try:
-            first = next(iter(steps)).tolist()
-        finally:
-            steps.close()  # the model is held until the generator ends
-        for (k, side), token, got in zip(owners[part], want[part], first, strict=True):
-            scores[k][side] += got == token
-    return [(t, v) for t, v in scores]
 
 
 def _layout(model) -> dict[str, int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from memplug import ArtifactCorrupt, ConfigError, ModelMismatch
+from memplug.plugin import ArtifactCorrupt, ConfigError, ModelMismatch
 
 FORMAT = "memplug-kv/1"
 CODECS = ("fp16", "bf16", "int8", "int4", "int3", "int2")
@@ -54,7 +54,7 @@ class Codec:
 
 
 def encode(chunk, codec: Codec, fingerprint: str, layout: dict[str, int]) -> bytes:
-    """Serialize a :class:`memplug.runtime.kv.KVChunk` (already thinned to ``codec.keep``, if asked)."""
+    """Serialize a :class:`memplug.runtime.KVChunk` (already thinned to ``codec.keep``, if asked)."""
     from safetensors.torch import save
 
     tensors = {}
@@ -73,7 +73,7 @@ def decode(data: bytes, *, fingerprint: str, layout: dict[str, int], where: str)
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from memplug.runtime.kv import KVChunk
+    from memplug.runtime import KVChunk
 
     try:
         meta = _header(data)

@@ -18,10 +18,23 @@ from __future__ import annotations
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from memplug import ConfigError, Hit, Placement, StoreUnavailable, TierCost, hookimpl
-from memplug.memory import ITEM_COLUMNS, RRF_K, item_from_row
-from memplug.scoping import visible_sql
-from memplug.store import APP_ROLE, SCHEMA, USER_SETTING, row_security
+from memplug.plugin import (
+    APP_ROLE,
+    ITEM_COLUMNS,
+    RRF_K,
+    SCHEMA,
+    USER_SETTING,
+    ConfigError,
+    Hit,
+    Option,
+    Placement,
+    StoreUnavailable,
+    TierCost,
+    hookimpl,
+    item_from_row,
+    row_security,
+    visible_sql,
+)
 
 DIM = 384
 PARTITIONS = 16
@@ -84,18 +97,26 @@ class PgVectorTier:
 
     name = "pgvector"
     level = 1
+    options = (
+        Option("pgvector_mode", str, "hybrid", "What a read searches: hybrid (vector and full text, fused), "
+               "vector or text.", choices=MODES),
+        Option("pgvector_text_config", str, "english", "The Postgres text-search configuration of the "
+               "full-text leg."),
+        Option("pgvector_candidates", int, 40, "Candidates each search leg returns (at least 2 x Budget.k).",
+               min=1),
+        Option("pgvector_postings", int, 64, "Items sampled per query word to estimate its rarity.", min=1),
+        Option("pgvector_ef_search", int, 100, "HNSW search breadth (hnsw.ef_search), raised to the candidates "
+               "if they are more.", min=1, max=1000),
+    )
 
     @hookimpl
     def memplug_configure(self, memory):
         memory.store.migrate("pgvector", MIGRATIONS)
-        opt = memory.settings.option
-        self.mode = opt("pgvector_mode", "hybrid", str)
-        if self.mode not in MODES:
-            raise ConfigError(f"pgvector_mode={self.mode!r}; expected one of {', '.join(MODES)}")
-        self.text_config = opt("pgvector_text_config", "english", str)
-        self.candidates = opt("pgvector_candidates", 40, int)
-        self.postings = opt("pgvector_postings", 64, int)
-        self.ef_search = opt("pgvector_ef_search", 100, int)
+        self.mode = memory.option("pgvector_mode")
+        self.text_config = memory.option("pgvector_text_config")
+        self.candidates = memory.option("pgvector_candidates")
+        self.postings = memory.option("pgvector_postings")
+        self.ef_search = memory.option("pgvector_ef_search")
         with memory.store.transaction() as db:
             if not db.execute("SELECT 1 FROM pg_ts_config WHERE cfgname = %s", (self.text_config,)).fetchone():
                 raise ConfigError(f"pgvector_text_config={self.text_config!r} is not a text search configuration")

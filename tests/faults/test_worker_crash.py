@@ -34,7 +34,7 @@ def _files(root: Path) -> list[str]:
 def test_killed_worker_job_is_retried_without_duplicates(make_memory, user, tmp_path):
     mem = make_memory(plugins=[CountingTier()])
     item = mem.write(user, "Bo keeps bees.")
-    job = mem.consolidate(user, [Move((item.id,), 1, 9, "slow")])
+    job = mem.enqueue_consolidation(user, [Move((item.id,), 1, 9, "slow")])
     started = tmp_path / "started"
     plugin = "helpers.counting:CountingTier"
     try:
@@ -63,7 +63,7 @@ def test_worker_killed_mid_kv_consolidation_leaves_no_blob_behind(make_memory, u
     artifacts = tmp_path / "artifacts"
     mem = make_memory(settings=Settings(plugins="context,pgvector,kv"), options={"artifacts": str(artifacts)})
     items = mem.write(user, FACTS)
-    job = mem.consolidate(user)  # planned by the worker: every item to the kv tier
+    job = mem.enqueue_consolidation(user)  # planned by the worker: every item to the kv tier
     started = tmp_path / "started"
     plugin = "helpers.pause:PromoteAllThenPause"
     env = {"MEMPLUG_PLUGINS": "context,pgvector,kv", "MEMPLUG_ARTIFACTS": str(artifacts)}

@@ -7,16 +7,25 @@ replaces an older one), and every read of the scope starts with the profile as
 pinned hits ("name: Ana", "sister: Maria"), within ``profile_tokens`` (48) tokens,
 most important slots first. Facts said in one agent's scope stay in that scope.
 Forgetting the item a fact came from removes the fact.
+
+An example: installing it does not activate it (``opt_in``); name it in ``MEMPLUG_PLUGINS``
+or pass it in code, ``Memory(plugins=[ProfileTier()])``.
 """
 
 from __future__ import annotations
 
 import re
 
-from memplug import Hit, Placement, hookimpl
-from memplug.memory import ITEM_COLUMNS, item_from_row
-from memplug.scoping import visible_sql
-from memplug.store import row_security
+from memplug.plugin import (
+    ITEM_COLUMNS,
+    Hit,
+    Option,
+    Placement,
+    hookimpl,
+    item_from_row,
+    row_security,
+    visible_sql,
+)
 
 MIGRATIONS = (
     """
@@ -75,11 +84,13 @@ class ProfileTier:
 
     name = "profile"
     level = 0
+    opt_in = True
+    options = (Option("profile_tokens", int, 48, "Prompt tokens the pinned profile may take in a read.", min=1),)
 
     @hookimpl
     def memplug_configure(self, memory):
         memory.store.migrate("profile", MIGRATIONS)
-        self.max_tokens = memory.settings.option("profile_tokens", 48, int)
+        self.max_tokens = memory.option("profile_tokens")
         self.counter = memory.token_counter
 
     @hookimpl

@@ -6,10 +6,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from memplug_profile import extract
 
 from memplug import Budget, Memory, Scope, Settings
 from memplug.testing import TierConformance
+from memplug_profile import extract
 
 PROFILE_FACTS = ("My name is Ana Duarte.", "I live in Lisbon.", "I work at Corvana Labs.",
                  "My sister is called Maria.", "I'm allergic to peanuts.")
@@ -42,21 +42,23 @@ def test_profile_comes_first_within_its_budget_and_follows_the_user(profiled):
     profiled.write(user, [f"Trivia {n}: the moon is about 384,000 km away." for n in range(8)])
     profiled.write(user, "My sister is called Maria. I love green tea. I'm allergic to peanuts and shellfish.")
     recall = profiled.read(user, "moon trivia", Budget(k=3))
-    assert recall.hits[0].pinned and recall.hits[0].text == "name: Ana; lives in: Lisbon"
-    assert recall.hits[1].text.startswith("sister: Maria")
-    assert sum(not h.pinned for h in recall.hits) == 3  # the profile does not take the k ranked slots
+    assert recall.pinned[0].pinned and recall.pinned[0].text == "name: Ana; lives in: Lisbon"
+    assert recall.pinned[1].text.startswith("sister: Maria")
+    # The profile takes none of the k ranked places, and as_text() has both, the profile first.
+    assert len(recall.hits) == 3 and not any(h.pinned for h in recall.hits)
     assert recall.as_text().splitlines()[1] == "- name: Ana; lives in: Lisbon"
-    profile = [h.text for h in recall.hits if h.pinned]
+    assert all(f"- {h.text}" in recall.as_text() for h in recall.hits)
+    profile = [h.text for h in recall.pinned]
     assert sum(profiled.token_counter.count_many(profile)) <= 24 + len(profile)  # within profile_tokens
     # A newer statement replaces the slot; forgetting the source removes the fact.
     profiled.write(user, "Please call me Annie.")
-    assert profiled.read(user, "moon").hits[0].text.startswith("name: Annie")
+    assert profiled.read(user, "moon").pinned[0].text.startswith("name: Annie")
     profiled.forget(user, [name.id])
-    assert all("Lisbon" not in h.text for h in profiled.read(user, "moon").hits)
+    assert all("Lisbon" not in h.text for h in profiled.read(user, "moon").pinned)
     # Facts said to one agent stay with that agent.
     profiled.write(Scope(user.user_id, "coach"), "I work at the harbour office? No: I work at Harbour Office.")
-    assert any("Harbour Office" in h.text for h in profiled.read(Scope(user.user_id, "coach"), "job").hits)
-    assert not any("Harbour Office" in h.text for h in profiled.read(Scope(user.user_id, "chef"), "job").hits)
+    assert any("Harbour Office" in h.text for h in profiled.read(Scope(user.user_id, "coach"), "job").pinned)
+    assert not any("Harbour Office" in h.text for h in profiled.read(Scope(user.user_id, "chef"), "job").pinned)
     profiled.forget(Scope(user.user_id))
 
 

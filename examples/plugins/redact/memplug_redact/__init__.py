@@ -11,6 +11,9 @@ longest matching prefix winning; ``*`` is the default::
 A scope is written ``user/agent/session`` (see ``Scope.parse``); ``alice/notes`` covers
 user alice's agent ``notes`` and its sessions. Metadata values that are strings are
 masked too (option ``redact_metadata``, true).
+
+An example: installing it does not activate it (``opt_in``); name it in ``MEMPLUG_PLUGINS``
+or pass it in code, ``Memory(plugins=[Redactor()])``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from memplug import ConfigError, hookimpl
+from memplug.plugin import ConfigError, Option, flag, hookimpl
 
 KINDS = ("email", "phone", "card")
 EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
@@ -53,6 +56,14 @@ def mask(text: str, kinds: frozenset[str]) -> str:
     return text
 
 
+def rules_mapping(raw: Any) -> dict[str, Any]:
+    """The ``redact_rules`` value: a mapping, or its JSON text (from ``MEMPLUG_REDACT_RULES``)."""
+    rules = json.loads(raw) if isinstance(raw, str) else raw
+    if not isinstance(rules, dict):
+        raise ValueError(f"expected a mapping of scope prefixes to kinds, got {type(rules).__name__}")
+    return rules
+
+
 def parse_rules(raw: Any) -> dict[str, frozenset[str]]:
     rules = json.loads(raw) if isinstance(raw, str) else raw
     if not isinstance(rules, dict):
@@ -73,12 +84,17 @@ class Redactor:
     """Masks personal data in text (and string metadata) before it is stored."""
 
     name = "redact"
+    opt_in = True
+    options = (
+        Option("redact_rules", rules_mapping, {"*": ",".join(KINDS)}, "Kinds masked per scope prefix "
+               "(email, phone, card); the longest matching prefix wins, * is the default.", metavar="mapping"),
+        Option("redact_metadata", flag, True, "Mask string metadata values too.", metavar="bool"),
+    )
 
     @hookimpl
     def memplug_configure(self, memory):
-        self.rules = parse_rules(memory.settings.option("redact_rules", {"*": ",".join(KINDS)}, lambda v: v))
-        self.metadata = memory.settings.option("redact_metadata", True, lambda v: str(v).lower() not in
-                                               ("0", "false", "no"))
+        self.rules = parse_rules(memory.option("redact_rules"))
+        self.metadata = memory.option("redact_metadata")
 
     def kinds_for(self, scope) -> frozenset[str]:
         key = "/".join(scope.key)  # user/agent/session, absent parts empty

@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from memplug_redact import mask
 
 from memplug import ConfigError, Memory, Scope, Settings
+from memplug_redact import mask
 
 
 def test_mask_finds_the_three_kinds_and_leaves_the_rest():

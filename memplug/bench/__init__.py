@@ -1,1 +1,0 @@
-"""Benchmarks shipped with memplug (``memplug bench ...``); results go to JSON files."""

@@ -112,16 +112,20 @@ def read(scope: str, query: str, tokens: int, k: int, filters: tuple[str, ...], 
     if as_json:
         kv = recall.kv
         _emit_json({"query": query, "scope": scope, "tokens": recall.tokens, "ms": round(ms, 2),
+                    "pinned": [{**_item_dict(h.item), "tier": h.tier, "text": h.text} for h in recall.pinned],
                     "hits": [{**_item_dict(h.item), "tier": h.tier, "score": h.score} for h in recall.hits],
                     "kv": None if kv is None else {
                         "tier": kv.tier, "tokens": kv.tokens, "codec": kv.codec, "fingerprint": kv.fingerprint,
                         "bytes": kv.stored_bytes, "items": [_item_dict(it) for it in kv.items]}})
         return
     kv_items = recall.kv.items if recall.kv is not None else ()
-    table = Table(title=f"{query!r} in {scope} — {len(recall.hits) + len(kv_items)} hits, {recall.tokens} tokens, "
+    table = Table(title=f"{query!r} in {scope} — {len(recall.hits) + len(kv_items)} hits"
+                        f"{f' and {len(recall.pinned)} pinned' if recall.pinned else ''}, {recall.tokens} tokens, "
                         f"{ms:.1f} ms")
     for col in ("#", "tier", "score", "text"):
         table.add_column(col, overflow="fold")
+    for h in recall.pinned:
+        table.add_row(str(h.item.id), h.tier, "pinned", h.text)
     for h in recall.hits:
         table.add_row(str(h.item.id), h.tier, f"{h.score:.4f}", (f"{h.item.role}: " if h.item.role else "") + h.text)
     for it in kv_items:

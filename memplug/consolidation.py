@@ -35,14 +35,14 @@ def consolidate(memory: Memory, scope: Scope, moves: list[Move] | None, progress
     if moves is None:
         usage = memory.usage(scope, subtree=True)
         moves = first_move_per_item(_flatten(memory.hook.memplug_plan(memory=memory, scope=scope, usage=usage)))
-    placed: list[Placement] = []
-    if moves:
-        with memory.store.scoped(scope) as db:
-            check_owned(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
-            placed = _flatten(memory.hook.memplug_consolidate(memory=memory, scope=scope, moves=moves, db=db,
-                                                              progress=progress))
-            record_placements(db, placed, {i: m.reason for m in moves for i in m.item_ids})
-    built = _flatten(memory.hook.memplug_build(memory=memory, scope=scope, progress=progress))
+    if not moves:
+        return []
+    with memory.store.scoped(scope) as db:
+        check_owned(db, scope, sorted({i for m in moves for i in m.item_ids}), visible=False)
+        placed = _flatten(memory.hook.memplug_consolidate(memory=memory, scope=scope, moves=moves, db=db,
+                                                          progress=progress))
+        record_placements(db, placed, {i: m.reason for m in moves for i in m.item_ids})
+    built = _flatten(memory.hook.memplug_build(memory=memory, scope=scope, moves=moves, progress=progress))
     for p in built:
         _check_placement(p, "memplug_build")
     return placed + built

@@ -129,16 +129,16 @@ def memplug_consolidate(memory, scope, moves, db, progress):
 
 
 @hookspec
-def memplug_build(memory, scope, progress):
-    """Do the slow work a consolidation left to this tier (train an adapter), outside any transaction.
+def memplug_build(memory, scope, moves, progress):
+    """Do the slow work this tier took on for ``moves`` (train an adapter), outside any transaction.
 
-    Called after the moves of a consolidation of ``scope`` committed, also when there
-    were none, so that work left by an interrupted consolidation is picked up. Work
-    for ``scope`` and every scope under it. Register what was built in a short
-    transaction of your own (``memory.store.scoped(scope)``) and record its placements
-    in that same transaction with :meth:`memplug.Memory.place`, so that both commit
-    together. ``progress`` is as for ``memplug_consolidate``. Return the placements
-    recorded (they are reported to the caller), or None.
+    Called after the ``moves`` of a consolidation of ``scope`` committed (``memplug_consolidate``
+    has seen them), when there were any. Register what was built in a short transaction
+    of your own (``memory.store.scoped(scope)``) and record its placements in that same
+    transaction with :meth:`memplug.Memory.place`, so that both commit together. Work
+    an interrupted consolidation left undone is the next one's: plan moves for it.
+    ``progress`` is as for ``memplug_consolidate``. Return the placements recorded (they
+    are reported to the caller), or None.
     """
 
 

@@ -84,6 +84,7 @@ class Memory:
 
         self.plugins = PluginRegistry(self.settings.plugins, plugins, load_entrypoints)
         self.plugins.options.check(self.settings.options, more=self.plugins.declare_installed)
+        self.plugins.warn_inactive(self.settings.options)
         self.half_life_s = self.option("heat_half_life_s")
         self.max_text_chars = self.option("max_text_chars")
         self.max_metadata_bytes = self.option("max_metadata_bytes")
@@ -110,8 +111,11 @@ class Memory:
     def option(self, name: str) -> Any:
         """The value of a declared option: ``options[name]``, else ``$MEMPLUG_<NAME>``, else its default.
 
-        Plugins read their own options with it in ``memplug_configure``.
+        Plugins read their own options with it in ``memplug_configure``; an option of an
+        installed plugin that is not loaded here has its value too.
         """
+        if name not in self.plugins.options:
+            self.plugins.declare_installed()
         return self.plugins.options.value(name, self.settings.options)
 
     @property

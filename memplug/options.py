@@ -52,11 +52,16 @@ def flag(raw: Any) -> bool:
 def _to_int(raw: Any) -> int:
     if isinstance(raw, bool):
         raise ValueError("a yes/no value is not a number")
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raw = float(raw)  # "1e8"
     if isinstance(raw, float):
         if not raw.is_integer():
             raise ValueError(f"{raw!r} is not a whole number")
         return int(raw)
-    return int(raw.strip()) if isinstance(raw, str) else int(raw)
+    return int(raw)
 
 
 def _to_float(raw: Any) -> float:
@@ -74,12 +79,12 @@ def _to_str(raw: Any) -> str:
     return raw
 
 
-def path_or_url(raw: Any) -> str:
-    """A folder path (str or path object) or a URL, as text."""
+def path_or_url(raw: Any) -> str | None:
+    """A folder path (str or path object) or a URL, as text; an empty one is unset (None)."""
     if isinstance(raw, str | os.PathLike):
         value = os.fspath(raw)
-        if isinstance(value, str) and value.strip():
-            return value
+        if isinstance(value, str):
+            return value if value.strip() else None
     raise ValueError(f"expected a folder path or a URL, got {raw!r}")
 
 
@@ -94,7 +99,7 @@ class Option:
     ``type`` is ``int``, ``float``, ``str``, ``bool`` (yes/no words accepted) or
     any callable that turns a raw value (from code, or a string from the
     environment) into the value, raising ``ValueError`` or ``TypeError`` when it
-    cannot. ``min``/``max`` bound numbers inclusively, ``gt`` exclusively;
+    cannot. ``min``/``max`` bound numbers inclusively, ``gt``/``lt`` exclusively;
     ``choices`` lists the allowed values. A ``None`` default means "unset" (the
     help line says what happens then).
     """
@@ -106,6 +111,7 @@ class Option:
     min: float | None = None
     max: float | None = None
     gt: float | None = None
+    lt: float | None = None
     choices: tuple[Any, ...] | None = None
     metavar: str | None = field(default=None, compare=False)  # how docs name a custom type
 
@@ -139,6 +145,8 @@ class Option:
             parts.append(f">= {self.min:g}")
         if self.max is not None:
             parts.append(f"<= {self.max:g}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt:g}")
         return ", ".join(parts)
 
     def parse(self, raw: Any, source: str, owner: str) -> Any:
@@ -152,10 +160,13 @@ class Option:
             raise ConfigError(f"{where} is not a valid {self.kind}: {e}") from None
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"{where} must be {self.allowed}")
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and ((self.gt is not None and not value > self.gt) or (self.min is not None and not value >= self.min)
-                       or (self.max is not None and not value <= self.max) or not math.isfinite(value)):
-            raise ConfigError(f"{where} is out of range: it must be {self.allowed or 'finite'}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where} is not a finite number")
+            if ((self.gt is not None and not value > self.gt) or (self.min is not None and not value >= self.min)
+                    or (self.max is not None and not value <= self.max)
+                    or (self.lt is not None and not value < self.lt)):
+                raise ConfigError(f"{where} is out of range: it must be {self.allowed}")
         return value
 
 
@@ -261,6 +272,9 @@ class OptionRegistry:
         options (those of installed plugins not loaded here), which are then accepted.
         """
         environ = os.environ if environ is None else environ
+        odd = [n for n in given if not isinstance(n, str)]
+        if odd:
+            raise ConfigError(f"option names must be strings, got {odd[0]!r}")
         names = [(n, f"option {n!r}") for n in given]
         names += [(k[len(ENV_PREFIX):].lower(), k) for k, v in environ.items()
                   if k.startswith(ENV_PREFIX) and k not in ENVIRONMENT and not k.startswith(TEST_PREFIX) and v]

@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -149,6 +149,7 @@ class PluginRegistry:
         self._info: dict[str, tuple[str | None, str]] = {}
         self._inactive: dict[str, PluginInfo] = {}  # installed but not loaded: unavailable or opt-in
         self._installed_declared = False
+        self._left_out: dict[str, str] = {}  # installed plugins MEMPLUG_PLUGINS leaves out: why
         allowed, blocked, added = parse_selection(selection)
         if load_entrypoints:
             self._load_entrypoints(allowed, blocked, added)
@@ -199,8 +200,22 @@ class PluginRegistry:
             try:
                 obj = ep.load()
                 self.options.declare(ep.name, getattr(obj, "options", ()))
+                self._left_out[ep.name] = (f"opt-in, active only when MEMPLUG_PLUGINS names it (+{ep.name})"
+                                           if getattr(obj, "opt_in", False) else "left out by MEMPLUG_PLUGINS")
             except Exception:  # noqa: BLE001 - a broken plugin that is not loaded here declares nothing
                 log.debug("could not read the options of plugin %s", ep.name, exc_info=True)
+
+    def warn_inactive(self, given: Mapping[str, Any]) -> None:
+        """Log a warning for each option set (in ``given`` or the environment) whose plugins are
+        all installed but not loaded: the setting does nothing here (an opt-in plugin not named)."""
+        names = set(given) | {k[len("MEMPLUG_"):].lower() for k, v in os.environ.items()
+                              if k.startswith("MEMPLUG_") and v}
+        for name in sorted(n for n in names if n in self.options):
+            owners = self.options.owners(name)
+            if all(o != "memplug" and not self.pm.has_plugin(o) for o in owners):
+                why = "; ".join(f"{o}: {self._inactive[o].detail}" if o in self._inactive
+                                else f"{o}: {self._left_out.get(o, 'not loaded')}" for o in owners)
+                log.warning("option %s is set, but no plugin that reads it is loaded here (%s)", name, why)
 
     def register(self, plugin: object, name: str | None = None, version: str | None = None,
                  source: str = "registered in code") -> str:

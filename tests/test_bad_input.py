@@ -207,6 +207,28 @@ def test_an_unknown_option_names_its_plugin_and_the_closest_valid_name(dsn, monk
         assert mem.option("context_tokens") == 32
 
 
+def test_option_values_are_read_as_a_person_writes_them(dsn, monkeypatch, caplog):
+    with pytest.raises(ConfigError, match="option names must be strings, got 1"):
+        Memory(dsn, options={1: 2})
+    with pytest.raises(ConfigError, match=r"option heat_half_life_s=inf \(memplug\) is not a finite number"):
+        Memory(dsn, options={"heat_half_life_s": float("inf")})
+    with pytest.raises(ConfigError, match=r"option lora_lr=1 \(plugin lora\) is out of range: it must be > 0, < 1"):
+        Memory(dsn, options={"lora_lr": 1})
+    with pytest.raises(ConfigError, match=r"option lora_targets=' , ' \(plugin lora\) names no module"):
+        Memory(dsn, settings=Settings(plugins="context,pgvector,lora"), options={"lora_targets": " , "})
+    monkeypatch.setenv("MEMPLUG_MAX_KV_BYTES", "1e8")
+    with Memory(dsn, options={"artifacts": ""}) as mem:  # an empty path is no path: the default
+        assert mem.option("max_kv_bytes") == 100_000_000
+        assert str(mem.artifacts.root).endswith("artifacts")
+        # An option of an installed plugin that is not loaded here still has its value.
+        assert mem.plugins.pm.get_plugin("cost") is None and mem.option("policy") == "cost"
+    # Set for a plugin that is installed but not active here: it does nothing, and a warning says why.
+    with caplog.at_level("WARNING", logger="memplug.plugins"), Memory(dsn, options={"redact_rules": {"*": ""}}):
+        pass
+    assert "option redact_rules is set, but no plugin that reads it is loaded here" in caplog.text
+    assert "(redact: opt-in, active only when MEMPLUG_PLUGINS names it (+redact))" in caplog.text
+
+
 # -- the corpus: tests/bad_input_corpus.py -----------------------------------------------
 
 

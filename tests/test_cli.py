@@ -118,3 +118,12 @@ def test_text_in_square_brackets_prints_as_it_is(run, user, monkeypatch):
     assert result.exit_code == 2 and "'[bold]oops' must look like key=value" in result.output
     result = run("write", "", "hello", ok=False)  # the scope's format in the message holds brackets
     assert result.exit_code == 2 and "InvalidScope" in result.output and "Traceback" not in result.output
+
+
+def test_read_shows_pinned_hits_apart(run, user, monkeypatch):
+    monkeypatch.setenv("MEMPLUG_PLUGINS", "context,pgvector,profile")
+    run("write", user, "My name is Ana and I live in Lisbon.", "The boiler was serviced in March.")
+    out = json.loads(run("read", user, "boiler", "-k", "1", "--json").output)
+    assert [h["text"] for h in out["pinned"]] == ["name: Ana; lives in: Lisbon"]
+    assert [h["text"] for h in out["hits"]] == ["The boiler was serviced in March."]
+    assert "1 pinned" in run("read", user, "boiler", "-k", "1").output

@@ -51,6 +51,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from memplug.plugin import (
@@ -126,7 +127,7 @@ MIGRATIONS = (
 TRAINING = (
     ("lora_rank", "rank", int, {"min": 1}, "The adapter's rank."),
     ("lora_alpha", "alpha", float, {"gt": 0}, "LoRA alpha: the adapter's scale is alpha / rank."),
-    ("lora_lr", "lr", float, {"gt": 0, "max": 1}, "Learning rate (AdamW, warm-up then linear decay)."),
+    ("lora_lr", "lr", float, {"gt": 0, "lt": 1}, "Learning rate (AdamW, warm-up then linear decay)."),
     ("lora_epochs", "epochs", int, {"min": 1}, "Epochs over the synthetic examples."),
     ("lora_min_steps", "min_steps", int, {"min": 0}, "Optimizer steps a training takes at least: few items get "
      "more epochs."),
@@ -156,7 +157,9 @@ def _training_options() -> tuple[Option, ...]:
     from dataclasses import fields
 
     defaults = {f.name: f.default for f in fields(_train_config())}
-    return tuple(Option(name, cast, defaults[field], help_, **bounds) for name, field, cast, bounds, help_ in TRAINING)
+    return tuple(Option(name, cast, defaults[field], help_, **bounds) for name, field, cast, bounds, help_ in TRAINING) \
+        + (Option("lora_targets", str, ",".join(defaults["targets"]), "The modules the adapter adapts "
+                  "(comma-separated names)."),)
 
 
 def _train_config():
@@ -178,16 +181,25 @@ TRAINING_LOCK = "memplug-lora-training"
 @contextlib.contextmanager
 def _one_training_per_machine(memory, scope_label: str, report) -> Iterator[None]:
     key = (TRAINING_LOCK, socket.gethostname())
-    with memory.store.connect(autocommit=True) as conn:
+    # Keepalives: the connection idles through the training, and a peer that drops it silently
+    # would release the lock unseen. A session lock needs a session: behind a pooler, session pooling.
+    conn = memory.store.connect(autocommit=True, keepalives=1, keepalives_idle=30, keepalives_interval=10,
+                                keepalives_count=3)
+    try:
         if not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s), hashtext(%s))", key).fetchone()[0]:
             log.info("lora %s: waiting for another training on this machine to finish", scope_label)
             report("waiting for another training on this machine", 0, 1, {})
             conn.execute("SELECT pg_advisory_lock(hashtext(%s), hashtext(%s))", key)
             report("waiting for another training on this machine", 1, 1, {})
-        try:
-            yield
-        finally:
+        yield
+    finally:
+        try:  # closing releases the lock too; a connection lost meanwhile only costs the explicit unlock
             conn.execute("SELECT pg_advisory_unlock(hashtext(%s), hashtext(%s))", key)
+        except psycopg.Error as e:
+            log.warning("lora %s: the training lock's connection was lost (%s); the lock went with it",
+                        scope_label, e)
+        finally:
+            conn.close()
 
 
 class LoraTier:
@@ -198,8 +210,6 @@ class LoraTier:
     requires = ("peft",)
     install = "pip install 'memplug[lora]'"
     options = _training_options() + (
-        Option("lora_targets", str, "gate_proj,up_proj,down_proj", "The modules the adapter adapts "
-               "(comma-separated names)."),
         Option("lora_max_items", int, 200, "Items one scope's adapter holds at most; the oldest stay text.",
                min=1),
         Option("lora_isolate", flag, True, "Train in a child process, whose memory goes back to the system "
@@ -216,10 +226,13 @@ class LoraTier:
         TrainConfig = _train_config()  # noqa: N806 - a class
         values = {field: memory.option(name) for name, field, *_ in TRAINING}
         values["targets"] = tuple(t.strip() for t in memory.option("lora_targets").split(",") if t.strip())
+        if not values["targets"]:
+            raise ConfigError(f"option lora_targets={memory.option('lora_targets')!r} (plugin lora) names no "
+                              "module; give module names separated by commas, e.g. gate_proj,up_proj,down_proj")
         try:
             self.config = TrainConfig(**values)
-        except InvalidInput as e:  # only the targets are not range-checked by their declaration
-            raise ConfigError(f"invalid lora option: {e}") from e
+        except InvalidInput as e:  # the declarations' ranges are TrainConfig's: this is a safety net
+            raise ConfigError(f"a lora option is out of range: {e}") from e
         self.max_items = memory.option("lora_max_items")
         self.isolate = memory.option("lora_isolate")
         if self.isolate:
@@ -294,17 +307,41 @@ class LoraTier:
         return done
 
     @hookimpl
-    def memplug_build(self, memory, scope, progress):
-        """Train the adapter of every scope under ``scope`` with items waiting, one scope at a time."""
+    def memplug_build(self, memory, scope, moves, progress):
+        """Train the adapter of every scope that the consolidation's moves to level 3 concern and
+        that has items waiting, one scope at a time."""
+        up = {i for m in moves if m.dst_level == self.level for i in m.item_ids}
         done = []
-        for key, _ in self._waiting(memory, scope):
-            done += self._train_scope(memory, key, progress)
+        for key, items in self._waiting(memory, scope) if up else ():
+            if up & set(items):
+                done += self._train_scope(memory, key, progress)
         return done
 
     def _train_scope(self, memory, key, progress):
         u, a, s = key
         scope_label = "/".join(x for x in key if x) or u
         owner = Scope(u, a or None, s or None)
+
+        def report(stage, done_, total, info):
+            if progress is not None:
+                progress(f"lora {scope_label}: {stage}", done_, total, info)
+
+        with _one_training_per_machine(memory, scope_label, report):
+            # Read after the lock: a training that held it may have trained this scope meanwhile.
+            if not any(k == key for k, _ in self._waiting(memory, owner)):
+                return []
+            items, why = self._items(memory, owner, scope_label)
+            if not items:
+                return []
+            started = time.perf_counter()
+            result, fingerprint = self._train(memory, items, scope_label, report)
+            total_ms = 1000 * (time.perf_counter() - started)
+            return self._register(memory, owner, items, result, fingerprint, total_ms, why, scope_label)
+
+    def _items(self, memory, owner, scope_label):
+        """The scope's level-3 items, at most ``lora_max_items`` of the newest, and the reasons of the
+        moves that queued them."""
+        u, a, s = owner.key
         with memory.store.scoped(owner) as db:
             rows = db.execute(
                 f"SELECT {ITEM_COLUMNS}, l.queued_for FROM lora_items l JOIN items i ON i.id = l.item_id "
@@ -317,20 +354,7 @@ class LoraTier:
                 log.info("lora: scope %s has %d items at level 3; the oldest %d stay text (lora_max_items=%d)",
                          scope_label, len(rows), len(dropped), self.max_items)
                 rows = rows[-self.max_items:]
-        if not rows:
-            return []
-        items = [item_from_row(r) for r in rows]
-        why = {r[0]: r[-1] for r in rows if r[-1]}
-
-        def report(stage, done_, total, info):
-            if progress is not None:
-                progress(f"lora {scope_label}: {stage}", done_, total, info)
-
-        with _one_training_per_machine(memory, scope_label, report):
-            started = time.perf_counter()
-            result, fingerprint = self._train(memory, items, scope_label, report)
-            total_ms = 1000 * (time.perf_counter() - started)
-            return self._register(memory, owner, items, result, fingerprint, total_ms, why, scope_label)
+        return [item_from_row(r) for r in rows], {r[0]: r[-1] for r in rows if r[-1]}
 
     def _train(self, memory, items, scope_label, report):
         """Train on ``items``, outside any transaction: in a child process, or here."""
@@ -358,8 +382,11 @@ class LoraTier:
         passed = set(result.passed(self.config.min_recall))
         mean = sum(result.recall.values()) / len(result.recall)
         with memory.store.scoped(owner) as db:
-            # Locked until the commit: a forget or demotion of these items waits for it, then finds
-            # this adapter and deletes it; one that came first has removed the rows already.
+            # The items first, in the strength the placements' foreign keys take anyway: a forget that
+            # locked them (Memory.put replacing one) finishes first, instead of deadlocking with us.
+            db.execute("SELECT id FROM items WHERE id = ANY(%s::bigint[]) ORDER BY id FOR KEY SHARE", (ids,))
+            # Then their rows here, until the commit: a forget or demotion of these items waits for it,
+            # then finds this adapter and deletes it; one that came first has removed the rows already.
             still = {r[0] for r in db.execute(
                 "SELECT item_id FROM lora_items WHERE item_id = ANY(%s::bigint[]) ORDER BY item_id FOR UPDATE",
                 (ids,)).fetchall()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, overload
@@ -19,6 +19,7 @@ from typing import Any, overload
 import psycopg
 
 from . import consolidation, inspection, serving, writes
+from .consolidation import Progress
 from .costs import CostLedger
 from .embedded import embedded_dsn
 from .errors import InvalidInput
@@ -41,7 +42,6 @@ from .validate import (
 )
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int, Mapping[str, Any]], None]
 
 
 class Memory:

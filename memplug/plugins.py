@@ -38,7 +38,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .options import OptionRegistry
+from .options import HOST, OptionRegistry
 
 GROUP = "memplug"
 log = logging.getLogger(__name__)
@@ -111,6 +111,18 @@ def unavailable_reason(plugin: object, missing: list[str]) -> str:
     return f"needs {', '.join(missing)}: {install}"
 
 
+def _opt_in_detail(name: str) -> str:
+    return f"active only when MEMPLUG_PLUGINS names it (+{name})"
+
+
+def _not_loaded(obj: object, name: str, named: set[str]) -> tuple[str, str] | None:
+    """``(status, detail)`` of an installed plugin that does not load here, or None if it loads."""
+    if getattr(obj, "opt_in", False) and name not in named:
+        return "opt-in", _opt_in_detail(name)
+    missing = missing_requirements(obj)
+    return ("unavailable", unavailable_reason(obj, missing)) if missing else None
+
+
 def parse_selection(spec: str | None) -> tuple[set[str] | None, set[str], set[str]]:
     """``(allowed or None for all, blocked, opted in)`` from a MEMPLUG_PLUGINS value.
 
@@ -170,18 +182,13 @@ class PluginRegistry:
             obj = _load(name, ep)
             version = ep.dist.version if ep.dist is not None else None
             source = f"entry point {ep.value}"
-            level = getattr(obj, "level", None)
-            if getattr(obj, "opt_in", False) and name not in (allowed or set()) | added:
-                self._inactive[name] = PluginInfo(name, (), version, level, source, "opt-in",
-                                                  f"active only when MEMPLUG_PLUGINS names it (+{name})")
+            inactive = _not_loaded(obj, name, (allowed or set()) | added)
+            if inactive is not None:
+                status, detail = inactive
+                self._inactive[name] = PluginInfo(name, (), version, getattr(obj, "level", None), source, status,
+                                                  detail)
                 self.options.declare(name, getattr(obj, "options", ()))
-                continue
-            missing = missing_requirements(obj)
-            if missing:
-                self._inactive[name] = PluginInfo(name, (), version, level, source, "unavailable",
-                                                  unavailable_reason(obj, missing))
-                self.options.declare(name, getattr(obj, "options", ()))
-                log.info("plugin %s is unavailable: %s", name, self._inactive[name].detail)
+                log.info("plugin %s is %s: %s", name, status, detail)
                 continue
             plugin = _instantiate(name, ep, obj)
             self.register(plugin, name=name, version=version, source=source)
@@ -200,8 +207,8 @@ class PluginRegistry:
             try:
                 obj = ep.load()
                 self.options.declare(ep.name, getattr(obj, "options", ()))
-                self._left_out[ep.name] = (f"opt-in, active only when MEMPLUG_PLUGINS names it (+{ep.name})"
-                                           if getattr(obj, "opt_in", False) else "left out by MEMPLUG_PLUGINS")
+                self._left_out[ep.name] = ("opt-in, " + _opt_in_detail(ep.name) if getattr(obj, "opt_in", False)
+                                           else "left out by MEMPLUG_PLUGINS")
             except Exception:  # noqa: BLE001 - a broken plugin that is not loaded here declares nothing
                 log.debug("could not read the options of plugin %s", ep.name, exc_info=True)
 
@@ -212,7 +219,7 @@ class PluginRegistry:
                               if k.startswith("MEMPLUG_") and v}
         for name in sorted(n for n in names if n in self.options):
             owners = self.options.owners(name)
-            if all(o != "memplug" and not self.pm.has_plugin(o) for o in owners):
+            if all(o != HOST and not self.pm.has_plugin(o) for o in owners):
                 why = "; ".join(f"{o}: {self._inactive[o].detail}" if o in self._inactive
                                 else f"{o}: {self._left_out.get(o, 'not loaded')}" for o in owners)
                 log.warning("option %s is set, but no plugin that reads it is loaded here (%s)", name, why)

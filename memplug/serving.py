@@ -25,7 +25,7 @@ def stream(memory: Memory, scope: Scope | str, messages: Any, budget: Budget | N
            filters: Mapping[str, Any] | None, options: dict[str, Any]) -> Iterator[str]:
     """Read with the last user message as the query, then stream the model's reply."""
     msgs, recall = _read_for(memory, scope, messages, budget, filters)
-    return respond(memory, msgs, recall, options)
+    return _generate(memory, msgs, recall, options)
 
 
 def answer(memory: Memory, scope: Scope | str, messages: Any, budget: Budget | None,
@@ -45,7 +45,7 @@ def answer(memory: Memory, scope: Scope | str, messages: Any, budget: Budget | N
         if caller is not None:
             caller(tokens, seconds)
 
-    for piece in respond(memory, msgs, recall, {**options, "on_prefill": prefill}):
+    for piece in _generate(memory, msgs, recall, {**options, "on_prefill": prefill}):
         first = first if first is not None else time.perf_counter() - started
         text += piece
         if stop is not None and stop in text:
@@ -61,6 +61,11 @@ def respond(memory: Memory, messages: Any, recall: Recall | None, options: dict[
 
     if recall is not None and not isinstance(recall, Recall):
         raise InvalidInput(f"recall must be a memplug.Recall, got {type(recall).__name__}")
+    return _generate(memory, chat_messages(messages), recall, options)
+
+
+def _generate(memory: Memory, msgs: list[dict[str, str]], recall: Recall | None,
+              options: dict[str, Any]) -> Iterator[str]:
     caller = options.pop("on_prefill", None)
 
     def prefill(tokens: int, seconds: float) -> None:
@@ -69,7 +74,7 @@ def respond(memory: Memory, messages: Any, recall: Recall | None, options: dict[
         if caller is not None:
             caller(tokens, seconds)
 
-    return memory.model.stream(chat_messages(messages), recall, on_prefill=prefill, **options)
+    return memory.model.stream(msgs, recall, on_prefill=prefill, **options)
 
 
 def _read_for(memory: Memory, scope: Scope | str, messages: Any, budget: Budget | None,

@@ -8,6 +8,7 @@ Run each from the repository root as a module; results go to ``benchmarks/result
     python -m benchmarks.speed        # kv and lora speed on any device, with random weights
     python -m benchmarks.policy       # RAG against the promotion policies
     python -m benchmarks.isolation    # three users' interleaved operations, checked for leaks
+    python -m benchmarks.conversations  # retrieval on real conversations against BM25, MiniLM and mem0
 
 Checks a user runs on a deployment stay in the command line: ``memplug bench store``,
 ``memplug bench load`` and ``memplug fuzz``. ``docs/benchmarks.md`` has the latest figures.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -49,3 +51,31 @@ def setting(spec: str) -> tuple[str, dict[str, Any]]:
     if "targets" in values:
         values["targets"] = tuple(str(values["targets"]).split("+"))
     return name or "custom", values
+
+
+def machine(memory: Any = None) -> dict[str, Any]:
+    """The machine a run measured: CPU model and the flags that change timings, cores, memory,
+    and (given a Memory) the Postgres and pgvector versions."""
+    import os
+    import platform
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    for line in info.splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    out: dict[str, Any] = {
+        "cpu": cpu, "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+        "cores": os.cpu_count(), "python": platform.python_version(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    if memory is not None:
+        with memory.store.transaction() as db:
+            out["postgres"] = db.execute("SHOW server_version").fetchone()[0]
+            out["pgvector"] = db.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+    return out

@@ -35,6 +35,7 @@ from .types import (
     Recall,
     Scope,
     TierCost,
+    Window,
 )
 from .usage import ItemUsage
 
@@ -43,5 +44,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterRef", "Answer", "ArtifactCorrupt", "Budget", "ConfigError", "Hit", "InvalidInput", "InvalidScope", "Item", "KVPrefix",
     "ItemUsage", "MemplugError", "Memory", "ModelMismatch", "ModelUnavailable", "Move", "NotFound", "Option",
-    "Placement", "PluginError", "Recall", "Scope", "ScopeViolation", "Settings", "StoreUnavailable", "TierCost", "hookimpl",
+    "Placement", "PluginError", "Recall", "Scope", "ScopeViolation", "Settings", "StoreUnavailable", "TierCost", "Window", "hookimpl",
 ]

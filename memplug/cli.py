@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import InvalidInput, MemplugError
-from .types import Budget, Scope
+from .types import Budget, Scope, when_text
 
 # Plain text: what is printed is users' memories, queries, scopes and error messages, none of
 # them markup ("[/a]" in a note must print as it is, not fail or vanish). Styled words go in
@@ -64,7 +64,7 @@ def _emit_json(data: Any) -> None:
 
 def _item_dict(item) -> dict[str, Any]:
     return {"id": item.id, "scope": str(item.scope), "text": item.text, "metadata": dict(item.metadata),
-            "role": item.role, "tokens": item.tokens, "created_at": item.created_at}
+            "role": item.role, "tokens": item.tokens, "created_at": item.created_at, "occurred_at": item.occurred_at}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,12 +81,13 @@ def main() -> None:
 @click.argument("scope")
 @click.argument("text", nargs=-1, required=True)
 @click.option("--meta", "-m", multiple=True, help="metadata key=value (repeatable)")
+@click.option("--at", "occurred_at", default=None, help="when it happened (ISO 8601: 2024-03-15 or 2024-03-15T09:30)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @_fail_cleanly
-def write(scope: str, text: tuple[str, ...], meta: tuple[str, ...], as_json: bool) -> None:
+def write(scope: str, text: tuple[str, ...], meta: tuple[str, ...], occurred_at: str | None, as_json: bool) -> None:
     """Store each TEXT as an item of SCOPE."""
     with _memory() as mem:
-        items = mem.write(Scope.parse(scope), list(text), metadata=key_values(meta, "--meta"))
+        items = mem.write(Scope.parse(scope), list(text), metadata=key_values(meta, "--meta"), occurred_at=occurred_at)
     if as_json:
         _emit_json([_item_dict(i) for i in items])
         return
@@ -101,19 +102,25 @@ def write(scope: str, text: tuple[str, ...], meta: tuple[str, ...], as_json: boo
 @click.option("--tokens", default=1024, show_default=True, help="token budget")
 @click.option("-k", default=10, show_default=True, help="at most this many hits")
 @click.option("--filter", "filters", multiple=True, help="metadata key=value the items must have")
+@click.option("--since", default=None, help="only items that happened at or after this time (ISO 8601)")
+@click.option("--until", default=None, help="only items that happened before this time (ISO 8601)")
+@click.option("--min-relevance", type=float, default=None, help="leave out hits less relevant than this")
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
-def read(scope: str, query: str, tokens: int, k: int, filters: tuple[str, ...], as_json: bool) -> None:
+def read(scope: str, query: str, tokens: int, k: int, filters: tuple[str, ...], since: str | None,
+         until: str | None, min_relevance: float | None, as_json: bool) -> None:
     """Recall what SCOPE's memory holds for QUERY."""
     with _memory() as mem:
         t0 = time.perf_counter()
-        recall = mem.read(Scope.parse(scope), query, Budget(tokens=tokens, k=k), filters=key_values(filters, "--filter"))
+        recall = mem.read(Scope.parse(scope), query, Budget(tokens=tokens, k=k), filters=key_values(filters, "--filter"),
+                          since=since, until=until, min_relevance=min_relevance)
         ms = (time.perf_counter() - t0) * 1000
     if as_json:
         kv = recall.kv
         _emit_json({"query": query, "scope": scope, "tokens": recall.tokens, "ms": round(ms, 2),
                     "pinned": [{**_item_dict(h.item), "tier": h.tier, "text": h.text} for h in recall.pinned],
-                    "hits": [{**_item_dict(h.item), "tier": h.tier, "score": h.score} for h in recall.hits],
+                    "hits": [{**_item_dict(h.item), "tier": h.tier, "score": h.score, "relevance": h.relevance}
+                             for h in recall.hits],
                     "kv": None if kv is None else {
                         "tier": kv.tier, "tokens": kv.tokens, "codec": kv.codec, "fingerprint": kv.fingerprint,
                         "bytes": kv.stored_bytes, "items": [_item_dict(it) for it in kv.items]}})
@@ -127,7 +134,8 @@ def read(scope: str, query: str, tokens: int, k: int, filters: tuple[str, ...], 
     for h in recall.pinned:
         table.add_row(str(h.item.id), h.tier, "pinned", h.text)
     for h in recall.hits:
-        table.add_row(str(h.item.id), h.tier, f"{h.score:.4f}", (f"{h.item.role}: " if h.item.role else "") + h.text)
+        when = f"[{when_text(h.item.occurred_at)}] " if h.item.occurred_at else ""
+        table.add_row(str(h.item.id), h.tier, f"{h.score:.4f}", (f"{h.item.role}: " if h.item.role else "") + when + h.text)
     for it in kv_items:
         table.add_row(str(it.id), f"{recall.kv.tier} ({recall.kv.codec})", "", it.text)
     console.print(table)
@@ -153,6 +161,21 @@ def forget(scope: str, ids: tuple[int, ...], everything: bool, yes: bool, as_jso
         _emit_json({"scope": scope, "forgotten": n})
     else:
         console.print(f"forgot {n} item(s) in {parsed}", highlight=False)
+
+
+@main.command()
+@click.argument("scope", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def reindex(scope: str | None, as_json: bool) -> None:
+    """Rebuild the tiers' indexes of SCOPE's items (default: every user's), after a change of
+    embedder or of what is indexed (pgvector_index). The items themselves are untouched."""
+    with _memory() as mem:
+        n = mem.reindex(Scope.parse(scope) if scope else None)
+    if as_json:
+        _emit_json({"scope": scope, "reindexed": n})
+    else:
+        console.print(f"reindexed {n} item(s)" + (f" in {scope}" if scope else ""), highlight=False)
 
 
 @main.command("export")

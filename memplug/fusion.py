@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .errors import InvalidInput
-from .types import AdapterRef, Budget, Hit, KVPrefix, Recall, Scope
+from .types import AdapterRef, Budget, Hit, KVPrefix, Recall, Scope, Window
 
 # Reciprocal rank fusion constant (Cormack et al., 2009).
 RRF_K = 60
@@ -23,8 +23,14 @@ RRF_K = 60
 Contribution = Hit | KVPrefix | AdapterRef
 
 
-def fuse(scope: Scope, query: str, lists: Iterable[Iterable[Contribution] | None], budget: Budget) -> Recall:
-    """The recall of ``query`` in ``scope`` from the tiers' ``lists``, within ``budget``."""
+def fuse(scope: Scope, query: str, lists: Iterable[Iterable[Contribution] | None], budget: Budget,
+         window: Window | None = None, min_relevance: float | None = None) -> Recall:
+    """The recall of ``query`` in ``scope`` from the tiers' ``lists``, within ``budget``.
+
+    With a ``window``, items it does not hold are dropped and no adapter is applied
+    (weights cannot leave out what happened outside the range). Ranked hits whose
+    ``relevance`` is below ``min_relevance`` are dropped (hits without one are kept).
+    """
     ranked_by_tier: dict[str, list[Hit]] = {}
     prefixes: list[KVPrefix] = []
     adapters: list[AdapterRef] = []
@@ -36,11 +42,17 @@ def fuse(scope: Scope, query: str, lists: Iterable[Iterable[Contribution] | None
             adapters.append(contribution)
         elif not isinstance(contribution, Hit):
             raise InvalidInput(f"a memplug_read hook returned {type(contribution).__name__}, not a memplug.Hit")
+        elif window is not None and not window.holds(contribution.item) or (min_relevance is not None and not contribution.pinned and contribution.relevance is not None
+              and contribution.relevance < min_relevance):
+            continue
         elif contribution.pinned:
             pinned.append(contribution)
         else:
             ranked_by_tier.setdefault(contribution.tier, []).append(contribution)
 
+    if window is not None:
+        adapters = []
+        prefixes = [p for p in (p.without([it.id for it in p.items if not window.holds(it)]) for p in prefixes) if p]
     # One adapter is applied (the one holding most items): what it holds is not repeated.
     adapter = max(adapters, key=lambda a: (len(a.items), a.tier), default=None)
     held = {it.id for it in adapter.items} if adapter else set()

@@ -64,11 +64,14 @@ def memplug_write(memory, scope, items, db):
 
 
 @hookspec
-def memplug_read(memory, scope, query, budget, filters, db):
+def memplug_read(memory, scope, query, budget, filters, window, db):
     """Contribute to a read: return this tier's hits for ``query``, best first.
 
     ``filters`` is a mapping that every returned item's metadata must contain
-    (or None). Return a list (may be empty) or None. The list holds:
+    (or None). ``window`` (a :class:`~memplug.Window`, or None) is the time range
+    the read asks for: return items whose :attr:`~memplug.Item.when` it holds (the
+    host drops any others, and applies no adapter to a read with a time range).
+    Return a list (may be empty) or None. The list holds:
 
     - :class:`~memplug.Hit` values, best first. A hit with ``pinned=True`` is served
       before every ranked hit, in this tier's order, within the token budget, and
@@ -143,6 +146,15 @@ def memplug_build(memory, scope, moves, progress):
 
 
 # -- removal -------------------------------------------------------------------
+
+
+@hookspec
+def memplug_reindex(memory, scope, items, db):
+    """Index ``items`` (of ``scope``'s user, in the order written) anew: after a change of embedder
+    or of what this tier indexes. Replace the derived rows, never the items. Return how many it
+    re-indexed, or None. Called by :meth:`Memory.reindex <memplug.Memory.reindex>` in batches,
+    each batch in one transaction.
+    """
 
 
 @hookspec

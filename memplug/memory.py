@@ -13,6 +13,7 @@ import functools
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 from typing import Any, overload
 
@@ -29,7 +30,7 @@ from .rows import ITEM_COLUMNS, item_from_row
 from .scoping import check_owned, subtree_sql, visible_sql
 from .settings import Settings
 from .store import Store
-from .types import Answer, Budget, Item, Move, Placement, Recall, Scope
+from .types import Answer, Budget, Item, Moment, Move, Placement, Recall, Scope, Window
 from .usage import ItemUsage, record_feedback, record_reads, scope_usage
 from .validate import (
     check_count,
@@ -38,7 +39,9 @@ from .validate import (
     check_keys,
     check_messages,
     check_metadata,
+    check_relevance,
     check_text,
+    check_time,
 )
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,7 @@ class Memory:
         self.plugins.options.check(self.settings.options, more=self.plugins.declare_installed)
         self.plugins.warn_inactive(self.settings.options)
         self.half_life_s = self.option("heat_half_life_s")
+        self.relevance_floor = self.option("relevance_floor")
         self.max_text_chars = self.option("max_text_chars")
         self.max_metadata_bytes = self.option("max_metadata_bytes")
         dsn = self.settings.dsn or embedded_dsn(self.settings.home)
@@ -124,7 +128,7 @@ class Memory:
         if self._embedder is None:
             from .runtime.embedder import Embedder
 
-            self._embedder = Embedder()
+            self._embedder = Embedder(runtime=self.option("embedder_runtime"))
         return self._embedder
 
     @property
@@ -184,34 +188,48 @@ class Memory:
     # -- write ---------------------------------------------------------------
 
     @overload
-    def write(self, scope: Scope | str, text: str, metadata: Mapping[str, Any] | None = ...) -> Item: ...
+    def write(self, scope: Scope | str, text: str, metadata: Mapping[str, Any] | None = ..., *,
+              occurred_at: Moment | None = ...) -> Item: ...
     @overload
-    def write(self, scope: Scope | str, text: Sequence[str], metadata: Mapping[str, Any] | None = ...) -> list[Item]: ...
+    def write(self, scope: Scope | str, text: Sequence[str],
+              metadata: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = ..., *,
+              occurred_at: Moment | Sequence[Moment | None] | None = ...) -> list[Item]: ...
 
-    def write(self, scope, text, metadata=None):
+    def write(self, scope, text, metadata=None, *, occurred_at=None):
         """Store knowledge: one text (returns its Item) or a list of texts (returns a list).
 
-        Identical text already in the scope is not stored twice: its existing item
-        is returned. The whole call is one transaction.
+        ``metadata`` and ``occurred_at`` (when what the text says happened: a datetime,
+        a date or an ISO 8601 string; naive times are UTC) apply to every text, or
+        are lists with one per text. Identical text already in the scope (at the
+        same ``occurred_at``) is not stored twice: its existing item is returned.
+        The whole call is one transaction.
         """
         scope = Scope.of(scope)
         single = isinstance(text, str)
         texts = [text] if single else _text_list(text)
-        meta = check_metadata(metadata, "metadata", self.max_metadata_bytes)
-        rows = [(check_text(t, f"text[{n}]" if not single else "text", self.max_text_chars), meta, None)
+        if single:
+            metas = [check_metadata(metadata, "metadata", self.max_metadata_bytes)]
+            times = [check_time(occurred_at, "occurred_at")]
+        else:
+            metas = [check_metadata(m, w, self.max_metadata_bytes)
+                     for m, w in _each(metadata, len(texts), "metadata", Mapping)]
+            times = [check_time(t, w) for t, w in _each(occurred_at, len(texts), "occurred_at", (str, date))]
+        rows = [(check_text(t, f"text[{n}]" if not single else "text", self.max_text_chars), metas[n], None, times[n])
                 for n, t in enumerate(texts)]
         with self.store.scoped(scope) as db:
             items = self.write_in(db, scope, rows)
         return items[0] if single else items
 
     def put(self, scope: Scope | str, keys: Sequence[str], texts: Sequence[str],
-            metadatas: Sequence[Mapping[str, Any] | None] | None = None) -> list[Item]:
+            metadatas: Sequence[Mapping[str, Any] | None] | None = None, *,
+            occurred_at: Moment | Sequence[Moment | None] | None = None) -> list[Item]:
         """Store texts under the caller's keys (document ids): one item per key in the scope.
 
-        A key already in the scope is replaced: with the same text its item is kept
-        (its usage and placements too) and only its metadata updated; with new text
-        the old item is forgotten in every tier and the new one written. The whole
-        call is one transaction. Returns the items in input order.
+        A key already in the scope is replaced: with the same text (and ``occurred_at``)
+        its item is kept (its usage and placements too) and only its metadata updated;
+        otherwise the old item is forgotten in every tier and the new one written.
+        ``occurred_at`` is one time for all texts or one per text (see :meth:`write`).
+        The whole call is one transaction. Returns the items in input order.
         """
         scope = Scope.of(scope)
         keys = [check_text(k, f"keys[{n}]", 512) for n, k in enumerate(_text_list(keys, "keys"))]
@@ -224,8 +242,9 @@ class Memory:
             raise InvalidInput(f"put got a key twice: {sorted(k for k in set(keys) if keys.count(k) > 1)[0]!r}")
         texts = [check_text(t, f"texts[{n}]", self.max_text_chars) for n, t in enumerate(texts)]
         metas = [check_metadata(m, f"metadatas[{n}]", self.max_metadata_bytes) for n, m in enumerate(metadatas)]
+        times = [check_time(t, w) for t, w in _each(occurred_at, len(texts), "occurred_at", (str, date))]
         with self.store.scoped(scope) as db:
-            return writes.put(self, db, scope, keys, texts, metas)
+            return writes.put(self, db, scope, keys, texts, metas, times)
 
     def get_keys(self, scope: Scope | str, keys: Iterable[str]) -> list[Item]:
         """The items stored under these keys in exactly this scope, in the keys' order (missing keys skipped)."""
@@ -278,6 +297,10 @@ class Memory:
         query: str,
         budget: Budget | None = None,
         filters: Mapping[str, Any] | None = None,
+        *,
+        since: Moment | None = None,
+        until: Moment | None = None,
+        min_relevance: float | None = None,
     ) -> Recall:
         """What the scope's memory holds for ``query``, within ``budget``.
 
@@ -285,7 +308,12 @@ class Memory:
         rank, an item is returned once, and hits are taken best first while they
         fit the token budget and ``budget.k`` (see :func:`memplug.fusion.fuse`).
         Every item returned counts as read. ``filters`` keeps items whose metadata
-        contains it (``{"source": "chat"}``).
+        contains it (``{"source": "chat"}``). ``since`` and ``until`` keep items whose
+        :attr:`~memplug.Item.when` (``occurred_at``, else when written) is at or after
+        ``since`` and before ``until``; a read with a time range applies no adapter.
+        ``min_relevance`` leaves out hits less relevant to the query than it (for the
+        pgvector tier: cosine similarity), so that a read can return nothing when
+        nothing is relevant; None takes the option ``relevance_floor``.
         """
         scope = Scope.of(scope)
         query = check_text(query, "query", self.max_text_chars)
@@ -293,12 +321,45 @@ class Memory:
         if not isinstance(budget, Budget):
             raise InvalidInput(f"budget must be a memplug.Budget, got {type(budget).__name__}")
         filters = check_filters(filters)
-        with self.store.scoped(scope) as db:
+        since, until = check_time(since, "since"), check_time(until, "until")
+        window = Window(since, until) if since is not None or until is not None else None
+        floor = self.relevance_floor if min_relevance is None else check_relevance(min_relevance)
+        # The read's only writes are its usage counts: statistics, committed without waiting for the disk.
+        with self.store.scoped(scope, durable=False) as db:
             lists = self.hook.memplug_read(memory=self, scope=scope, query=query, budget=budget, filters=filters,
-                                           db=db)
-            recall = fuse(scope, query, lists or [], budget)
+                                           window=window, db=db)
+            recall = fuse(scope, query, lists or [], budget, window, floor or None)
             record_reads(db, list(dict.fromkeys(it.id for it in recall.items)), self.half_life_s)
         return recall
+
+    def reindex(self, scope: Scope | str | None = None, batch: int = 256) -> int:
+        """Rebuild the tiers' indexes of the items in ``scope`` and under it (None: every user's), in
+        batches of ``batch`` items, each one transaction: after a change of embedder or of what a tier
+        indexes (``pgvector_index``). Items, their usage and placements are untouched; an interrupted
+        run leaves each item indexed the old way or the new, and can be run again. Returns the number
+        of items indexed anew (the most any tier reported)."""
+        batch = check_count(batch, "batch", 1)
+        if scope is None:
+            with self.store.transaction() as db:
+                users = [r[0] for r in db.execute("SELECT DISTINCT user_id FROM items ORDER BY 1").fetchall()]
+            return sum(self.reindex(Scope(u), batch) for u in users)
+        scope = Scope.of(scope)
+        where, params = subtree_sql(scope, "i")
+        done, after = 0, 0
+        while True:
+            with self.store.scoped(scope) as db:
+                rows = db.execute(f"SELECT {ITEM_COLUMNS} FROM items i WHERE {where} AND i.id > %(after)s "
+                                  "ORDER BY i.id LIMIT %(n)s", {**params, "after": after, "n": batch}).fetchall()
+                if not rows:
+                    return done
+                items = [item_from_row(r) for r in rows]
+                after = items[-1].id
+                by_scope: dict[Scope, list[Item]] = {}
+                for it in items:
+                    by_scope.setdefault(it.scope, []).append(it)
+                for part_scope, part in by_scope.items():
+                    counts = self.hook.memplug_reindex(memory=self, scope=part_scope, items=part, db=db)
+                    done += max((c for c in counts if c), default=0)
 
     def feedback(self, scope: Scope | str, item_ids: Iterable[int], used: bool = True) -> None:
         """Report which returned items the answer actually used (feeds the policies)."""
@@ -542,6 +603,18 @@ class Memory:
 
     async def afeedback(self, *args: Any, **kwargs: Any) -> None:
         return await asyncio.to_thread(functools.partial(self.feedback, *args, **kwargs))
+
+
+def _each(value: object, n: int, what: str, single: type | tuple[type, ...]) -> list[tuple[Any, str]]:
+    """``value`` for each of ``n`` texts, with the name to report it by: one value (None, or an
+    instance of ``single``) for all, or a list with one per text."""
+    if value is None or isinstance(value, single):
+        return [(value, what)] * n
+    if not isinstance(value, list | tuple):
+        return [(value, what)] * n  # the check names what is wrong with it
+    if len(value) != n:
+        raise InvalidInput(f"{what} is a list of {len(value)}; give one for all texts or one per text ({n})")
+    return [(v, f"{what}[{k}]") for k, v in enumerate(value)]
 
 
 def _text_list(text: object, what: str = "text") -> list[str]:

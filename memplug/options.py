@@ -177,6 +177,12 @@ HOST_OPTIONS = (
     Option("pool_size", int, 10, "Postgres connections one Memory keeps open at most.", min=1),
     Option("max_text_chars", int, 32_000, "Longest text (or query) accepted, in characters.", min=1),
     Option("max_metadata_bytes", int, 64 * 1024, "Largest metadata accepted, as JSON bytes.", min=1),
+    Option("embedder_runtime", str, "auto", "How the embedder runs: auto (a query or two through all-MiniLM-L6-v2 "
+           "quantized to int8 in ONNX Runtime, batches in torch) or torch (everything in torch).",
+           choices=("auto", "torch")),
+    Option("relevance_floor", float, 0.0, "Hits less relevant than this are left out of a read (the pgvector "
+           "tier's relevance: cosine similarity to the query); a read's min_relevance overrides it. 0: off.",
+           min=-1, max=1),
     Option("heat_half_life_s", float, 7 * DAY,
            "Seconds for an unread item's heat (decayed read count, what the policies read) to halve.", gt=0),
     Option("artifacts", path_or_url, None,

@@ -42,7 +42,7 @@ from .fusion import RRF_K
 from .hookspecs import hookimpl
 from .options import Option, flag
 from .rows import ITEM_COLUMNS, ITEM_WIDTH, item_from_row
-from .scoping import subtree_sql, visible_sql
+from .scoping import subtree_sql, visible_sql, window_sql
 from .store import APP_ROLE, SCHEMA, USER_SETTING, row_security
 from .types import (
     AdapterRef,
@@ -55,6 +55,7 @@ from .types import (
     Recall,
     Scope,
     TierCost,
+    Window,
     adapter_name,
     memories_text,
 )
@@ -65,9 +66,9 @@ __all__ = [
     "hookimpl", "Option", "flag",
     # the values hooks take and return
     "AdapterRef", "Budget", "Hit", "Item", "ItemUsage", "KVPrefix", "Move", "Placement", "Recall", "Scope",
-    "TierCost", "adapter_name",
-    # rows of the host's items table, and the SQL that confines a query to a scope
-    "ITEM_COLUMNS", "ITEM_WIDTH", "item_from_row", "visible_sql", "subtree_sql",
+    "TierCost", "Window", "adapter_name",
+    # rows of the host's items table, and the SQL that confines a query to a scope (and a time range)
+    "ITEM_COLUMNS", "ITEM_WIDTH", "item_from_row", "visible_sql", "subtree_sql", "window_sql",
     # the tables' schema, row-level security for a tier's own tables, and the names it uses
     "SCHEMA", "APP_ROLE", "USER_SETTING", "row_security",
     # reciprocal rank fusion's constant, for a tier that fuses rankings of its own

@@ -3,11 +3,11 @@
 One line per item, oldest first::
 
     {"format": "memplug-item/1", "scope": "alice/helper/s1", "id": 12, "text": "...", "role": null,
-     "key": null, "metadata": {...}, "created_at": "2025-05-01T10:00:00+00:00",
+     "key": null, "metadata": {...}, "created_at": "2025-05-01T10:00:00+00:00", "occurred_at": null,
      "usage": {"reads": 3, "used": 1, "last_read_at": "...", "heat": 2.7}, "level": 2}
 
 Only the source of truth travels: text, metadata, role, key, scope, creation
-time and usage. Derived artifacts (KV blobs, adapters) do not: imported items
+time, the time its event happened (``occurred_at``, optional) and usage. Derived artifacts (KV blobs, adapters) do not: imported items
 start at the lowest level a write places them (text in ``pgvector``, turns in
 ``context``), and consolidation rebuilds the higher tiers from their usage.
 ``level`` and ``id`` are recorded for people and ignored on import.
@@ -36,7 +36,7 @@ from .types import ROLES, Scope
 from .validate import MAX_KEY_CHARS, check_metadata, check_text
 
 FORMAT = "memplug-item/1"
-FIELDS = {"format", "scope", "id", "text", "role", "key", "metadata", "created_at", "usage", "level"}
+FIELDS = {"format", "scope", "id", "text", "role", "key", "metadata", "created_at", "occurred_at", "usage", "level"}
 USAGE_FIELDS = {"reads", "used", "last_read_at", "heat"}
 MAX_COUNT = 2**31 - 1
 
@@ -59,6 +59,7 @@ class _Record:
     metadata: dict[str, Any]
     created_at: datetime | None
     usage: dict[str, Any] | None
+    occurred_at: datetime | None = None
 
 
 def export(memory: Memory, scope: Scope | str) -> Iterator[str]:
@@ -85,6 +86,7 @@ def export(memory: Memory, scope: Scope | str) -> Iterator[str]:
                 "format": FORMAT, "scope": str(item.scope), "id": item.id, "text": item.text, "role": item.role,
                 "key": item.key, "metadata": dict(item.metadata),
                 "created_at": item.created_at.isoformat() if item.created_at else None,
+                "occurred_at": item.occurred_at.isoformat() if item.occurred_at else None,
                 "usage": {"reads": reads, "used": used,
                           "last_read_at": last_read_at.isoformat() if last_read_at else None,
                           "heat": round(float(heat), 6)},
@@ -183,7 +185,7 @@ def _record(memory: Memory, n: int, line: str, target: Scope | None) -> _Record:
         v = data.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise InvalidInput(f"{name} must be an int or null, got {v!r}")
-    return _Record(n, scope, text, role, key, metadata, created_at, usage)
+    return _Record(n, scope, text, role, key, metadata, created_at, usage, _time(data.get("occurred_at"), "occurred_at"))
 
 
 def _rebase(scope: Scope, target: Scope | None) -> Scope:
@@ -249,7 +251,7 @@ def _write_group(memory: Memory, db: Any, scope: Scope, records: list[_Record], 
     todo = [r for r in records if r.role is None or (r.role, r.text, r.created_at) not in present]
     if not todo:
         return 0, len(records)
-    rows = [(r.text, r.metadata, r.role) for r in todo]
+    rows = [(r.text, r.metadata, r.role, r.occurred_at) for r in todo]
     items = memory.write_in(db, scope, rows, [r.key for r in todo])
     written: set[int] = set()
     for r, item in zip(todo, items, strict=True):

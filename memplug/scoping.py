@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 
 from .errors import NotFound
-from .types import Scope
+from .types import Scope, Window
 
 
 def visible_sql(scope: Scope, alias: str) -> tuple[str, dict[str, str]]:
@@ -27,6 +27,16 @@ def subtree_sql(scope: Scope, alias: str) -> tuple[str, dict[str, str]]:
     if scope.session_id is not None:
         parts.append(f"{alias}.session_id = %(scope_session)s")
     return " AND ".join(parts), {"scope_user": u, "scope_agent": a, "scope_session": s}
+
+
+def window_sql(window: Window | None, alias: str) -> tuple[str, dict[str, object]]:
+    """Items (``alias`` is a row of ``items``) that happened within ``window``: ``TRUE`` for None."""
+    if window is None:
+        return "TRUE", {}
+    when = f"coalesce({alias}.occurred_at, {alias}.created_at)"
+    parts = [f"{when} >= %(window_since)s"] if window.since is not None else []
+    parts += [f"{when} < %(window_until)s"] if window.until is not None else []
+    return " AND ".join(parts), {"window_since": window.since, "window_until": window.until}
 
 
 def check_owned(db: psycopg.Connection, scope: Scope, ids: list[int], visible: bool) -> list[int]:

@@ -177,6 +177,12 @@ HOST_MIGRATIONS: tuple[str, ...] = (
     + row_security("usage", by="item_id")
     + row_security("placements", by="item_id")
     + row_security("moves", by="item_id"),
+    # 5: when an item's event happened (a turn's time), apart from when it was written; items of a
+    # scope in the order they were written (a tier can read an item's neighbours)
+    """
+    ALTER TABLE items ADD COLUMN occurred_at timestamptz;
+    CREATE INDEX items_scope_order ON items (user_id, agent_id, session_id, id);
+    """,
 )
 
 
@@ -271,26 +277,30 @@ class Store:
             yield conn
 
     @contextlib.contextmanager
-    def scoped(self, scope: Scope | str) -> Iterator[psycopg.Connection]:
+    def scoped(self, scope: Scope | str, durable: bool = True) -> Iterator[psycopg.Connection]:
         """One transaction confined by row-level security to the rows of one user.
 
         ``scope`` is a :class:`Scope` (or its string form); its ``user_id`` counts.
         The transaction runs as role ``memplug_app`` with ``memplug.user_id`` set, so a
         query on a confined table (see :func:`row_security`) sees only that user's rows
         even without a WHERE clause, and writing another user's row raises
-        :class:`ScopeViolation` (the transaction is rolled back).
+        :class:`ScopeViolation` (the transaction is rolled back). ``durable=False``
+        commits without waiting for the disk (``synchronous_commit = off``): for work
+        whose writes are statistics, such as a read counting its hits; a crash may lose
+        the last moments of them, never leave them half-written.
         """
-        with self._transaction(Scope.of(scope).user_id) as conn:
+        with self._transaction(Scope.of(scope).user_id, durable) as conn:
             yield conn
 
     @contextlib.contextmanager
-    def _transaction(self, user_id: str | None) -> Iterator[psycopg.Connection]:
+    def _transaction(self, user_id: str | None, durable: bool = True) -> Iterator[psycopg.Connection]:
         try:
             with self.pool.connection() as conn:
                 try:
                     with conn.transaction():
                         if user_id is not None:
-                            conn.execute("SELECT set_config('role', %s, true), set_config(%s, %s, true)",
+                            conn.execute("SELECT set_config('role', %s, true), set_config(%s, %s, true)"
+                                         + ("" if durable else ", set_config('synchronous_commit', 'off', true)"),
                                          (APP_ROLE, USER_SETTING, user_id))
                         yield conn
                 except BaseException as e:

@@ -6,7 +6,7 @@ import operator
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, date, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -96,6 +96,43 @@ class Scope:
         return replace(self, session_id=None)
 
 
+# When something happened, as callers give it: a datetime (naive means UTC), a date or an ISO 8601 string.
+Moment = datetime | date | str
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A read's time range: items whose :attr:`Item.when` is at or after ``since`` and before ``until``.
+
+    Either end may be None (open). Both are timezone-aware (the host makes them so).
+    """
+
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("since", "until"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, datetime) or v.tzinfo is None):
+                raise InvalidInput(f"Window.{name} must be a timezone-aware datetime, got {v!r}")
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise InvalidInput(f"the time range is empty: since {self.since.isoformat()} is not before "
+                               f"until {self.until.isoformat()}")
+
+    def holds(self, item: Item) -> bool:
+        """Whether ``item`` happened within the range (an item with no time is outside any range)."""
+        when = item.when
+        if when is None:
+            return False
+        return (self.since is None or when >= self.since) and (self.until is None or when < self.until)
+
+
+def when_text(moment: datetime) -> str:
+    """A moment as :meth:`Recall.as_text` shows it: the date, and the time (UTC) unless it is midnight."""
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d" if moment.time() == datetime.min.time() else "%Y-%m-%d %H:%M")
+
+
 def _freeze(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(metadata or {}))
 
@@ -112,9 +149,15 @@ class Item:
     tokens: int = 0
     role: str | None = None  # set on conversation turns, None on plain knowledge
     key: str | None = None  # the caller's key, for items stored with Memory.put
+    occurred_at: datetime | None = None  # when what it says happened (a turn's time), apart from created_at
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metadata", _freeze(self.metadata))
+
+    @property
+    def when(self) -> datetime | None:
+        """When what the item says happened: ``occurred_at`` if given, else when it was written."""
+        return self.occurred_at or self.created_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +167,9 @@ class Hit:
     ``text`` is what goes into the prompt (the item's text unless the tier gives a
     shorter form). A ``pinned`` hit is served before every ranked hit, in the order
     its tier returned it, whatever the fusion says (a profile, standing instructions);
-    it lands in :attr:`Recall.pinned`, not among the ranked ``hits``.
+    it lands in :attr:`Recall.pinned`, not among the ranked ``hits``. ``relevance``
+    is how close the item is to the query on an absolute scale (the pgvector tier:
+    cosine similarity), or None; a read's relevance floor applies to it.
     """
 
     item: Item
@@ -132,6 +177,7 @@ class Hit:
     score: float
     text: str = ""
     pinned: bool = False
+    relevance: float | None = None
 
     def __post_init__(self) -> None:
         if not self.text:
@@ -290,9 +336,10 @@ class Recall:
     def as_text(self, kv_as_text: bool = True, adapter_as_text: bool = True) -> str:
         """Pinned facts first, then knowledge by rank; then the recent conversation in the order it happened.
 
-        Items held as KV memory or by the adapter are written out too (for a
-        model that cannot take them), unless ``kv_as_text`` / ``adapter_as_text``
-        is False because they are being injected or applied.
+        An item with an ``occurred_at`` is dated (``[2024-03-15] ...``), so a model can
+        answer when something happened. Items held as KV memory or by the adapter are
+        written out too (for a model that cannot take them), unless ``kv_as_text`` /
+        ``adapter_as_text`` is False because they are being injected or applied.
         """
         kv_hits = [Hit(it, self.kv.tier, 0.0) for it in self.kv.items] if self.kv and kv_as_text else []
         weight_hits = list(self.covered) if adapter_as_text else []
@@ -300,10 +347,15 @@ class Recall:
         turns = sorted((h for h in self.hits if h.item.role is not None), key=lambda h: h.item.id)
         parts: list[str] = []
         if facts:
-            parts.append(memories_text([h.text for h in facts]))
+            parts.append(memories_text([_dated(h) for h in facts]))
         if turns:
-            parts.append("Recent conversation:\n" + "\n".join(f"{h.item.role}: {h.text}" for h in turns))
+            parts.append("Recent conversation:\n" + "\n".join(f"{h.item.role}: {_dated(h)}" for h in turns))
         return "\n\n".join(parts)
+
+
+def _dated(hit: Hit) -> str:
+    at = hit.item.occurred_at
+    return f"[{when_text(at)}] {hit.text}" if at is not None else hit.text
 
 
 def memories_text(texts: Iterable[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 from .errors import InvalidInput
@@ -153,3 +154,28 @@ def check_messages(messages: object, max_chars: int) -> list[tuple[str, str]]:
     if not out:
         raise InvalidInput("messages is empty")
     return out
+
+
+def check_time(value: object, what: str) -> datetime | None:
+    """A moment: a timezone-aware datetime, a naive one (taken as UTC), a date (its midnight, UTC)
+    or an ISO 8601 string of either; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise InvalidInput(f"{what} is {value!r}, not an ISO 8601 date or time "
+                               "(e.g. '2024-03-15' or '2024-03-15T09:30:00+01:00')") from None
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime.combine(value, time(0), UTC)
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"{what} must be a datetime, a date or an ISO 8601 string, got {type(value).__name__}")
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def check_relevance(value: object) -> float:
+    """A relevance floor: a number from -1 to 1 (cosine similarity's range)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -1 <= value <= 1:
+        raise InvalidInput(f"min_relevance must be a number from -1 to 1, got {value!r}")
+    return float(value)

@@ -17,7 +17,8 @@ FACTS = ["Mara Quell moved to Ghent in April.", "Mara's cat Tofu needs pills twi
 def fill(mem, user):
     """Knowledge with metadata, a keyed document and a session's turns, read and used."""
     facts = mem.write(user, FACTS, metadata={"source": "chat", "tags": ["home", "pets"]})
-    [doc] = mem.put(user, ["doc-7"], ["The boiler was serviced in March."], [{"kind": "note"}])
+    [doc] = mem.put(user, ["doc-7"], ["The boiler was serviced in March."], [{"kind": "note"}],
+                    occurred_at="2024-03-12")
     chat = Scope(user, "helper", "s1")
     turns = mem.write_messages(chat, [{"role": "user", "content": "I'm allergic to shellfish."},
                                       {"role": "assistant", "content": "Noted."}])
@@ -50,6 +51,7 @@ def test_export_then_import_restores_every_item(memory, user):
     turn = json.loads(lines[-1])
     assert turn["scope"] == f"{user}/helper/s1" and turn["role"] == "assistant" and turn["level"] == 0
     assert json.loads(lines[2])["key"] == "doc-7"
+    assert json.loads(lines[2])["occurred_at"] == "2024-03-12T00:00:00+00:00" and first["occurred_at"] is None
 
     memory.forget(user)
     assert memory.stats(user)["items"] == 0
@@ -59,6 +61,7 @@ def test_export_then_import_restores_every_item(memory, user):
     assert memory.read(user, "Where does Mara live?").hits[0].item.text == FACTS[0]  # indexed again
     assert [t.text for t in memory.turns(Scope(user, "helper", "s1"))] == ["I'm allergic to shellfish.", "Noted."]
     assert memory.get_keys(user, ["doc-7"])[0].text == "The boiler was serviced in March."
+    assert memory.get_keys(user, ["doc-7"])[0].occurred_at.isoformat() == "2024-03-12T00:00:00+00:00"
 
     now = snapshot(memory, user)  # the read above counted
     again = import_(memory, None, lines)  # idempotent: nothing is added twice

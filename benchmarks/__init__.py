@@ -9,6 +9,7 @@ Run each from the repository root as a module; results go to ``benchmarks/result
     python -m benchmarks.policy       # RAG against the promotion policies
     python -m benchmarks.isolation    # three users' interleaved operations, checked for leaks
     python -m benchmarks.conversations  # retrieval on real conversations against BM25, MiniLM and mem0
+    python -m benchmarks.serve        # per-user adapters served by the hf loop and by vLLM, in one run
 
 Checks a user runs on a deployment stay in the command line: ``memplug bench store``,
 ``memplug bench load`` and ``memplug fuzz``. ``docs/benchmarks.md`` has the latest figures.

@@ -17,6 +17,7 @@ from .errors import (
     NotFound,
     PluginError,
     ScopeViolation,
+    ServerUnavailable,
     StoreUnavailable,
 )
 from .hookspecs import hookimpl
@@ -44,5 +45,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterRef", "Answer", "ArtifactCorrupt", "Budget", "ConfigError", "Hit", "InvalidInput", "InvalidScope", "Item", "KVPrefix",
     "ItemUsage", "MemplugError", "Memory", "ModelMismatch", "ModelUnavailable", "Move", "NotFound", "Option",
-    "Placement", "PluginError", "Recall", "Scope", "ScopeViolation", "Settings", "StoreUnavailable", "TierCost", "Window", "hookimpl",
+    "Placement", "PluginError", "Recall", "Scope", "ScopeViolation", "ServerUnavailable", "Settings", "StoreUnavailable", "TierCost", "Window", "hookimpl",
 ]

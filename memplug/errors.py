@@ -31,6 +31,10 @@ class ModelUnavailable(MemplugError):
     """A local model (embedder, tokenizer, causal LM) could not be found or loaded."""
 
 
+class ServerUnavailable(ModelUnavailable):
+    """A model server (the ``vllm`` backend) could not be started or reached."""
+
+
 class ModelMismatch(MemplugError):
     """A derived artifact was made by a different model than the one loaded."""
 

@@ -87,6 +87,8 @@ class Memory:
         self.plugins = PluginRegistry(self.settings.plugins, plugins, load_entrypoints)
         self.plugins.options.check(self.settings.options, more=self.plugins.declare_installed)
         self.plugins.warn_inactive(self.settings.options)
+        self.backend = self.option("backend")
+        self.plugins.fit_backend(self.backend)
         self.half_life_s = self.option("heat_half_life_s")
         self.relevance_floor = self.option("relevance_floor")
         self.max_text_chars = self.option("max_text_chars")
@@ -95,6 +97,7 @@ class Memory:
         self.store = Store(dsn, pool_size=self.option("pool_size"))
         self.costs = CostLedger(self.store)
         try:
+            serving.check_backend(self)
             self.hook.memplug_configure.call_historic(kwargs={"memory": self})
         except BaseException:
             self.store.close()
@@ -141,24 +144,45 @@ class Memory:
 
     @property
     def model(self):
-        """The local causal LM (:class:`memplug.runtime.LocalModel`), loaded on first use."""
+        """What generates replies (option ``backend``): the local causal LM
+        (:class:`memplug.runtime.LocalModel`, loaded on first use), or the client of a vLLM server
+        (:class:`memplug.runtime.vllm.VLLMModel`; a server on this machine is started on first use)."""
+        if self.backend == "vllm":
+            return serving.vllm_model(self)
         from .runtime.model import load_model
 
         return load_model(self.settings.home, self.settings.model)
 
     @property
     def loaded_model(self):
-        """The local model if this process has loaded it already, else None (never loads it)."""
+        """The model if it is loaded already (for vllm: a server is known), else None (never loads,
+        never starts one). Tiers unload adapters through it."""
+        if self.backend == "vllm":
+            return serving.vllm_model(self, start=False)
         from .runtime.model import loaded
 
         return loaded(self.settings.home, self.settings.model)
 
     @property
     def model_fingerprint(self) -> str:
-        """The local model's fingerprint, read from its cache without loading it when possible."""
-        from .runtime.model import known_fingerprint
+        """The local model's fingerprint (what adapters and KV blobs are made for), read from its
+        cache without loading it when possible. A vLLM server started here serves the same weights."""
+        from .runtime.model import known_fingerprint, load_model
 
-        return known_fingerprint(self.settings.home, self.settings.model) or self.model.fingerprint
+        return known_fingerprint(self.settings.home, self.settings.model) or \
+            load_model(self.settings.home, self.settings.model).fingerprint
+
+    def check_adapter_shape(self, *, rank: int, targets: Sequence[str], layers: Sequence[int] | None = None,
+                            use_dora: bool = False, bias: str = "none",
+                            modules_to_save: Sequence[str] | None = None, where: str = "adapter") -> None:
+        """Raise :class:`~memplug.ConfigError` if the backend cannot serve adapters of this shape (the
+        ``vllm`` backend accepts some ranks and target modules only); weights tiers call it when configured."""
+        if self.backend == "vllm":
+            from .runtime.vllm import check_adapter_shape
+
+            check_adapter_shape(rank=rank, targets=targets, max_rank=self.option("vllm_max_lora_rank"),
+                                layers=layers, use_dora=use_dora, bias=bias, modules_to_save=modules_to_save,
+                                where=where)
 
     @property
     def artifacts(self):

@@ -188,6 +188,26 @@ HOST_OPTIONS = (
     Option("artifacts", path_or_url, None,
            "Where tiers keep derived artifacts (KV blobs, adapters): a folder or an fsspec URL such as "
            "s3://bucket/memplug. Unset: $MEMPLUG_HOME/artifacts.", metavar="path or URL"),
+    Option("backend", str, "hf", "What generates replies: hf (the model in this process, with injected KV memory "
+           "and adapter slots) or vllm (a vLLM server, started here or at vllm_url, serving each user's adapter "
+           "by name; KV memory is given as text).", choices=("hf", "vllm")),
+    Option("vllm_url", str, "", "The vLLM server's base URL (http://host:8000). Empty: start one on this "
+           "machine, or use the one another process started."),
+    Option("vllm_python", str, "", "The Python of vLLM's own environment, for a server started here. Empty: "
+           "the environment `memplug vllm setup` makes in the user cache folder."),
+    Option("vllm_max_loras", int, 8, "Adapters one batch of a server started here can mix (--max-loras); "
+           "more are kept in host memory and swapped in.", min=1),
+    Option("vllm_max_lora_rank", int, 16, "Highest adapter rank a server started here accepts (--max-lora-rank): "
+           "one of 1, 8, 16, 32, 64, 128, 256, 320, 512.", min=1),
+    Option("vllm_artifacts_path", str, "", "Where the vLLM server reads the artifact store (a folder on its "
+           "machine, such as an s3 bucket's mount). Empty: the store's own folder when it is local; a remote "
+           "store's adapters are then copied to $MEMPLUG_HOME/vllm/adapters, for a server on this machine."),
+    Option("vllm_args", str, "", "More arguments for a server started here (`vllm serve` flags, split as a "
+           "shell would)."),
+    Option("vllm_start_timeout_s", float, 300.0, "Seconds a server started here may take to become healthy.",
+           gt=0),
+    Option("vllm_base_adapter", flag, True, "Send requests without an adapter to an all-zero adapter: vLLM's "
+           "CPU build may otherwise apply the adapter of another request in the batch.", metavar="bool"),
     Option("job_attempts", int, 3, "Tries of a consolidation job before it is marked failed.", min=1),
     Option("job_retry_wait_s", float, 5.0, "Seconds between a failed job's tries.", min=0),
     Option("job_stalled_s", float, 30.0,

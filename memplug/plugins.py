@@ -14,7 +14,11 @@ A plugin may say more about itself with three attributes:
   unavailable (``memplug plugins``, ``memplug doctor``) and not loaded, so no policy
   plans moves to its level;
 - ``opt_in = True``: installing it does not activate it; it loads only when
-  ``MEMPLUG_PLUGINS`` names it, or when passed in code (the example plugins).
+  ``MEMPLUG_PLUGINS`` names it, or when passed in code (the example plugins);
+- ``needs_backend``: what it needs of the generation backend (option ``backend``):
+  ``"kv"`` (injected attention key/values), ``"adapters"`` (per-request LoRA
+  adapters). With a backend that lacks one, the plugin is listed as unavailable,
+  as for a missing module (the kv tier with the ``vllm`` backend).
 
 ``MEMPLUG_TRACE`` traces every hook call of every plugin with its time, on the
 ``memplug.trace`` logger: ``1`` (or ``stderr``) prints the lines to standard
@@ -88,6 +92,10 @@ class PluginInfo:
     source: str
     status: str = "loaded"  # loaded, unavailable (a requirement is missing), opt-in (installed, not named)
     detail: str = ""  # for an unavailable plugin: what is missing and the command that installs it
+
+
+# What each generation backend can do with a read's memory besides text.
+BACKEND_FEATURES = {"hf": frozenset({"kv", "adapters"}), "vllm": frozenset({"adapters"})}
 
 
 def missing_requirements(plugin: object) -> list[str]:
@@ -258,6 +266,22 @@ class PluginRegistry:
                         impl.function = _timed(name, caller.name, impl.function)
                         impl.function._memplug_traced = True
         return name
+
+    def fit_backend(self, backend: str) -> None:
+        """Set aside the plugins that need what ``backend`` cannot do (their ``needs_backend``): they are
+        listed as unavailable and take part in nothing; their options stay valid settings."""
+        features = BACKEND_FEATURES[backend]
+        for name, plugin in list(self.pm.list_name_plugin()):
+            needs = getattr(plugin, "needs_backend", ()) or ()
+            lacking = sorted(({needs} if isinstance(needs, str) else set(needs)) - features)
+            if not lacking:
+                continue
+            version, source = self._info.pop(name, (None, "registered in code"))
+            self.pm.unregister(plugin)
+            detail = f"the {backend} backend takes no {', '.join(lacking)} (option backend={backend})"
+            self._inactive[name] = PluginInfo(name, (), version, getattr(plugin, "level", None), source,
+                                              "unavailable", detail)
+            log.info("plugin %s is unavailable: %s", name, detail)
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)

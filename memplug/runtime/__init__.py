@@ -20,7 +20,7 @@ from typing import Any
 _EXPORTS = {
     "Embedder": "embedder",
     "TokenCounter": "tokenizer", "load_token_counter": "tokenizer",
-    "LocalModel": "chat", "chat_messages": "chat",
+    "LocalModel": "chat", "chat_messages": "prompt",
     "KVChunk": "kv", "rotate": "kv", "stack_prefix": "kv",
     "load_model": "model", "fresh_model": "model", "loaded": "model", "model_cache_dir": "model",
     "run_in_child": "child", "ChildFailed": "child", "child_available": "child",

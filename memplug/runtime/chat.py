@@ -30,31 +30,11 @@ import torch
 
 from ..errors import InvalidInput, ModelMismatch, ModelUnavailable
 from .kv import KVChunk, rotate, stack_prefix
+from .prompt import chat_messages, system_text
 
-SYSTEM = "You are a helpful assistant. Answer from these memories when they are relevant.\nMemories:\n"
-PLAIN_SYSTEM = "You are a helpful assistant."
 _MARK = "\u2063MEMPLUG\u2063"
 _LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform", "bias",
                 "fan_in_fan_out", "use_rslora", "task_type")
-
-
-def chat_messages(messages: Any) -> list[dict[str, str]]:
-    """Normalise a str, dicts with role/content, or message objects (``.role``/``.type`` and ``.content``)."""
-    if isinstance(messages, str):
-        return [{"role": "user", "content": messages}]
-    out = []
-    for m in messages:
-        if isinstance(m, dict):
-            role, content = m.get("role"), m.get("content")
-        else:
-            role = getattr(m, "role", None) or {"human": "user", "ai": "assistant"}.get(getattr(m, "type", ""))
-            content = getattr(m, "content", None)
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise InvalidInput(f"a message needs role system/user/assistant and str content, got {m!r:.80}")
-        out.append({"role": role, "content": content})
-    if not out:
-        raise InvalidInput("messages is empty")
-    return out
 
 
 @dataclass
@@ -130,10 +110,8 @@ class LocalModel:
         if msgs[0]["role"] == "system":
             extra, msgs = msgs[0]["content"], msgs[1:]
         if not chunks and not text_memories:
-            rendered = self._render("\n\n".join(filter(None, [PLAIN_SYSTEM, extra])), msgs)
-            return "", rendered
-        tail = "\n".join(filter(None, [text_memories.strip(), extra and "\n" + extra]))
-        rendered = self._render(SYSTEM + _MARK + tail, msgs)
+            return "", self._render(system_text(extra), msgs)
+        rendered = self._render(system_text(extra, text_memories, memories=True, mark=_MARK), msgs)
         head, _, rest = rendered.partition(_MARK)
         if not rest and not rendered.endswith(_MARK):
             raise InvalidInput("the model's chat template dropped the system message; memories cannot be placed")

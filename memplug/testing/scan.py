@@ -14,7 +14,10 @@ After :meth:`Memory.forget`, nothing may still refer to the forgotten items.
 - every file under the artifact root: a file named after a forgotten id
   (``12.safetensors``), a file whose bytes hold a forgotten text, and a
   safetensors file whose header names a forgotten id under an ``item``-ish key
-  (``item_id``, ``item_ids``, ``items``, in JSON values too).
+  (``item_id``, ``item_ids``, ``items``, in JSON values too);
+- with the ``vllm`` backend, every adapter the server holds: one whose files
+  are gone, one whose header names a forgotten id, and (with ``scope``) one
+  named for that scope.
 
 Texts and embeddings are looked for in rows that may belong to the forgotten
 items' users (a row with another ``user_id``, or naming another user's item, is
@@ -78,6 +81,7 @@ def find_traces(memory: Any, items: Sequence[Item], scope: Scope | str | None = 
     traces = _table_traces(memory, items, scope)
     if artifacts:
         traces += _artifact_traces(memory, items, scope)
+    traces += _served_traces(memory, items, scope)
     return traces
 
 
@@ -255,6 +259,37 @@ def _artifact_traces(memory: Any, items: list[Item], scope: Scope | None) -> lis
         named = _header_ids(data) & ids
         if named:
             traces.append(Trace(where, f"safetensors header names item id(s) {sorted(named)}"))
+    return traces
+
+
+def _served_traces(memory: Any, items: list[Item], scope: Scope | None) -> list[Trace]:
+    """Adapters a model server still holds (the ``vllm`` backend): one whose files are gone (its
+    version was deleted), one whose header names a forgotten item, and with ``scope``, one named
+    for that scope or a scope under it. Asks the server; nothing is started."""
+    model = getattr(memory, "loaded_model", None)
+    served = getattr(model, "served_adapters", None)
+    if served is None:
+        return []
+    ids = {it.id for it in items}
+    mount = memory.option("vllm_artifacts_path").rstrip("/")
+    traces = []
+    for name, root in served().items():
+        where = f"adapter {name} on the vLLM server"
+        scope_part = name.partition("@")[2]
+        if scope is not None and scope_part and _path_in_scope(scope_part.split("/") + ["adapter"], scope):
+            traces.append(Trace(where, f"named for scope {scope}"))
+        data = None
+        weights = "adapter_model.safetensors"
+        if mount and root.startswith(mount + "/"):
+            key = f"{root[len(mount) + 1:]}/{weights}"
+            data = memory.artifacts.get(key) if memory.artifacts.exists(key) else b""
+        elif Path(root).is_absolute():
+            path = Path(root) / weights
+            data = path.read_bytes() if path.is_file() else b""
+        if data == b"":
+            traces.append(Trace(where, f"still served, but its files at {root} are gone (a deleted version)"))
+        elif data is not None and _header_ids(data) & ids:
+            traces.append(Trace(where, f"its header names item id(s) {sorted(_header_ids(data) & ids)}"))
     return traces
 
 

@@ -110,6 +110,7 @@ class KVTier:
 
     name = "kv"
     level = 2
+    needs_backend = ("kv",)  # a serving engine that takes no injected KV (vllm) leaves this tier out
     options = (
         Option("kv_codec", str, "int4", "How KV is compressed: fp16 and bf16 cast, int8 to int2 quantize "
                "with a scale and minimum per group of channels.", choices=CODECS),

@@ -233,6 +233,9 @@ class LoraTier:
             self.config = TrainConfig(**values)
         except InvalidInput as e:  # the declarations' ranges are TrainConfig's: this is a safety net
             raise ConfigError(f"a lora option is out of range: {e}") from e
+        # Adapters the backend could not serve are refused now, not at serve time.
+        memory.check_adapter_shape(rank=self.config.rank, targets=self.config.targets,
+                                   where="the lora tier's adapters (options lora_rank, lora_targets)")
         self.max_items = memory.option("lora_max_items")
         self.isolate = memory.option("lora_isolate")
         if self.isolate:
@@ -420,6 +423,13 @@ class LoraTier:
                 """,
                 {"id": adapter_id, "ids": list(result.recall), "recalls": list(result.recall.values()),
                  "floor": self.config.min_recall})
+            resident = memory.loaded_model
+            if resident is not None:  # the scope's older versions leave the model (or server) once this one is in
+                for old_id, old_fp in db.execute(
+                        "SELECT id, fingerprint FROM lora_adapters WHERE user_id = %s AND agent_id = %s "
+                        "AND session_id = %s AND id < %s", (u, a, s, adapter_id)).fetchall():
+                    memory.store.on_commit(db, functools.partial(resident.drop_adapter,
+                                                                 adapter_name(self.name, old_id, old_fp)))
             self._prune(memory, db, key, adapter_id)
             m = result.metrics
             placed = [Placement(self.name, self.level, sorted(passed),

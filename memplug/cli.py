@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .errors import InvalidInput, MemplugError
+from .errors import ConfigError, InvalidInput, MemplugError
 from .types import Budget, Scope, when_text
 
 # Plain text: what is printed is users' memories, queries, scopes and error messages, none of
@@ -631,6 +631,9 @@ def vllm_serve() -> None:
     from .serving import vllm_model
 
     with _memory(options={"backend": "vllm"}) as mem:
+        if mem.option("vllm_url"):
+            raise ConfigError(f"vllm_url is set ({mem.option('vllm_url')}): that server runs elsewhere; "
+                              "unset it to run one here")
         client = vllm_model(mem)
         url = client.url
         console.print(f"vLLM server at {url} (model {client.base_model()}); Ctrl-C stops it", highlight=False)
@@ -657,8 +660,9 @@ def vllm_status(as_json: bool) -> None:
     with _memory(options={"backend": "vllm"}) as mem:
         client = vllm_model(mem, start=False)
         python = env_python(mem.option("vllm_python"))
-        data = {"url": client.url if client is not None else None, "environment": str(python),
-                "environment_ready": env_ready(python),
+        url = None if client is None else client._url or client.server.found()
+        data = {"url": url, "environment": str(python),
+                "environment_ready": env_ready(python, bool(mem.option("vllm_python"))),
                 "adapters": client.served_adapters() if client is not None else {}}
     if as_json:
         _emit_json(data)

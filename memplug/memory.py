@@ -86,9 +86,9 @@ class Memory:
 
         self.plugins = PluginRegistry(self.settings.plugins, plugins, load_entrypoints)
         self.plugins.options.check(self.settings.options, more=self.plugins.declare_installed)
-        self.plugins.warn_inactive(self.settings.options)
         self.backend = self.option("backend")
         self.plugins.fit_backend(self.backend)
+        self.plugins.warn_inactive(self.settings.options)
         self.half_life_s = self.option("heat_half_life_s")
         self.relevance_floor = self.option("relevance_floor")
         self.max_text_chars = self.option("max_text_chars")

@@ -25,6 +25,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _MODEL_CACHE = Path(os.environ.get("MEMPLUG_TEST_MODEL_CACHE", Path(tempfile.gettempdir()) / "memplug-test-models"))
 
 
+# The longest runs on the real SmolLM2 (minutes each on a 2-core CPU) are left to `make test-all`; every
+# tier keeps tests on the real Postgres and models in the default suite (the lora tier: its conformance
+# round trip and forget scan, the training lock, and the vLLM test's two trainings).
+SLOW = {
+    "tests/test_conformance.py::TestLoraTier::test_concurrent_writers",
+    "tests/test_conformance.py::TestLoraTier::test_scopes_never_see_each_other",
+    "tests/test_conformance.py::TestLoraTier::test_bad_input_changes_nothing",
+    "tests/test_conformance.py::TestLoraTier::test_moves_in_and_out",
+    "tests/test_lora_tier.py::test_adapter_trains_applies_isolates_and_forgets",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config):
     _MODEL_CACHE.mkdir(parents=True, exist_ok=True)
     (_HOME / "models").symlink_to(_MODEL_CACHE, target_is_directory=True)

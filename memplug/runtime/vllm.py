@@ -28,8 +28,8 @@ with either backend unchanged.
 - **The server** is the one at ``vllm_url``, or one this module starts on
   this machine from vLLM's own environment (``memplug vllm setup`` makes it,
   since vLLM pins its own transformers), serving the local model's weights.
-  Its address is kept in ``$MEMPLUG_HOME/vllm/server.json``, so other
-  processes of the same home use it instead of starting their own.
+  Its address is kept in ``$MEMPLUG_HOME/vllm/server-<model>.json``, so other
+  processes of the same home and model use it instead of starting their own.
 
 Importing this module loads no torch, transformers or vLLM: the client
 speaks HTTP through the standard library.
@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactCorrupt, ConfigError, ModelMismatch, ServerUnavailable
+from ..errors import ArtifactCorrupt, ConfigError, InvalidInput, ModelMismatch, ServerUnavailable
 from .prompt import with_memories
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,10 @@ def env_python(configured: str = "") -> Path:
     return default_env() / "bin" / "python"
 
 
-def env_ready(python: Path) -> bool:
-    return python.is_file() and (python.parent.parent / READY).is_file()
+def env_ready(python: Path, configured: bool = False) -> bool:
+    """Whether ``python`` can run a server: made complete by ``memplug vllm setup``, or (``configured``,
+    option ``vllm_python``) an environment made some other way."""
+    return python.is_file() and (configured or (python.parent.parent / READY).is_file())
 
 
 def setup_env(env: Path | None = None, device: str | None = None, echo: Callable[[str], None] = print) -> Path:
@@ -159,10 +161,11 @@ def setup_env(env: Path | None = None, device: str | None = None, echo: Callable
 
 
 def env_device(python: Path) -> str:
+    """``cpu`` or ``cuda``: as ``memplug vllm setup`` recorded it, else whether this machine has a GPU."""
     try:
         return json.loads((python.parent.parent / READY).read_text()).get("device", "cpu")
     except (OSError, ValueError):
-        return "cpu"
+        return "cuda" if shutil.which("nvidia-smi") else "cpu"
 
 
 # -- the model folder the server reads -------------------------------------------------------------
@@ -262,38 +265,53 @@ class LocalServer:
                  max_lora_rank: int = 16, args: str = "", timeout_s: float = 300.0):
         self.home = Path(home)
         self.model = model
+        self.configured_python = bool(python)
         self.python = env_python(python)
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.args = shlex.split(args)
         self.timeout_s = timeout_s
         self.folder = self.home / "vllm"
-        self.state_file = self.folder / "server.json"
+        slug = "".join(c if c.isalnum() else "-" for c in model or "default")[-80:]
+        self.state_file = self.folder / f"server-{slug}.json"  # one server per home and model
         self.proc: subprocess.Popen[bytes] | None = None
+        self._known: str | None = None  # the URL in use, checked when a call to it fails
         self._lock = threading.Lock()
 
     def found(self) -> str | None:
-        """The URL of a healthy server of this home (one this process or another started), else None."""
+        """The URL of a healthy server of this home and model (one this process or another started),
+        else None. A server whose process lives but that answers slowly counts as found (busy)."""
         try:
             state = json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             return None
         url = state.get("url")
-        return url if url and healthy(url) else None
+        if not url:
+            return None
+        if healthy(url) or (_alive(state.get("pid")) and healthy(url, timeout=15.0)):
+            return url
+        return None
 
     def ensure(self) -> str:
-        """The URL of a healthy server of this home, started now if there is none."""
+        """The URL of this home's server, started now if there is none."""
         with self._lock:
+            if self._known is not None:
+                return self._known
             url = self.found()
-            if url is not None:
-                return url
-            self.folder.mkdir(parents=True, exist_ok=True)
-            import fcntl
+            if url is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                import fcntl
 
-            with open(self.folder / "start.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # one start at a time per home, across processes
-                url = self.found()
-                return url if url is not None else self._start()
+                with open(self.folder / "start.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # one start at a time per home, across processes
+                    url = self.found() or self._start()
+            self._known = url
+            return url
+
+    def lost(self) -> None:
+        """A call to the server failed: check it (and start one if needed) on the next use."""
+        with self._lock:
+            self._known = None
 
     def command(self, port: int, folder: Path) -> tuple[list[str], dict[str, str]]:
         device = env_device(self.python)
@@ -316,7 +334,8 @@ class LocalServer:
         return cmd + self.args, env
 
     def _start(self) -> str:
-        if not env_ready(self.python):
+        self.stop()  # a server this process started before and that died
+        if not env_ready(self.python, self.configured_python):
             raise ServerUnavailable(f"vLLM's environment is not set up at {self.python.parent.parent}: run "
                                     "`memplug vllm setup` (or `make vllm`), or set vllm_url to a running server")
         folder = serving_folder(self.home, self.model)
@@ -358,6 +377,20 @@ class LocalServer:
         with contextlib.suppress(OSError, ValueError):
             if json.loads(self.state_file.read_text()).get("pid") == proc.pid:
                 self.state_file.unlink()
+        with self._lock:
+            self._known = None
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _why(logfile: Path) -> str:
@@ -403,7 +436,7 @@ class VLLMModel:
         self.measure = measure
         self.timeout_s = timeout_s
         self._loaded: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a load may reconnect, which clears what is loaded
         self._base: str | None = None
         self._served_model: str | None = None
         self._prefill_ms_per_token: float | None = None  # of requests without an adapter, a running mean
@@ -417,20 +450,39 @@ class VLLMModel:
         assert self.server is not None
         return self.server.ensure().rstrip("/")
 
-    def _call(self, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
-        try:
-            with _open(f"{self.url}{path}", body, timeout or self.timeout_s) as r:
-                raw = r.read()
-        except _HTTPError:
-            raise
-        except (OSError, ValueError) as e:
-            raise ServerUnavailable(f"the vLLM server at {self._url or 'this machine'} cannot be reached "
-                                    f"({type(e).__name__}: {e})") from e
+    def _call(self, path: str, body: dict[str, Any] | None = None, timeout: float | None = None,
+              http_errors: bool = False) -> Any:
+        """POST ``body`` (GET without one) and return the decoded answer. An HTTP error status raises
+        :class:`_HTTPError` with ``http_errors``, else :class:`~memplug.ServerUnavailable`."""
+        for attempt in (0, 1):
+            try:
+                with _open(f"{self.url}{path}", body, timeout or self.timeout_s) as r:
+                    raw = r.read()
+                break
+            except _HTTPError as e:
+                if http_errors:
+                    raise
+                raise ServerUnavailable(f"the vLLM server answered {path} with {e}") from None
+            except (OSError, ValueError) as e:
+                if attempt == 0 and self._reconnect():
+                    continue
+                raise ServerUnavailable(f"the vLLM server at {self._url or 'this machine'} cannot be reached "
+                                        f"({type(e).__name__}: {e})") from e
         text = raw.decode(errors="replace")
         try:
             return json.loads(text) if text.strip() else None
         except ValueError:
             return text
+
+    def _reconnect(self) -> bool:
+        """After a failed call: whether a server started here may be found (or started) again."""
+        if self.server is None:
+            return False
+        self.server.lost()
+        with self._lock:  # a new server holds no adapter yet
+            self._loaded.clear()
+            self._base = None
+        return True
 
     def base_model(self) -> str:
         """The name the server serves its base model under."""
@@ -475,17 +527,21 @@ class VLLMModel:
             load_ms = 1000 * (time.perf_counter() - started)
         if self.measure is not None:
             self.measure(ref.tier, "load_ms", load_ms)
-        scope_part = name.partition("@")[2]
-        prefix = name.split("_")[:2]
+        stem, scope_part = _parts(name)[0], name.partition("@")[2]
         for other, root in self.served_adapters().items():
-            if other != name and other.partition("@")[2] == scope_part and other.split("_")[:2] == prefix \
-                    and _version(other) < ref.version:
-                self._unload(other, root)
+            parts = _parts(other)
+            if parts is not None and parts[0] == stem and other.partition("@")[2] == scope_part \
+                    and parts[1] < ref.version:
+                try:
+                    self._unload(other, root)
+                except ServerUnavailable as e:  # this request's adapter is in; the old one goes later
+                    log.warning("vllm: could not unload the older adapter %s: %s", other, e)
         return name
 
     def _load(self, name: str, path: str) -> None:
         try:
-            self._call("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, timeout=120)
+            self._call("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, timeout=120,
+                       http_errors=True)
         except _HTTPError as e:
             if "already" in e.message.lower():  # loaded by another process of this deployment
                 return
@@ -499,7 +555,7 @@ class VLLMModel:
 
     def _unload(self, name: str, root: str = "") -> None:
         try:
-            self._call("/v1/unload_lora_adapter", {"lora_name": name}, timeout=60)
+            self._call("/v1/unload_lora_adapter", {"lora_name": name}, timeout=60, http_errors=True)
         except _HTTPError as e:
             if e.status != 404:  # 404: not loaded (any more)
                 raise ServerUnavailable(f"the vLLM server did not unload adapter {name}: {e}") from None
@@ -572,22 +628,23 @@ class VLLMModel:
                         self._loaded.clear()
                         self._base = None
                     continue
+                if e.status in (400, 413, 422):
+                    raise InvalidInput(f"the vLLM server refused the request: {e.message}") from None
                 raise ServerUnavailable(f"the vLLM server refused the request: {e}") from None
             except OSError as e:
+                if attempt == 0 and self._reconnect():
+                    continue
                 raise ServerUnavailable(f"the vLLM server at {self._url or 'this machine'} cannot be reached "
                                         f"({type(e).__name__}: {e})") from e
             break
         first: float | None = None
         prompt_tokens = 0
         with response:
-            for raw in response:
-                line = raw.decode(errors="replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
+            for event in _events(response):
+                if event.get("error"):
+                    error = event["error"]
+                    raise ServerUnavailable("the vLLM server failed during the reply: "
+                                            f"{error.get('message', error) if isinstance(error, dict) else error}")
                 if event.get("usage"):
                     prompt_tokens = event["usage"].get("prompt_tokens", 0)
                 for choice in event.get("choices", []):
@@ -615,13 +672,31 @@ class VLLMModel:
             self.measure(ref.tier, "read_ms", extra + load_ms)
 
 
-def _version(served: str) -> int:
-    """The version in a served adapter name (``memplug_lora_12_<model>@...`` -> 12); -1 if none."""
-    parts = served.partition("@")[0].split("_")
+def _events(response: Any) -> Iterator[dict[str, Any]]:
+    """The JSON events of a server-sent event stream, up to ``[DONE]``."""
+    import http.client
+
     try:
-        return int(parts[2])
-    except (IndexError, ValueError):
-        return -1
+        for raw in response:
+            line = raw.decode(errors="replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        raise ServerUnavailable(f"the vLLM server's reply broke off ({type(e).__name__}: {e})") from e
+
+
+def _parts(served: str) -> tuple[str, int, str] | None:
+    """(``memplug_<tier>``, version, model) of a served adapter name (``memplug_lora_12_<model>@<scope>``);
+    None for a name memplug did not give. The tier may hold underscores; the scope may hold ``@``."""
+    try:
+        stem, version, model = served.partition("@")[0].rsplit("_", 2)
+        return stem, int(version), model
+    except ValueError:
+        return None
 
 
 def zero_adapter(folder: Path, model_folder: Path, targets: Sequence[str] = ("q_proj",)) -> Path:

@@ -275,8 +275,10 @@ def _served_traces(memory: Any, items: list[Item], scope: Scope | None) -> list[
     traces = []
     for name, root in served().items():
         where = f"adapter {name} on the vLLM server"
-        scope_part = name.partition("@")[2]
-        if scope is not None and scope_part and _path_in_scope(scope_part.split("/") + ["adapter"], scope):
+        served_scope = name.partition("@")[2].split("/")
+        if scope is not None and len(served_scope) == 3 and served_scope[0] == scope.user_id and all(
+                want is None or got == want
+                for got, want in zip(served_scope[1:], (scope.agent_id, scope.session_id), strict=True)):
             traces.append(Trace(where, f"named for scope {scope}"))
         data = None
         weights = "adapter_model.safetensors"

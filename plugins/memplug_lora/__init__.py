@@ -384,6 +384,7 @@ class LoraTier:
         memory.measure(self.name, "write_ms_per_item", (total_ms - fixed_ms) / len(items))
         passed = set(result.passed(self.config.min_recall))
         mean = sum(result.recall.values()) / len(result.recall)
+        resident = memory.loaded_model  # looked up before the transaction (for vllm: a server call)
         with memory.store.scoped(owner) as db:
             # The items first, in the strength the placements' foreign keys take anyway: a forget that
             # locked them (Memory.put replacing one) finishes first, instead of deadlocking with us.
@@ -423,14 +424,13 @@ class LoraTier:
                 """,
                 {"id": adapter_id, "ids": list(result.recall), "recalls": list(result.recall.values()),
                  "floor": self.config.min_recall})
-            resident = memory.loaded_model
-            if resident is not None:  # the scope's older versions leave the model (or server) once this one is in
+            self._prune(memory, db, key, adapter_id)
+            if resident is not None:  # the version kept before this one leaves the model (or server) too
                 for old_id, old_fp in db.execute(
                         "SELECT id, fingerprint FROM lora_adapters WHERE user_id = %s AND agent_id = %s "
                         "AND session_id = %s AND id < %s", (u, a, s, adapter_id)).fetchall():
                     memory.store.on_commit(db, functools.partial(resident.drop_adapter,
                                                                  adapter_name(self.name, old_id, old_fp)))
-            self._prune(memory, db, key, adapter_id)
             m = result.metrics
             placed = [Placement(self.name, self.level, sorted(passed),
                                 f"trained in {total_ms / 1000:.0f} s: {m['steps']} steps, {len(m['history'])} "

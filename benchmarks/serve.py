@@ -164,7 +164,7 @@ def random_model(config_path: Path, folder: Path, tokenizer_from: Path) -> Path:
     model.config.architectures = [type(model).__name__]
     model.save_pretrained(str(folder))
     for f in tokenizer_from.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "generation_config.json":
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) or f.name == "generation_config.json":
             shutil.copy2(f, folder / f.name)
     return folder
 

@@ -83,6 +83,7 @@ class Memory:
         self._token_counter = None
         self._artifacts = None
         self._jobs = None
+        self._vllm = None  # the vllm backend's client, made on first use (serving.vllm_model)
 
         self.plugins = PluginRegistry(self.settings.plugins, plugins, load_entrypoints)
         self.plugins.options.check(self.settings.options, more=self.plugins.declare_installed)

@@ -113,7 +113,7 @@ def vllm_model(memory: Memory, start: bool = True) -> Any:
     (no ``vllm_url`` and none running for this home), and nothing is started."""
     from .runtime import vllm
 
-    client = memory.__dict__.get("_vllm")
+    client = memory._vllm
     if client is not None:
         if start or client._url is not None or client.server.found() is not None:
             return client
@@ -136,7 +136,7 @@ def vllm_model(memory: Memory, start: bool = True) -> Any:
         url, fingerprint=memory.model_fingerprint, name=memory.settings.model or "SmolLM2-135M-Instruct",
         locate=places.locate, base_adapter=places.base if memory.option("vllm_base_adapter") else None,
         server=server, staging=places.staging, measure=memory.measure)
-    memory.__dict__["_vllm"] = client
+    memory._vllm = client
     return client
 
 

@@ -513,13 +513,17 @@ class VLLMModel:
         """Load ``ref`` (a :class:`memplug.AdapterRef`) into the server if it is not there; return its
         name. Checks the files first (fingerprint, digest: a damaged adapter is refused, and marked);
         older versions of the same scope's adapter are unloaded."""
+        return self._ensure(ref)[0]
+
+    def _ensure(self, ref: Any) -> tuple[str, float]:
+        """:meth:`load_adapter`, also giving the milliseconds its load took (0 when it was loaded)."""
         if ref.fingerprint != self.fingerprint:
             raise ModelMismatch(f"adapter {ref.name} was trained on model {ref.fingerprint}; "
                                 f"{self.name} is {self.fingerprint}")
         name = self.served_name(ref)
         with self._lock:
             if name in self._loaded:
-                return name
+                return name, 0.0
             started = time.perf_counter()
             ref.load()  # the integrity and model checks of the hf backend, before the server reads the files
             self._load(name, self.locate(ref))
@@ -536,7 +540,7 @@ class VLLMModel:
                     self._unload(other, root)
                 except ServerUnavailable as e:  # this request's adapter is in; the old one goes later
                     log.warning("vllm: could not unload the older adapter %s: %s", other, e)
-        return name
+        return name, load_ms
 
     def _load(self, name: str, path: str) -> None:
         try:
@@ -614,10 +618,7 @@ class VLLMModel:
         for attempt in (0, 1):
             load_ms = 0.0
             if ref is not None:
-                before = time.perf_counter()
-                loaded = self.served_name(ref) in self._loaded
-                body["model"] = self.load_adapter(ref)
-                load_ms = 0.0 if loaded else 1000 * (time.perf_counter() - before)
+                body["model"], load_ms = self._ensure(ref)
             else:
                 body["model"] = self._base_name() or self.base_model()
             try:

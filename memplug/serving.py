@@ -76,6 +76,11 @@ def _generate(memory: Memory, msgs: list[dict[str, str]], recall: Recall | None,
         if caller is not None:
             caller(tokens, seconds)
 
+    def inject(tokens: int, seconds: float) -> None:
+        memory.measure(recall.kv.tier, "inject_ms_per_token", 1000 * seconds / tokens)
+
+    if recall is not None and recall.kv is not None and memory.backend != "vllm":
+        options.setdefault("on_inject", inject)
     return memory.model.stream(msgs, recall, on_prefill=prefill, **options)
 
 

@@ -214,8 +214,8 @@ class KVPrefix:
     Built by a KV tier on read; consumed by :mod:`memplug.runtime`. ``tokens`` is
     the positions the items occupy; ``fingerprint`` names the model that encoded
     them; ``left_out`` names items the tier chose not to serve for this query.
-    Immutable: ``chunks()`` decodes fresh tensors on every call, so nothing a
-    caller does to them reaches the stored blobs.
+    Immutable: ``packed()`` and ``chunks()`` build fresh tensors on every call, so
+    nothing a caller does to them reaches the stored packs.
     """
 
     tier: str
@@ -230,13 +230,26 @@ class KVPrefix:
     # Items the tier found for the query but judged misleading next to the ones it injects (far
     # less similar to the query): the host serves them neither as KV nor as text, nor fills their places.
     left_out: tuple[int, ...] = ()
+    # Tokens at the start of each item the runtime reads again with attention to the items before
+    # it, when it injects them (0: none); see memplug.runtime.LocalModel.build_batch_cache.
+    recompute: int = 0
+
+    def packed(self) -> Any:
+        """The items' key/values as one :class:`memplug.runtime.PackedKV`, in order, still compressed
+        (loads torch). ``loader`` is called with the ids of the items to load; it returns a
+        ``PackedKV`` or a list of :class:`memplug.runtime.KVChunk` values."""
+        from .runtime.kv import PackedKV
+
+        loaded = self.loader(tuple(it.id for it in self.items))
+        return loaded if isinstance(loaded, PackedKV) else PackedKV.from_chunks(list(loaded))
 
     def chunks(self) -> list[Any]:
-        """The items' :class:`memplug.runtime.kv.KVChunk` values, in order (loads torch).
+        """The items' :class:`memplug.runtime.KVChunk` values, in order, as float32 on the CPU
+        (loads torch); fresh tensors on every call."""
+        from .runtime.kv import PackedKV
 
-        ``loader`` is called with the ids of the items to load.
-        """
-        return self.loader(tuple(it.id for it in self.items))
+        loaded = self.loader(tuple(it.id for it in self.items))
+        return loaded.chunks() if isinstance(loaded, PackedKV) else list(loaded)
 
     def ordered(self, item_ids: Sequence[int]) -> KVPrefix:
         """This prefix with its items in the order of ``item_ids`` (the same ids, in any order)."""

@@ -205,6 +205,20 @@ def read_kv(data: bytes) -> Any:
     return decode(data, fingerprint="model-a", layout=LAYOUT, where="blob of item 7")
 
 
+def _reindexed(data: bytes, tokens: int | None = None, raw: str | None = None) -> bytes:
+    """A pack whose header's item index was rewritten (its checksum still matches the tensors)."""
+    import json
+
+    from safetensors.torch import load, save
+
+    from memplug_kv.codec import header
+
+    meta = header(data)
+    index = json.loads(meta["items"])
+    index[0]["tokens"] = tokens if tokens is not None else index[0]["tokens"]
+    return save(load(data), metadata={**meta, "items": raw if raw is not None else json.dumps(index)})
+
+
 def plain_safetensors() -> bytes:
     import torch
     from safetensors.torch import save
@@ -425,7 +439,11 @@ CORPUS: list[Refused | Stored] = [
     Refused("KV blob of another cache layout", lambda p: read_kv(kv_blob(layout={**LAYOUT, "kv_heads": 4})),
             ModelMismatch, "kv_heads=4, the model has 2"),
     Refused("KV blob that is plain safetensors", lambda p: read_kv(plain_safetensors()), ArtifactCorrupt,
-            "not a memplug KV blob"),
+            "not a memplug KV pack"),
+    Refused("KV pack whose item index overruns its tokens", lambda p: read_kv(_reindexed(kv_blob(), tokens=9)),
+            ArtifactCorrupt, "is malformed .*index"),
+    Refused("KV pack whose item index is not JSON", lambda p: read_kv(_reindexed(kv_blob(), raw="[{")),
+            ArtifactCorrupt, "is malformed"),
     # adapters (safetensors + PEFT config)
     Refused("adapter truncated", lambda p: read_adapter(adapter()[0][:300], adapter()[1]), ArtifactCorrupt,
             "adapter 3 is unreadable"),

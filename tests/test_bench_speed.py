@@ -54,7 +54,7 @@ def test_a_run_times_training_switching_and_kv_on_random_weights(bundle_dir, tmp
     assert written["lora"]["adapter_bytes"] > 0
     assert written["kv"]["encode_items_per_s"] > 0
     ttft = written["kv"]["ttft"]["64"]
-    assert 0 < ttft["memory_tokens"] <= 64 and ttft["kv_s"] > 0 and ttft["recompute_s"] > 0
+    assert 0 < ttft["memory_tokens"] <= 64 and ttft["cold_s"] > 0 and ttft["hot_s"] > 0 and ttft["recompute_s"] > 0
     assert result["lora"]["3"]["steps"] == run3["steps"]
     # Every model the run loaded went with its temporary folder: none is kept in the process's cache.
     assert set(model_cache._loaded) == before

@@ -200,3 +200,95 @@ def test_encoding_and_decoding_use_the_cache_argument_the_installed_transformers
         hf_logging.disable_propagation()
     assert not [w for w in caught if "past_key_values" in str(w.message)]
     assert not [r for r in caplog.records if "past_key_values" in r.getMessage()]
+
+
+# -- packs: several items in one set of tensors, placed in one step -------------------------------
+
+
+def logits_after(lm, memory, closing_ids, recompute=0):
+    cache, position, stored = lm.build_cache(memory, recompute=recompute)
+    n = len(closing_ids)
+    with torch.inference_mode():
+        out = lm.model(torch.tensor([closing_ids]), **{lm._cache_kw: cache},
+                       position_ids=torch.arange(position, position + n)[None],
+                       attention_mask=torch.ones(1, stored + n, dtype=torch.long))
+    return out.logits[0, -1]
+
+
+def test_an_uncompressed_pack_placed_on_the_device_path_matches_full_prefill(tiny):
+    from memplug_kv.codec import compress, parse, serialize
+
+    chunk = encode_items(tiny, [FACTS[0]], [7])[0]
+    layout = {"layers": tiny.layers, "kv_heads": tiny.kv_heads, "head_dim": tiny.head_dim}
+    pack = parse(serialize(compress([chunk], Codec("fp32")), "tiny", layout), fingerprint="tiny", layout=layout,
+                 where="test")
+    closing = tiny.ids(tiny.layout("Where does Alice live?")[1])
+    reference = full_prefill_logits(tiny, tiny.preamble()[0] + tiny.chunk_ids(FACTS[0]) + closing)
+    assert (logits_after(tiny, pack, closing) - reference).abs().max() <= 1e-3
+
+
+def test_reading_every_token_again_equals_a_full_prefill_of_the_composed_items(tiny):
+    from memplug_kv.codec import compress
+
+    pack = compress(encode_items(tiny, FACTS, [1, 2]), Codec("fp32"))
+    closing = tiny.ids(tiny.layout("What is the code word?")[1])
+    reference = full_prefill_logits(tiny, tiny.preamble()[0] + tiny.chunk_ids(FACTS[0]) + tiny.chunk_ids(FACTS[1])
+                                    + closing)
+    apart = logits_after(tiny, pack, closing)
+    assert (apart - reference).abs().max() > 1e-3  # encoded apart, the second item never saw the first
+    assert (logits_after(tiny, pack, closing, recompute=10_000) - reference).abs().max() <= 1e-3
+
+
+def test_recompute_changes_the_first_tokens_of_items_that_follow_others_only(tiny):
+    from memplug_kv.codec import compress
+
+    a, b = encode_items(tiny, FACTS, [1, 2])
+    pack = compress([a, b], Codec("fp32"))
+    p = len(tiny.preamble()[0])
+    plain, _, _ = tiny.build_cache(pack)
+    repaired, _, _ = tiny.build_cache(pack, recompute=2)
+    changed = [(plain.layers[layer].keys[0] - repaired.layers[layer].keys[0]).abs().amax(dim=(0, 2)) > 1e-4
+               for layer in range(1, tiny.layers)]  # layer 0's keys depend on the token alone
+    changed = torch.stack(changed).any(dim=0).nonzero().squeeze(1).tolist()
+    # The first item already read everything before it; the second's first two tokens now see the first.
+    assert changed == [p + a.span, p + a.span + 1]
+
+
+def test_an_int4_pack_expands_like_its_items_one_by_one(tiny):
+    from memplug_kv.codec import compress
+
+    a, b = encode_items(tiny, FACTS, [1, 2])
+    layout = {"layers": tiny.layers, "kv_heads": tiny.kv_heads, "head_dim": tiny.head_dim}
+    pack = compress([a, b], Codec("int4", group=8))
+    one_by_one = [decode(encode(c, Codec("int4", group=8), "tiny", layout), fingerprint="tiny", layout=layout,
+                         where="t") for c in (a, b)]
+    for got, want in zip(pack.chunks(), one_by_one, strict=True):
+        assert got.item_id == want.item_id and torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    picked = pack.select([2])
+    assert picked.item_ids == (2,) and torch.equal(picked.chunks()[0].keys, one_by_one[1].keys)
+    assert picked.keys["q"].data_ptr() != pack.keys["q"].data_ptr()  # new tensors, never views
+    cache, position, _ = tiny.build_cache(pack.select([2, 1]))
+    assert position == len(tiny.preamble()[0]) + a.span + b.span
+
+
+def test_a_pack_whose_index_does_not_match_its_tensors_is_refused(tiny):
+    import json
+
+    from safetensors.torch import load, save
+
+    from memplug_kv.codec import compress, header, parse, serialize
+
+    layout = {"layers": tiny.layers, "kv_heads": tiny.kv_heads, "head_dim": tiny.head_dim}
+    data = serialize(compress(encode_items(tiny, FACTS, [1, 2]), Codec("int4")), "tiny", layout)
+    meta = header(data)
+    index = json.loads(meta["items"])
+    index[1]["tokens"] += 3
+    tensors = load(data)
+    tampered = save(tensors, metadata={**meta, "items": json.dumps(index)})
+    with pytest.raises(ArtifactCorrupt, match="pack 7.*tile"):
+        parse(tampered, fingerprint="tiny", layout=layout, where="7")
+
+
+def test_injection_costs_are_timed_on_the_model(tiny):
+    costs = tiny.injection_costs(tokens=64, items=4, repeats=1)
+    assert costs["inject_ms_per_token"] > 0 and costs["prefill_ms_per_token"] > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 import torch
 
@@ -44,37 +46,75 @@ def test_promoted_items_are_read_as_kv_and_not_repeated_as_text(kv_memory, user)
     assert "4471" in answer
 
 
-def test_smollm2_injected_kv_matches_full_prefill(kv_memory, user):
-    item = kv_memory.write(user, FACTS[0])
-    promote(kv_memory, user, [item])
-    recall = kv_memory.read(user, "Where does Zorbul Quenti live?")
-    lm = kv_memory.model
-    [chunk] = recall.kv.chunks()
-    # fp32 cache reference: the stored blob is int4, so compare against the same dequantized chunk
-    # by re-encoding the item without compression.
-    [exact] = encode_items(lm, [item.text], [item.id], scores=False)
-    closing = lm.ids(lm.layout("Where does Zorbul Quenti live?")[1])
-    with torch.inference_mode():
-        reference = lm.model(torch.tensor([lm.preamble()[0] + lm.chunk_ids(item.text) + closing])).logits[0, -1]
-        cache, position, stored = lm.build_cache([exact])
-        n = len(closing)
-        injected = lm.model(torch.tensor([closing]), **{lm._cache_kw: cache},
+def test_smollm2_injected_kv_matches_full_prefill(make_memory, tmp_path, user):
+    """Stored uncompressed (fp32), read back as a pack and placed on the model's device path, the
+    items give a full prefill's logits: exactly for one item, and for two composed items once
+    every token is read again in context (the repair taken to its limit)."""
+    mem = make_memory(settings=Settings(plugins="context,pgvector,kv"),
+                      options={"artifacts": str(tmp_path / "artifacts"), "kv_codec": "fp32", "kv_margin": 2.0})
+    items = mem.write(user, FACTS[:2])
+    promote(mem, user, items)
+    lm = mem.model
+    question = "Where does Zorbul Quenti live?"
+    closing = lm.ids(lm.layout(question)[1])
+    pack = mem.read(user, question, Budget(kv_tokens=4096)).kv.packed()
+    assert pack.codec == "fp32" and len(pack.item_ids) == 2
+
+    def logits(memory, recompute=0):
+        with torch.inference_mode():
+            cache, position, stored = lm.build_cache(memory, recompute=recompute)
+            n = len(closing)
+            return lm.model(torch.tensor([closing]), **{lm._cache_kw: cache},
                             position_ids=torch.arange(position, position + n)[None],
                             attention_mask=torch.ones(1, stored + n, dtype=torch.long)).logits[0, -1]
-    assert (injected - reference).abs().max() <= 1e-3
+
+    def prefill(texts):
+        ids = lm.preamble()[0] + [t for text in texts for t in lm.chunk_ids(text)] + closing
+        with torch.inference_mode():
+            return lm.model(torch.tensor([ids])).logits[0, -1]
+
+    by_id = {it.id: it.text for it in items}
+    first = pack.select(pack.item_ids[:1])
+    assert (logits(first) - prefill([by_id[first.item_ids[0]]])).abs().max() <= 1e-3
+    both = prefill([by_id[i] for i in pack.item_ids])
+    assert (logits(pack, recompute=10_000) - both).abs().max() <= 1e-3
+
+
+def test_int4_items_stay_close_to_their_exact_kv(kv_memory, user):
+    item = kv_memory.write(user, FACTS[0])
+    promote(kv_memory, user, [item])
+    [chunk] = kv_memory.read(user, "Where does Zorbul Quenti live?").kv.chunks()
+    [exact] = encode_items(kv_memory.model, [item.text], [item.id], scores=False)
     assert chunk.span == exact.span and (chunk.keys - exact.keys).abs().max() < 0.5 * exact.keys.abs().max()
 
 
-def test_forget_removes_rows_and_blobs(kv_memory, user):
+def packs(mem):
+    return sorted((mem.artifacts.root / "kv").rglob("*.safetensors"))
+
+
+def test_a_scope_holds_one_pack_and_forgetting_rewrites_it(kv_memory, user):
+    from memplug.testing import find_traces
+    from memplug_kv.codec import header, parse
+
     items = kv_memory.write(user, FACTS)
-    promote(kv_memory, user, items)
-    blobs = sorted((kv_memory.artifacts.root / "kv").rglob("*.safetensors"))
-    assert len(blobs) == 3
+    promote(kv_memory, user, items[:2])
+    promote(kv_memory, user, items[2:])  # a second consolidation adds to the scope's pack
+    [pack] = packs(kv_memory)
+    assert f'"item_id": {items[0].id}' in header(pack.read_bytes())["items"]
+    before = {c.item_id: c for c in parse(pack.read_bytes(), fingerprint=None, layout=None, where="-").chunks()}
+    assert set(before) == {it.id for it in items}
+
     kv_memory.forget(user, [items[0].id])
-    assert sorted((kv_memory.artifacts.root / "kv").rglob("*.safetensors")) == blobs[1:] or \
-        len(list((kv_memory.artifacts.root / "kv").rglob("*.safetensors"))) == 2
+    [rewritten] = packs(kv_memory)
+    assert rewritten != pack and find_traces(kv_memory, [items[0]]) == []
+    recall = kv_memory.read(user, "Tamsin lab access code and Ilse Varga's instrument", Budget(kv_tokens=4096))
+    after = {c.item_id: c for c in recall.kv.chunks()}
+    assert set(after) <= {items[1].id, items[2].id} and after
+    for item_id, chunk in after.items():  # the items left are stored as they were
+        assert torch.equal(chunk.keys, before[item_id].keys) and torch.equal(chunk.values, before[item_id].values)
+
     kv_memory.forget(user)
-    assert list((kv_memory.artifacts.root / "kv").rglob("*.safetensors")) == []
+    assert packs(kv_memory) == []
     with kv_memory.store.transaction() as db:
         assert db.execute("SELECT count(*) FROM kv_items WHERE user_id = %s", (user,)).fetchone()[0] == 0
 
@@ -116,7 +156,7 @@ def test_corrupt_blob_is_a_clear_error_then_re_encoded(kv_memory, user):
     [blob] = (kv_memory.artifacts.root / "kv").rglob("*.safetensors")
     blob.write_bytes(blob.read_bytes()[:200])
     recall = kv_memory.read(user, "access code for the Tamsin lab", Budget(kv_tokens=512))
-    with pytest.raises(ArtifactCorrupt, match=f"item {items[1].id}"):
+    with pytest.raises(ArtifactCorrupt, match=f"items {items[1].id}"):
         recall.kv.chunks()
     kv_memory.consolidate(user)
     recall = kv_memory.read(user, "access code for the Tamsin lab")
@@ -157,9 +197,41 @@ def test_kv_budget_limits_the_prefix(make_memory, tmp_path, user):
 def test_memory_generate_streams_an_answer(kv_memory, user):
     items = kv_memory.write(user, FACTS)
     promote(kv_memory, user, items)
+    injected = kv_memory.measured("kv").get("inject_ms_per_token", (0.0, 0))[1]
     pieces = list(kv_memory.stream(user, [{"role": "user", "content": "What is the access code for the Tamsin lab?"}],
                                    max_new_tokens=24))
     assert len(pieces) > 1 and "4471" in "".join(pieces)
+    assert kv_memory.measured("kv")["inject_ms_per_token"][1] == injected + 1  # placing it was timed
+
+
+def test_the_cost_policy_prices_kv_reads_as_measured_on_the_models_device(make_memory, tmp_path, user):
+    """The kv tier's read cost is the pack's load plus its placement on the model's device, timed
+    there (once against prefill if no read was timed yet): where placing costs more than reading
+    the same tokens as text, as on a GPU for short memories, hot items stay text."""
+    from dataclasses import replace
+
+    from memplug import Scope, TierCost
+    from memplug.policies import CostPolicy
+    from memplug.usage import ItemUsage
+
+    mem = make_memory(settings=Settings(plugins="context,pgvector,kv,cost"),
+                      options={"artifacts": str(tmp_path / "artifacts")})
+    [kv] = [c for c in mem.hook.memplug_costs(memory=mem, scope=Scope(user)) if c and c.tier == "kv"]
+    measured = mem.measured("kv")
+    prefill = mem.measured("model")["prefill_ms_per_token"][0]
+    load = measured["read_ms_per_token"][0] if "read_ms_per_token" in measured else 0.05
+    assert kv.read_ms_per_token == pytest.approx(load + measured["inject_ms_per_token"][0])
+    assert kv.read_ms_per_token < prefill  # on a CPU, placing KV is far cheaper than reading text
+
+    policy = CostPolicy()
+    now = datetime.now(UTC)
+    reads = tuple(now - timedelta(minutes=m) for m in range(20, 0, -1))  # oldest first
+    hot = [ItemUsage(i, 1, len(reads), 0, reads[-1], 20.0, 40, now - timedelta(days=1), reads, Scope(user))
+           for i in (1, 2)]
+    text = TierCost("pgvector", 1, prompt_tokens_per_token=1.0)
+    assert {(m.src_level, m.dst_level) for m in policy.plan(hot, [text, kv], now, prefill)} == {(1, 2)}
+    dear = replace(kv, read_ms_per_token=2 * prefill)
+    assert policy.plan(hot, [text, dear], now, prefill) == []
 
 
 def test_blobs_of_a_consolidation_that_rolls_back_are_removed(kv_memory, user):

@@ -3,7 +3,7 @@
 :class:`LocalModel` generates with the memories of a :class:`~memplug.Recall`:
 text hits go into the prompt, explicit memory (:class:`KVChunk` values from a
 :class:`~memplug.KVPrefix`) is injected into attention at its offset
-(:func:`rotate`, :func:`stack_prefix`), and a scope's LoRA adapter
+(:class:`PackedKV`, :func:`assemble`, :func:`rotate`), and a scope's LoRA adapter
 (:class:`~memplug.AdapterRef`) is loaded into a slot and applied. Those are
 the extension points the kv and lora tiers build on; the tiers own how
 their memory is made (encoding, training).
@@ -21,7 +21,8 @@ _EXPORTS = {
     "Embedder": "embedder",
     "TokenCounter": "tokenizer", "load_token_counter": "tokenizer",
     "LocalModel": "chat", "chat_messages": "prompt",
-    "KVChunk": "kv", "rotate": "kv", "stack_prefix": "kv",
+    "KVChunk": "kv", "PackedKV": "kv", "rotate": "kv", "assemble": "kv", "dequantize": "kv",
+    "pack_codes": "kv", "unpack_codes": "kv",
     "load_model": "model", "fresh_model": "model", "loaded": "model", "model_cache_dir": "model",
     "run_in_child": "child", "ChildFailed": "child", "child_available": "child",
     "STOPWORDS": "statements", "words": "statements", "stem": "statements", "stems": "statements",

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInput, ModelMismatch, ModelUnavailable
-from .kv import KVChunk, rotate, stack_prefix
+from .kv import KVChunk, PackedKV, assemble, rotate
 from .prompt import chat_messages, system_text
 
 _MARK = "\u2063MEMPLUG\u2063"
@@ -361,35 +361,39 @@ class LocalModel:
 
     # -- assembling and generating ---------------------------------------------
 
-    def build_cache(self, chunks: Sequence[KVChunk], batch: int = 1) -> tuple[Any, int, int]:
+    def build_cache(self, chunks: Sequence[KVChunk] | PackedKV, batch: int = 1,
+                    recompute: int = 0) -> tuple[Any, int, int]:
         """A fresh transformers cache: preamble, then each chunk at its offset.
 
         Returns (cache, next position, stored tokens). The cache owns new
         tensors; the chunks and the preamble are never modified.
         """
-        cache, positions, mask = self.build_batch_cache([chunks] * batch if batch > 1 else [chunks])
+        cache, positions, mask = self.build_batch_cache([chunks] * batch, recompute)
         return cache, int(positions[0]), int(mask.shape[1])
 
-    def build_batch_cache(self, per_row: Sequence[Sequence[KVChunk]]) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """One cache for a batch whose rows carry different memory chunks.
+    def build_batch_cache(self, per_row: Sequence[Sequence[KVChunk] | PackedKV],
+                          recompute: int = 0) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """One cache for a batch whose rows carry different memory: a list of chunks or a
+        :class:`PackedKV` per row.
 
-        Shorter rows are padded at the end of the prefix and masked out. Returns
-        (cache, next position per row, attention mask of the prefix).
+        Each distinct memory is assembled once on the model's device (see
+        :func:`memplug.runtime.kv.assemble`); with ``recompute``, the first that many
+        tokens of each item are then read again with attention to everything before
+        them (:meth:`_recompute`). Shorter rows are padded at the end of the prefix
+        and masked out. Returns (cache, next position per row, attention mask of the prefix).
         """
-
-        pre_ids, pre_k, pre_v = self._stored_preamble()
+        pre_ids = self._stored_preamble()[0]
+        prefix = self._prefix_kv(tuple(pre_ids))
         built: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         rows = []
-        for chunks in per_row:
-            key = id(chunks)
-            if key not in built:  # rows sharing one chunk list share its tensors
-                for c in chunks:
-                    if (c.keys.shape[0], c.keys.shape[1], c.keys.shape[3]) != (self.layers, self.kv_heads,
-                                                                                self.head_dim):
-                        raise ModelMismatch(f"KV of item {c.item_id} has shape {tuple(c.keys.shape)}; {self.name} "
-                                            f"needs ({self.layers}, {self.kv_heads}, n, {self.head_dim})")
-                parts = [(pre_k, pre_v, len(pre_ids))] + [(c.keys, c.values, c.span) for c in chunks]
-                built[key] = stack_prefix(parts, self.inv_freq, self.dtype, self.device)
+        for memory in per_row:
+            key = id(memory)
+            if key not in built:  # rows sharing one memory share its tensors
+                pack = self._as_pack(memory)
+                k, v, position, positions = assemble(prefix, pack, self.inv_freq, self.dtype, self.device)
+                if recompute > 0 and pack is not None:
+                    self._recompute(k, v, positions, pack, len(pre_ids), recompute)
+                built[key] = (k, v, position)
             rows.append(built[key])
         longest = max(k.shape[2] for k, _, _ in rows)
         b = len(rows)
@@ -412,18 +416,94 @@ class LocalModel:
             positions[i] = position
         return _cache_of(self.model.config, keys, values), positions, mask
 
+    def injection_costs(self, tokens: int = 256, items: int = 8, repeats: int = 3) -> dict[str, float]:
+        """Milliseconds per memory token of placing int4 KV memory (moving it to this model's device,
+        de-quantizing, re-rotating) and of reading the same number of tokens as prompt text, timed
+        here on random codes and random token ids (speed does not depend on their values)."""
+        g = torch.Generator().manual_seed(0)
+        groups = self.head_dim // min(32, self.head_dim)
+        shape = (self.layers, self.kv_heads, tokens)
+
+        def part():
+            return {"q": torch.randint(0, 256, (*shape, self.head_dim // 2), dtype=torch.uint8, generator=g),
+                    "scale": torch.rand(*shape, groups, generator=g).half() / 8,
+                    "min": -torch.rand(*shape, groups, generator=g).half()}
+        per = tokens // items
+        counts = tuple([per] * (items - 1) + [tokens - per * (items - 1)])
+        starts = tuple(per * k for k in range(items))
+        pack = PackedKV("int4", min(32, self.head_dim), self.head_dim, part(), part(), tuple(range(items)),
+                        starts, counts, counts)
+        ids = torch.randint(0, int(self.model.config.vocab_size), (1, tokens), generator=g)
+
+        def place():
+            self.build_cache(pack)
+
+        def prefill():
+            with torch.inference_mode():
+                self.model(ids.to(self.device), use_cache=True, logits_to_keep=1)
+
+        with self._lock:
+            return {"inject_ms_per_token": _median_ms(place, repeats, self.device) / tokens,
+                    "prefill_ms_per_token": _median_ms(prefill, repeats, self.device) / tokens}
+
+    def _as_pack(self, memory: Sequence[KVChunk] | PackedKV | None) -> PackedKV | None:
+        """Memory as one pack, checked against this model's cache layout (None: no memory)."""
+        if memory is None or (not isinstance(memory, PackedKV) and len(memory) == 0):
+            return None
+        pack = memory if isinstance(memory, PackedKV) else PackedKV.from_chunks(list(memory))
+        first = next(iter(pack.keys.values()))
+        if (first.shape[0], first.shape[1], pack.head_dim) != (self.layers, self.kv_heads, self.head_dim):
+            raise ModelMismatch(f"KV of items {list(pack.item_ids)[:5]} has {first.shape[0]} layers, "
+                                f"{first.shape[1]} heads of {pack.head_dim}; {self.name} needs "
+                                f"({self.layers}, {self.kv_heads}, n, {self.head_dim})")
+        return pack
+
+    def _recompute(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, pack: PackedKV,
+                   start: int, first: int) -> None:
+        """Read the first ``first`` tokens of every item again, in place in ``keys`` and ``values``
+        (one prompt's prefix: layers, kv_heads, tokens, head_dim), each attending to every token
+        before it: the preamble, the items before its own as stored, and the tokens read again
+        before it. Items encoded apart do not see each other; their first tokens, which draw the
+        most attention, are where that hurts most, and what this repairs (as in EPIC).
+
+        One forward pass over the chosen tokens, with a mask that hides the stale copies.
+        """
+        chosen = (pack.token_positions() < first).nonzero().squeeze(1)
+        if pack.ids is None or not len(chosen):
+            return
+        dev = keys.device
+        at = (start + chosen).to(dev)
+        ids = pack.ids.to(dev).long().index_select(0, chosen.to(dev))
+        pos = positions.index_select(0, at)
+        earlier = positions[None, :] < pos[:, None]
+        earlier[:, at] = False  # the stored copies of the tokens read again
+        again = pos[None, :] <= pos[:, None]
+        allowed = torch.cat([earlier, again], dim=1)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        n = keys.shape[2]
+        with torch.inference_mode():
+            cache = _cache_of(self.model.config, keys.unsqueeze(1), values.unsqueeze(1))  # not modified: appended to
+            out = self.model(ids[None], **{self._cache_kw: cache}, attention_mask=mask[None, None],
+                             position_ids=pos[None], use_cache=True, logits_to_keep=1)
+            new_k, new_v = _stack_cache(_returned_cache(out))
+        keys[:, :, at] = new_k[:, 0, :, n:]
+        values[:, :, at] = new_v[:, 0, :, n:]
+
     def generate(self, messages: Any, recall: Any = None, **kwargs: Any) -> str:
         """The model's reply to ``messages``, with the memories of ``recall`` (a :class:`memplug.Recall`)."""
         return "".join(self.stream(messages, recall, **kwargs))
 
     def stream(self, messages: Any, recall: Any = None, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None,
-               on_prefill: Callable[[int, float], None] | None = None) -> Iterator[str]:
+               on_prefill: Callable[[int, float], None] | None = None,
+               on_inject: Callable[[int, float], None] | None = None) -> Iterator[str]:
         """Like :meth:`generate`, yielding the reply piece by piece as tokens are produced.
 
         KV memory is injected when ``recall.kv`` was encoded by this model; if not
         (another model, or a non-rotary architecture) those items are given as text.
-        ``on_prefill(prompt_tokens, seconds)`` hears how long the prompt took to read.
+        ``on_prefill(prompt_tokens, seconds)`` hears how long the prompt took to read, and
+        ``on_inject(memory_tokens, seconds)`` how long injected memory took to place.
         """
         chunks = self.recall_chunks(recall)
         adapter = self.recall_adapter(recall)
@@ -437,14 +517,15 @@ class LocalModel:
                                     "this model cannot take injected memory")
         rows = [self.ids(closing)]
         yield from self._stream_rows(chunks or [], rows, max_new_tokens, temperature, top_p, seed,
-                                     with_preamble=bool(head), adapter=adapter, on_prefill=on_prefill)
+                                     with_preamble=bool(head), adapter=adapter, on_prefill=on_prefill,
+                                     recompute=recall.kv.recompute if chunks else 0, on_inject=on_inject)
 
-    def recall_chunks(self, recall: Any) -> list[KVChunk] | None:
-        """The KV chunks of ``recall`` if they can be injected here, else None (served as text)."""
+    def recall_chunks(self, recall: Any) -> PackedKV | None:
+        """The KV memory of ``recall`` as one pack if it can be injected here, else None (served as text)."""
         kv = getattr(recall, "kv", None)
         if kv is None or not kv.items or not self.can_inject or kv.fingerprint != self.fingerprint:
             return None
-        return kv.chunks()
+        return kv.packed()
 
     def recall_adapter(self, recall: Any) -> Any:
         """The adapter of ``recall`` if it can be applied here (trained on this model), else None."""
@@ -454,12 +535,12 @@ class LocalModel:
         return ref
 
     def _stream_rows(self, chunks, rows, max_new_tokens, temperature, top_p, seed, with_preamble=True,
-                     adapter=None, on_prefill=None):
+                     adapter=None, on_prefill=None, recompute=0, on_inject=None):
         tokens: list[int] = []
         emitted = ""
         started = time.perf_counter()
         for step in self.decode(chunks, rows, max_new_tokens, temperature, top_p, seed, with_preamble,
-                                adapter=adapter):
+                                adapter=adapter, recompute=recompute, on_inject=on_inject):
             if on_prefill is not None and not tokens:
                 on_prefill(len(rows[0]), time.perf_counter() - started)
                 on_prefill = None
@@ -474,13 +555,17 @@ class LocalModel:
                 yield text[len(emitted):]
                 emitted = text
 
-    def decode(self, chunks: Sequence[KVChunk], rows: Sequence[Sequence[int]], max_new_tokens: int = 64,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+    def decode(self, chunks: Sequence[KVChunk] | PackedKV, rows: Sequence[Sequence[int]],
+               max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                with_preamble: bool = True, stop: Callable[[int, list[int]], bool] | None = None,
-               per_row_chunks: Sequence[Sequence[KVChunk]] | None = None, adapter: Any = None,
-               shared_prefix: Sequence[int] | None = None) -> Iterable[torch.Tensor]:
+               per_row_chunks: Sequence[Sequence[KVChunk] | PackedKV] | None = None, adapter: Any = None,
+               shared_prefix: Sequence[int] | None = None, recompute: int = 0,
+               on_inject: Callable[[int, float], None] | None = None) -> Iterable[torch.Tensor]:
         """Run ``rows`` (closing token ids, one row per conversation) on one shared memory prefix
-        (``chunks``), or on a prefix per row (``per_row_chunks``).
+        (``chunks``: a list of chunks or a :class:`PackedKV`), or on a prefix per row (``per_row_chunks``).
+        ``recompute`` tokens at the start of each item are read again in context (see
+        :meth:`build_batch_cache`); ``on_inject(memory_tokens, seconds)`` hears how long placing
+        the memory took (on a GPU, waiting for it).
 
         ``adapter`` (a :class:`memplug.AdapterRef`) is applied for the whole run.
         ``shared_prefix`` replaces the memory preamble with any token ids that
@@ -501,7 +586,12 @@ class LocalModel:
                 starts = torch.full((b,), len(shared_prefix))
                 prefix_mask = torch.ones(b, len(shared_prefix), dtype=torch.long)
             elif with_preamble:
-                cache, starts, prefix_mask = self.build_batch_cache(per_row_chunks or [chunks] * b)
+                started = _synced(self.device)
+                cache, starts, prefix_mask = self.build_batch_cache(per_row_chunks or [chunks] * b, recompute)
+                if on_inject is not None:
+                    placed = int(starts.max()) - len(self._stored_preamble()[0])
+                    if placed > 0:
+                        on_inject(placed, _synced(self.device) - started)
             else:
                 cache, starts = None, torch.zeros(b, dtype=torch.long)
                 prefix_mask = torch.zeros(b, 0, dtype=torch.long)
@@ -582,6 +672,23 @@ class LocalModel:
         out = self.model(input_ids.to(dev), **{self._cache_kw: cache}, attention_mask=mask.to(dev),
                          position_ids=pos.to(dev), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float().cpu(), _returned_cache(out)
+
+
+def _median_ms(fn: Callable[[], None], repeats: int, device: Any) -> float:
+    fn()  # the first call pays for allocations
+    times = []
+    for _ in range(repeats):
+        started = _synced(device)
+        fn()
+        times.append(_synced(device) - started)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def _synced(device: Any) -> float:
+    """The time now, once a GPU has done the work queued on it (what a timing must wait for)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -35,7 +35,8 @@ import functools
 import logging
 import threading
 import time
-from collections import OrderedDict
+import uuid
+from collections import OrderedDict, defaultdict
 
 import numpy as np
 from psycopg.types.json import Jsonb
@@ -59,12 +60,12 @@ from memplug.plugin import (
     visible_sql,
 )
 
-from .codec import CODECS, Codec, decode
-from .codec import encode as pack_blob
+from .codec import CODECS, Codec, compress, header, parse, serialize
 
 log = logging.getLogger(__name__)
 # Costs before anything was measured here (SmolLM2-135M on 2 CPU cores, int4; benchmarks/results/kv.json).
-COST_PRIORS = {"read_ms_per_token": 0.05, "write_ms_per_token": 2.0, "bytes_per_token": 7244.0}
+COST_PRIORS = {"read_ms_per_token": 0.05, "inject_ms_per_token": 0.05, "write_ms_per_token": 2.0,
+               "bytes_per_token": 7244.0}
 DIM = 384
 MIGRATIONS = (
     f"""
@@ -101,6 +102,11 @@ MIGRATIONS = (
     row_security("kv_refused"),
     # 4: a blob found damaged on load, by any process: never offered again, re-encoded at the next consolidation
     "ALTER TABLE kv_items ADD COLUMN damaged boolean NOT NULL DEFAULT false;",
+    # 5: a scope's items share one pack; an item owns stored tokens token_start .. + stored_tokens of it
+    """
+    ALTER TABLE kv_items ADD COLUMN token_start integer NOT NULL DEFAULT 0;
+    CREATE INDEX kv_items_artifact ON kv_items (artifact);
+    """,
 )
 REFUSED = "stays text: its KV answers recall less than its text answers"
 
@@ -123,7 +129,10 @@ class KVTier:
         Option("kv_margin", float, 0.1, "An item less similar to the query than the best one by more than this "
                "is left out, neither injected nor served as text.", min=0),
         Option("kv_max_item_tokens", int, 512, "Longer items stay text.", min=1),
-        Option("kv_cache_mb", int, 256, "Megabytes of blobs kept in memory.", min=0),
+        Option("kv_cache_mb", int, 256, "Megabytes of hot packs kept resident on the model's device, "
+               "compressed as stored.", min=0),
+        Option("kv_recompute", int, 0, "Tokens at the start of each injected item read again with attention "
+               "to the items before it (0: none).", min=0),
         Option("kv_verify", flag, False, "Before placing an item, check that its decoded KV leads the model to "
                "the item's key word where its text does; items that fail stay text.", metavar="bool"),
     )
@@ -137,7 +146,8 @@ class KVTier:
         self.max_item_tokens = memory.option("kv_max_item_tokens")
         self.verify = memory.option("kv_verify")
         self.margin = memory.option("kv_margin")
-        self._blobs = _BlobCache(memory.option("kv_cache_mb") << 20)
+        self.recompute = memory.option("kv_recompute")
+        self._packs = _PackCache(memory.option("kv_cache_mb") << 20)
 
     # -- consolidation --------------------------------------------------------
 
@@ -161,29 +171,31 @@ class KVTier:
         down = sorted({i for m in moves if m.src_level == self.level and m.dst_level < self.level
                        for i in m.item_ids})
         done = []
+        if up or down:
+            # One change to a user's packs at a time (consolidations and forgets), so that a pack is
+            # never rewritten from a version another has replaced, nor swept before it commits.
+            _lock(db, [scope.user_id])
         if up:
-            # One encoding of a user's items at a time, so that the sweep never takes the blobs of
-            # another that has not committed yet.
-            db.execute("SELECT pg_advisory_xact_lock(hashtext('memplug-kv'), hashtext(%s))", (scope.user_id,))
-            encoded, refused = self._encode(memory, db, up)
+            encoded, refused, replaced = self._encode(memory, db, up)
             if encoded:
                 done.append(Placement(self.name, self.level, encoded, "encoded"))
             if refused:
                 done.append(Placement(self.name, self.level, refused, REFUSED, held=False))
-            self._sweep(memory, db, scope.user_id)
+            self._sweep(memory, db, scope.user_id, replaced)
         if down:
             dropped = self._drop(memory, db, down)  # only those it held: the others' history stays as it is
             if dropped:
                 done.append(Placement(self.name, self.level, dropped, "demoted", held=False))
         return done
 
-    def _sweep(self, memory, db, user_id):
-        """Delete the user's blobs that no row names: written by a consolidation that died before its
-        commit (a killed worker), half-written temporary files included. Runs under the user's kv lock."""
+    def _sweep(self, memory, db, user_id, pending=frozenset()):
+        """Delete the user's packs that no row names: written by a consolidation that died before its
+        commit (a killed worker), half-written temporary files included. ``pending`` are packs this
+        transaction replaced, deleted when it commits. Runs under the user's kv lock."""
         folder = f"kv/{memory.model_fingerprint[:16]}/{user_id}"
         named = {r[0] for r in db.execute("SELECT artifact FROM kv_items WHERE user_id = %s", (user_id,))}
         for key in memory.artifacts.list(folder):
-            if key not in named:
+            if key not in named and key not in pending:
                 log.info("kv: removing %s, left by a consolidation that never committed", key)
                 memory.artifacts.delete(key)
 
@@ -202,18 +214,14 @@ class KVTier:
             ([it.id for it in fits], model.fingerprint, self.codec.label)).fetchall()} if self.verify else set()
         fits = [it for it in fits if it.id not in refused_before]
         if not fits:
-            return [], []
-        from .encode import encode, thin, verify
+            return [], [], set()
+        from .encode import verify
 
-        layout = _layout(model)
-        chunks = [thin(c, self.codec.keep) for c in
-                  encode(model, [it.text for it in fits], [it.id for it in fits], scores=self.codec.keep < 1.0)]
-        blobs = [pack_blob(chunk, self.codec, model.fingerprint, layout) for chunk in chunks]
+        chunks = self._chunks(model, [it.text for it in fits], [it.id for it in fits])
         refused = []
         if self.verify:
-            # What a reader gets back: the blob decoded, quantization error included.
-            served = [decode(b, fingerprint=model.fingerprint, layout=layout, where=f"item {it.id} (check)")
-                      for it, b in zip(fits, blobs, strict=True)]
+            # What a reader gets back: the pack decoded, quantization error included.
+            served = compress(chunks, self.codec).chunks()
             keep = []
             for k, (t, v) in enumerate(verify(model, [it.text for it in fits], served)):
                 if v >= t:
@@ -232,52 +240,143 @@ class KVTier:
             if refused:
                 log.info("kv: %d of %d item(s) stay text: their KV answers recall less than their text answers",
                          len(refused), len(fits))
-            fits, blobs = [fits[k] for k in keep], [blobs[k] for k in keep]
-            chunks = [chunks[k] for k in keep]
+            fits, chunks = [fits[k] for k in keep], [chunks[k] for k in keep]
         if not fits:
-            return [], refused
+            return [], refused, set()
+        if not fits:
+            return [], refused, set()
         vectors = memory.embedder.encode([it.text for it in fits])
+        replaced = self._repack(memory, db, model, fits, chunks, vectors, started)
+        return [it.id for it in fits], refused, replaced
+
+    def _chunks(self, model, texts, ids):
+        from .encode import encode, thin
+
+        return [thin(c, self.codec.keep) for c in encode(model, texts, ids, scores=self.codec.keep < 1.0)]
+
+    def _repack(self, memory, db, model, items, chunks, vectors, started) -> set[str]:
+        """Write one pack per scope of ``items``: its fresh ``chunks`` and every item the scope already
+        holds (copied as stored; re-encoded where its pack is damaged or of another codec). The packs
+        it replaces are deleted when the transaction commits; returns their keys."""
+        fp, layout = model.fingerprint, _layout(model)
+        fresh = {it.id: (it, chunk, vec) for it, chunk, vec in zip(items, chunks, vectors, strict=True)}
+        replaced = {r[0] for r in db.execute("SELECT DISTINCT artifact FROM kv_items WHERE item_id = ANY(%s)",
+                                             (list(fresh),))}
+        by_scope = defaultdict(list)
+        for it in items:
+            by_scope[it.scope.key].append(it.id)
         stored = spans = 0
-        old = dict(db.execute("SELECT item_id, artifact FROM kv_items WHERE item_id = ANY(%s::bigint[])",
-                              ([it.id for it in fits],)).fetchall())
-        for it, chunk, blob, vec in zip(fits, chunks, blobs, vectors, strict=True):
-            key = _artifact_key(model.fingerprint, it)
-            memory.artifacts.put(key, blob)
-            memory.store.on_rollback(db, functools.partial(memory.artifacts.delete, key))
-            if old.get(it.id) not in (None, key):
-                memory.store.on_commit(db, functools.partial(memory.artifacts.delete, old[it.id]))
-            self._blobs.drop(key)
-            u, a, s = it.scope.key
-            db.execute(
+        for (u, a, s), ids in sorted(by_scope.items()):
+            held = db.execute(
                 """
-                INSERT INTO kv_items (item_id, user_id, agent_id, session_id, embedding, span, stored_tokens,
-                                      bytes, fingerprint, codec, artifact)
-                VALUES (%s, %s, %s, %s, %s::halfvec, %s, %s, %s, %s, %s, %s)
-                ON CONFLICT (item_id) DO UPDATE SET embedding = EXCLUDED.embedding, span = EXCLUDED.span,
-                    stored_tokens = EXCLUDED.stored_tokens, bytes = EXCLUDED.bytes,
-                    fingerprint = EXCLUDED.fingerprint, codec = EXCLUDED.codec, artifact = EXCLUDED.artifact,
-                    encoded_at = now(), damaged = false
-                """,
-                (it.id, u, a, s, np.asarray(vec, dtype=np.float32), chunk.span, chunk.stored_tokens, len(blob),
-                 model.fingerprint, self.codec.label, key),
-            )
-            stored += len(blob)
-            spans += chunk.span
+                SELECT artifact, array_agg(item_id ORDER BY token_start, item_id), min(codec), max(codec)
+                FROM kv_items WHERE user_id = %s AND agent_id = %s AND session_id = %s AND fingerprint = %s
+                  AND NOT damaged AND item_id <> ALL(%s) GROUP BY artifact ORDER BY artifact
+                """, (u, a, s, fp, ids)).fetchall()
+            parts, again = [], []
+            for key, held_ids, low, high in held:
+                replaced.add(key)
+                try:
+                    if low != self.codec.label or high != self.codec.label:
+                        raise ModelMismatch(f"encoded as {low}, not {self.codec.label}")
+                    pack = parse(memory.artifacts.get(key), fingerprint=fp, layout=layout,
+                                 where=memory.artifacts.uri(key))
+                    parts.append(pack.select(held_ids))
+                except (ArtifactCorrupt, ModelMismatch, KeyError) as e:
+                    log.info("kv: re-encoding %d item(s) of %s: %s", len(held_ids), key, e)
+                    again += held_ids
+            if again:
+                rows = db.execute(f"SELECT {ITEM_COLUMNS} FROM items i WHERE i.id = ANY(%s::bigint[]) "
+                                  f"ORDER BY i.id", (again,)).fetchall()
+                texts = [item_from_row(r) for r in rows]
+                parts.append(compress(self._chunks(model, [t.text for t in texts], [t.id for t in texts]),
+                                      self.codec))
+            parts.append(compress([fresh[i][1] for i in ids], self.codec))
+            pack = _concat(parts)
+            data = serialize(pack, fp, layout, self.codec.keep)
+            key = f"kv/{fp[:16]}/{u}/{a or '_'}/{s or '_'}/pack-{uuid.uuid4().hex[:16]}.safetensors"
+            memory.artifacts.put(key, data)
+            memory.store.on_rollback(db, functools.partial(memory.artifacts.delete, key))
+            for item_id, begin, count, span in zip(pack.item_ids, pack.starts, pack.counts, pack.spans, strict=True):
+                size = round(len(data) * count / pack.tokens)
+                if item_id not in fresh:
+                    db.execute("UPDATE kv_items SET artifact = %s, token_start = %s, stored_tokens = %s, bytes = %s, "
+                               "codec = %s, damaged = false WHERE item_id = %s",
+                               (key, begin, count, size, self.codec.label, item_id))
+                    continue
+                db.execute(
+                    """
+                    INSERT INTO kv_items (item_id, user_id, agent_id, session_id, embedding, span, stored_tokens,
+                                          bytes, fingerprint, codec, artifact, token_start)
+                    VALUES (%s, %s, %s, %s, %s::halfvec, %s, %s, %s, %s, %s, %s, %s)
+                    ON CONFLICT (item_id) DO UPDATE SET embedding = EXCLUDED.embedding, span = EXCLUDED.span,
+                        stored_tokens = EXCLUDED.stored_tokens, bytes = EXCLUDED.bytes,
+                        fingerprint = EXCLUDED.fingerprint, codec = EXCLUDED.codec, artifact = EXCLUDED.artifact,
+                        token_start = EXCLUDED.token_start, encoded_at = now(), damaged = false
+                    """,
+                    (item_id, u, a, s, np.asarray(fresh[item_id][2], dtype=np.float32), span, count, size, fp,
+                     self.codec.label, key, begin),
+                )
+                stored += size
+                spans += span
+        self._retire(memory, db, replaced)
         if spans:
             # Buffered, not written in the consolidation's transaction: the shared cost rows would
             # stay locked to its end, which can be an adapter's training minutes later.
             memory.measure(self.name, "write_ms_per_token", 1000 * (time.perf_counter() - started) / spans)
             memory.measure(self.name, "bytes_per_token", stored / spans)
-        return [it.id for it in fits], refused
+        return replaced
+
+    def _retire(self, memory, db, keys) -> None:
+        """Delete, when the transaction commits, the packs among ``keys`` that no row names any more."""
+        keys = sorted(keys)
+        named = {r[0] for r in db.execute("SELECT DISTINCT artifact FROM kv_items WHERE artifact = ANY(%s)",
+                                          (keys,))}
+        for key in keys:
+            self._packs.drop(key)
+            if key not in named:
+                memory.store.on_commit(db, functools.partial(memory.artifacts.delete, key))
 
     def _drop(self, memory, db, ids) -> list[int]:
-        """Let go of these items' KV entries; returns the ids it held."""
-        rows = db.execute(
-            "DELETE FROM kv_items WHERE item_id = ANY(%s::bigint[]) RETURNING item_id, artifact", (ids,)).fetchall()
-        for _, key in rows:
-            self._blobs.drop(key)
-            memory.store.on_commit(db, functools.partial(memory.artifacts.delete, key))
+        """Let go of these items' KV entries; returns the ids it held. Each pack that held one is
+        rewritten without it (no byte of it stays in the store) or, if nothing is left, deleted."""
+        users = [r[0] for r in db.execute("SELECT DISTINCT user_id FROM kv_items WHERE item_id = ANY(%s::bigint[])",
+                                          (ids,)).fetchall()]
+        if not users:
+            return []
+        _lock(db, users)
+        rows = db.execute("DELETE FROM kv_items WHERE item_id = ANY(%s::bigint[]) RETURNING item_id, artifact",
+                          (ids,)).fetchall()
+        touched = sorted({key for _, key in rows})
+        for key in touched:
+            left = [r[0] for r in db.execute(
+                "SELECT item_id FROM kv_items WHERE artifact = %s ORDER BY token_start, item_id", (key,))]
+            if left:
+                self._rewrite(memory, db, key, left)
+        self._retire(memory, db, touched)
         return sorted(r[0] for r in rows)
+
+    def _rewrite(self, memory, db, key, left) -> None:
+        """Write pack ``key`` again with only the items ``left`` (as stored; no model needed)."""
+        where = memory.artifacts.uri(key)
+        try:
+            data = memory.artifacts.get(key)
+            meta = header(data)
+            pack = parse(data, fingerprint=None, layout=None, where=where).select(left)
+        except (ArtifactCorrupt, KeyError) as e:
+            log.warning("kv: %s cannot be rewritten (%s); its %d other item(s) are re-encoded at the next "
+                        "consolidation", where, e, len(left))
+            db.execute("UPDATE kv_items SET damaged = true WHERE artifact = %s", (key,))
+            return
+        layout = {k: int(meta[k]) for k in ("layers", "kv_heads", "head_dim")}
+        new = serialize(pack, meta["fingerprint"], layout, float(meta.get("keep", "1.0")))
+        folder, _, _ = key.rpartition("/")
+        fresh = f"{folder}/pack-{uuid.uuid4().hex[:16]}.safetensors"
+        memory.artifacts.put(fresh, new)
+        memory.store.on_rollback(db, functools.partial(memory.artifacts.delete, fresh))
+        for item_id, begin, count in zip(pack.item_ids, pack.starts, pack.counts, strict=True):
+            db.execute("UPDATE kv_items SET artifact = %s, token_start = %s, bytes = %s WHERE item_id = %s",
+                       (fresh, begin, round(len(new) * count / pack.tokens), item_id))
 
     # -- read -------------------------------------------------------------------
 
@@ -327,44 +426,69 @@ class KVTier:
         loader = functools.partial(self._load, memory, scope, {c[0].id: c[1] for c in chosen}, fingerprint)
         return [KVPrefix(self.name, items, spent, fingerprint, "+".join(codecs), loader,
                          sum(c[3] for c in chosen), spans=tuple(c[4] for c in chosen),
-                         sizes=tuple(c[3] for c in chosen), left_out=left_out)]
+                         sizes=tuple(c[3] for c in chosen), left_out=left_out, recompute=self.recompute)]
 
     def _load(self, memory, scope, keys, fingerprint, item_ids):
+        """The items' pack, on the model's device: one read and one checksum per pack not already
+        resident there, then the items' tokens picked out; still compressed."""
         started = time.perf_counter()
-        entries = [(i, keys[i]) for i in item_ids]
         model = memory.model
         if model.fingerprint != fingerprint:
             raise ModelMismatch(f"this KV prefix was built for model {fingerprint}, "
                                 f"the loaded model is {model.fingerprint}")
         layout = _layout(model)
-        chunks = []
-        for item_id, key in entries:
+        by_key = defaultdict(list)
+        for i in item_ids:
+            by_key[keys[i]].append(i)
+        parts = []
+        for key, ids in by_key.items():
             try:
-                data = self._blobs.get(key, memory.artifacts.get)
-                chunk = decode(data, fingerprint=fingerprint, layout=layout,
-                               where=f"{memory.artifacts.uri(key)} (item {item_id})")
-            except (ArtifactCorrupt, ModelMismatch):
-                self._blobs.drop(key)
-                self._damaged(memory, scope, item_id)
-                raise
-            if chunk.item_id != item_id:
-                self._damaged(memory, scope, item_id)
-                raise ArtifactCorrupt(f"KV blob {memory.artifacts.uri(key)} holds item {chunk.item_id}, "
-                                      f"not {item_id}; the next consolidation re-encodes it")
-            chunks.append(chunk)
-        tokens = sum(c.span for c in chunks)
-        if tokens:
-            memory.measure(self.name, "read_ms_per_token", 1000 * (time.perf_counter() - started) / tokens)
-        return chunks
+                parts.append(self._resident(memory, key, fingerprint, layout, model.device, ids).select(ids))
+            except ArtifactCorrupt:
+                if memory.artifacts.exists(key):
+                    self._damaged(memory, scope, key)
+                    raise
+                # Rewritten since the read (an item of its pack was forgotten or demoted): where are they now?
+                for moved, moved_ids in self._current(memory, scope, ids).items():
+                    parts.append(self._resident(memory, moved, fingerprint, layout, model.device,
+                                                 moved_ids).select(moved_ids))
+            except (ModelMismatch, KeyError) as e:
+                self._damaged(memory, scope, key)
+                raise ArtifactCorrupt(f"KV pack {memory.artifacts.uri(key)} does not hold items {ids} as "
+                                      f"indexed ({e}); the next consolidation re-encodes them") from None
+        pack = _concat(parts).select(item_ids)
+        if pack.tokens:
+            memory.measure(self.name, "read_ms_per_token", 1000 * (time.perf_counter() - started) / sum(pack.spans))
+        return pack
 
-    def _damaged(self, memory, scope, item_id):
-        """Record in Postgres that an item's blob failed to load: no process offers it again, and the next
-        consolidation, in whichever process or worker, re-encodes it."""
+    def _resident(self, memory, key, fingerprint, layout, device, ids):
+        def load():
+            return parse(memory.artifacts.get(key), fingerprint=fingerprint, layout=layout,
+                         where=f"{memory.artifacts.uri(key)} (items {', '.join(map(str, ids))})").to(device)
+        return self._packs.get(key, load)
+
+    def _current(self, memory, scope, ids) -> dict[str, list[int]]:
+        """Where the packs of these items are now, ``{pack key: item ids}``; a forgotten item is an error."""
+        with memory.store.scoped(Scope(scope.user_id)) as db:
+            found = dict(db.execute("SELECT item_id, artifact FROM kv_items WHERE item_id = ANY(%s::bigint[]) "
+                                    "AND NOT damaged", (list(ids),)).fetchall())
+        gone = [i for i in ids if i not in found]
+        if gone:
+            raise ArtifactCorrupt(f"the KV of items {gone} was dropped since they were read; read again")
+        out = defaultdict(list)
+        for i in ids:
+            out[found[i]].append(i)
+        return out
+
+    def _damaged(self, memory, scope, key):
+        """Record in Postgres that a pack failed to load: no process offers its items again, and the
+        next consolidation, in whichever process or worker, re-encodes them."""
+        self._packs.drop(key)
         try:
             with memory.store.scoped(Scope(scope.user_id)) as db:
-                db.execute("UPDATE kv_items SET damaged = true WHERE item_id = %s", (item_id,))
+                db.execute("UPDATE kv_items SET damaged = true WHERE artifact = %s", (key,))
         except Exception:  # noqa: BLE001 - the load's own error is the one to raise
-            log.warning("kv: could not record item %s's blob as damaged", item_id, exc_info=True)
+            log.warning("kv: could not record %s as damaged", key, exc_info=True)
 
     @hookimpl
     def memplug_footprint(self, memory, item_ids, db):
@@ -374,15 +498,25 @@ class KVTier:
 
     @hookimpl
     def memplug_costs(self, memory, scope):
-        """Reads: load, check and de-quantize a blob (no prompt tokens); writes: encode; bytes per token."""
+        """Reads: load a pack and place its items in the cache on the model's device (no prompt
+        tokens); writes: encode; bytes per token. Until a read was measured, placing is timed once
+        against reading the same tokens as text, on the model's own device."""
         m = memory.measured(self.name)
+        if "inject_ms_per_token" not in m:
+            model = memory.model
+            calibrate = getattr(model, "injection_costs", None)
+            if calibrate is not None and getattr(model, "can_inject", False):
+                costs = calibrate()
+                memory.measure(self.name, "inject_ms_per_token", costs["inject_ms_per_token"])
+                memory.measure("model", "prefill_ms_per_token", costs["prefill_ms_per_token"])
+                m = memory.measured(self.name)
 
-        def get(metric, prior):
-            return m[metric][0] if metric in m else prior
+        def get(metric):
+            return m[metric][0] if metric in m else COST_PRIORS[metric]
         return TierCost(self.name, self.level, read_ms=0.0,
-                        read_ms_per_token=get("read_ms_per_token", COST_PRIORS["read_ms_per_token"]),
-                        write_ms_per_token=get("write_ms_per_token", COST_PRIORS["write_ms_per_token"]),
-                        bytes_per_token=get("bytes_per_token", COST_PRIORS["bytes_per_token"]),
+                        read_ms_per_token=get("read_ms_per_token") + get("inject_ms_per_token"),
+                        write_ms_per_token=get("write_ms_per_token"),
+                        bytes_per_token=get("bytes_per_token"),
                         samples=sum(n for _, n in m.values()))
 
     # -- forget -----------------------------------------------------------------
@@ -392,45 +526,61 @@ class KVTier:
         self._drop(memory, db, list(item_ids))
 
 
+def _lock(db, users) -> None:
+    """Hold each user's kv lock to the end of the transaction (in one order: no deadlock)."""
+    for user in sorted(set(users)):
+        db.execute("SELECT pg_advisory_xact_lock(hashtext('memplug-kv'), hashtext(%s))", (user,))
+
+
+def _concat(parts):
+    """One pack of several (packs of different codecs are expanded to fp32 first)."""
+    from memplug.runtime import PackedKV
+
+    if len({(p.codec, p.group) for p in parts}) > 1:
+        parts = [_expanded(p) for p in parts]
+    return PackedKV.concat(parts)
+
+
+def _expanded(pack):
+    from dataclasses import replace
+
+    keys, values = pack.dequantize()
+    return replace(pack, codec="fp32", group=0, keys={"data": keys}, values={"data": values})
 
 
 def _layout(model) -> dict[str, int]:
     return {"layers": model.layers, "kv_heads": model.kv_heads, "head_dim": model.head_dim}
 
 
-def _artifact_key(fingerprint: str, item) -> str:
-    u, a, s = item.scope.key
-    return f"kv/{fingerprint[:16]}/{u}/{a or '_'}/{s or '_'}/{item.id}.safetensors"
-
-
-class _BlobCache:
-    """Recently read blob bytes, up to a size. Bytes are immutable: a reader can't alter the cache."""
+class _PackCache:
+    """Recently read packs, parsed and checked, resident on the model's device, up to a size in bytes.
+    Readers get new tensors picked out of them (``select``): nothing a reader does reaches the cache."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._packs: OrderedDict[str, object] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
 
-    def get(self, key, fetch):
+    def get(self, key, load):
         with self._lock:
-            data = self._data.get(key)
-            if data is not None:
-                self._data.move_to_end(key)
-                return data
-        data = fetch(key)
-        if len(data) <= self.max_bytes:
+            pack = self._packs.get(key)
+            if pack is not None:
+                self._packs.move_to_end(key)
+                return pack
+        pack = load()
+        if pack.nbytes <= self.max_bytes:
             with self._lock:
-                if key not in self._data:
-                    self._data[key] = data
-                    self._size += len(data)
+                if key not in self._packs:
+                    self._packs[key] = pack
+                    self._size += pack.nbytes
                 while self._size > self.max_bytes:
-                    _, old = self._data.popitem(last=False)
-                    self._size -= len(old)
-        return data
+                    _, old = self._packs.popitem(last=False)
+                    self._size -= old.nbytes
+        return pack
 
     def drop(self, key):
         with self._lock:
-            old = self._data.pop(key, None)
+            old = self._packs.pop(key, None)
             if old is not None:
-                self._size -= len(old)
+                self._size -= old.nbytes

@@ -41,7 +41,8 @@ def encode(model: Any, texts: Sequence[str], item_ids: Sequence[int] | None = No
     for item_id, ids, (keys, values, paid) in zip(item_ids, chunks, read, strict=True):
         m = len(ids)
         received = paid[m:, :m].mean(dim=0) if scores else None
-        out.append(KVChunk(int(item_id), m, keys[:, :, :m].contiguous(), values[:, :, :m].contiguous(), received))
+        out.append(KVChunk(int(item_id), m, keys[:, :, :m].contiguous(), values[:, :, :m].contiguous(), received,
+                           ids=torch.tensor(ids, dtype=torch.int32)))
     return out
 
 
@@ -70,8 +71,10 @@ def thin(chunk: KVChunk, keep: float) -> KVChunk:
     if keep >= 1.0 or chunk.scores is None:
         return chunk
     idx = select_tokens(chunk.scores, keep)
+    positions = chunk.positions if chunk.positions is not None else torch.arange(chunk.stored_tokens)
     return KVChunk(chunk.item_id, chunk.span, chunk.keys[:, :, idx].contiguous(),
-                   chunk.values[:, :, idx].contiguous(), chunk.scores[idx])
+                   chunk.values[:, :, idx].contiguous(), chunk.scores[idx],
+                   ids=None if chunk.ids is None else chunk.ids[idx], positions=positions[idx].to(torch.int32))
 
 
 

@@ -7,6 +7,7 @@
 """
 
 from .errors import (
+    AccessDenied,
     ArtifactCorrupt,
     ConfigError,
     InvalidInput,
@@ -16,9 +17,11 @@ from .errors import (
     ModelUnavailable,
     NotFound,
     PluginError,
+    RateLimited,
     ScopeViolation,
     ServerUnavailable,
     StoreUnavailable,
+    Unauthenticated,
 )
 from .hookspecs import hookimpl
 from .memory import Memory
@@ -43,7 +46,7 @@ from .usage import ItemUsage
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterRef", "Answer", "ArtifactCorrupt", "Budget", "ConfigError", "Hit", "InvalidInput", "InvalidScope", "Item", "KVPrefix",
+    "AccessDenied", "AdapterRef", "Answer", "ArtifactCorrupt", "Budget", "ConfigError", "Hit", "InvalidInput", "InvalidScope", "Item", "KVPrefix",
     "ItemUsage", "MemplugError", "Memory", "ModelMismatch", "ModelUnavailable", "Move", "NotFound", "Option",
-    "Placement", "PluginError", "Recall", "Scope", "ScopeViolation", "ServerUnavailable", "Settings", "StoreUnavailable", "TierCost", "Window", "hookimpl",
+    "Placement", "PluginError", "RateLimited", "Recall", "Scope", "ScopeViolation", "ServerUnavailable", "Settings", "StoreUnavailable", "TierCost", "Unauthenticated", "Window", "hookimpl",
 ]

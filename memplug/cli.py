@@ -566,6 +566,141 @@ def fuzz(seconds: float, seed: int | None, dsn: str | None, plugins: tuple[str, 
     sys.exit(1 if report["findings"] else 0)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="server processes on this address (each with its own connection pool)")
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=4 * 2**20, show_default=True,
+              help="larger request bodies get a 413")
+@click.option("--rate-limit", type=click.FloatRange(min=0), default=50.0, show_default=True,
+              help="requests per second per API key and process (0: off; a key's own rate overrides it)")
+@click.option("--burst", type=click.FloatRange(min=1), default=None, help="requests at once per key [twice the rate]")
+@click.option("--no-mcp", is_flag=True, help="leave MCP (streamable HTTP at /mcp) out")
+@click.option("--mcp-operator", is_flag=True, help="give MCP clients the operator tools end_session and consolidate")
+@click.option("--no-access-log", is_flag=True, help="no JSON access log lines on standard error")
+@_fail_cleanly
+def serve(host: str, port: int, workers: int, max_body_bytes: int, rate_limit: float, burst: float | None,
+          no_mcp: bool, mcp_operator: bool, no_access_log: bool) -> None:
+    """Serve memory over HTTP: the JSON API under /v1 (docs at /docs) and MCP at /mcp, for API keys
+    made with `memplug keys create`."""
+    from .server import http
+
+    config = http.ServeConfig(host=host, port=port, workers=workers, max_body_bytes=max_body_bytes, rate_limit=rate_limit,
+                         burst=burst, mcp=not no_mcp, mcp_operator=mcp_operator, access_log=not no_access_log)
+    err_console.print(f"memplug serving on http://{host}:{port} (API docs at /docs"
+                      f"{', MCP at /mcp' if config.mcp else ''}); Ctrl-C stops it", highlight=False)
+    http.serve(config)
+
+
+@main.command()
+@click.option("--user", default=None, help="stdio: the user whose memory every tool call uses")
+@click.option("--agent", default=None, help="stdio: narrow the scope to this agent of the user")
+@click.option("--http", "over_http", is_flag=True,
+              help="serve MCP over streamable HTTP at /mcp for API keys, instead of stdio")
+@click.option("--host", default="127.0.0.1", show_default=True, help="--http: address to listen on")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True, help="--http: port")
+@click.option("--operator", is_flag=True, help="add the operator tools end_session and consolidate")
+@_fail_cleanly
+def mcp(user: str | None, agent: str | None, over_http: bool, host: str, port: int, operator: bool) -> None:
+    """An MCP server with memory tools (remember, recall, forget, list, inspect). Over stdio, for a
+    desktop client: `memplug mcp --user alice`. Over HTTP, each client's API key decides whose memory
+    it is: `memplug mcp --http`."""
+    import logging
+
+    if over_http:
+        if user or agent:
+            raise click.UsageError("over HTTP the API key decides the user; --user and --agent are for stdio")
+        from .server import http
+
+        err_console.print(f"memplug MCP on http://{host}:{port}/mcp; Ctrl-C stops it", highlight=False)
+        http.serve(http.ServeConfig(host=host, port=port, api=False, mcp=True, mcp_operator=operator))
+        return
+    if not user:
+        raise click.UsageError("give --user (the user whose memory this stdio server holds), or --http")
+    # Standard output carries the protocol: everything else goes to standard error.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    from .server.mcp import build_server
+
+    scope = Scope(user, agent)
+    with _memory() as mem:
+        build_server(mem, scope, operator=operator).run("stdio")
+
+
+@main.group()
+def keys() -> None:
+    """API keys of `memplug serve` and `memplug mcp --http`: one per tenant, stored hashed in Postgres."""
+
+
+@keys.command("create")
+@click.option("--user", default=None, help="the one user the key may act for")
+@click.option("--prefix", default=None, help="or every user whose id starts with this (ending in - _ . @ or +)")
+@click.option("--name", default="", help="a label to recognise the key by")
+@click.option("--rate", "rate_limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="this key's requests per second per server process (default: the server's --rate-limit)")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def keys_create(user: str | None, prefix: str | None, name: str, rate_limit: float | None, as_json: bool) -> None:
+    """Make an API key; it is printed once and only its digest is kept."""
+    from .server.keys import create_key
+
+    with _store() as store:
+        key, secret = create_key(store, user=user, prefix=prefix, name=name, rate_limit=rate_limit)
+    if as_json:
+        _emit_json({"id": key.id, "key": secret, "covers": key.covers, "name": key.name, "rate_limit": key.rate_limit})
+        return
+    click.echo(secret)
+    err_console.print(f"key {key.id} for {key.covers}: keep it now, it is not shown again", highlight=False)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def keys_list(as_json: bool) -> None:
+    """Every key: id, the users it covers, name, rate, when made and revoked (never the key itself)."""
+    from .server.keys import list_keys
+
+    with _store() as store:
+        rows = list_keys(store)
+    if as_json:
+        _emit_json([{"id": k.id, "covers": k.covers, "user_id": k.user_id, "user_prefix": k.user_prefix,
+                     "name": k.name, "rate_limit": k.rate_limit, "created_at": k.created_at,
+                     "revoked_at": k.revoked_at} for k in rows])
+        return
+    table = Table(title="memplug keys")
+    for col in ("id", "covers", "name", "rate", "created", "revoked"):
+        table.add_column(col, overflow="fold")
+    for k in rows:
+        table.add_row(k.id, k.covers, k.name, "-" if k.rate_limit is None else f"{k.rate_limit:g}/s",
+                      f"{k.created_at:%Y-%m-%d %H:%M}", f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "-")
+    console.print(table)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@_fail_cleanly
+def keys_revoke(key_id: str) -> None:
+    """Revoke the key KEY_ID: every server refuses it from its next request on."""
+    from .server.keys import revoke_key
+
+    with _store() as store:
+        key = revoke_key(store, key_id)
+    console.print(f"revoked key {key.id} ({key.covers})", highlight=False)
+
+
+def _store():
+    """The store alone (no plugins, no models): for the key commands."""
+    import contextlib
+
+    from .embedded import embedded_dsn
+    from .settings import Settings
+    from .store import Store
+
+    settings = Settings()
+    store = Store(settings.dsn or embedded_dsn(settings.home), pool_size=1)
+    return contextlib.closing(store)
+
+
 @main.group()
 def bench() -> None:
     """Checks of a deployment's store: throughput, latency and recall; each writes JSON and a PNG."""
@@ -591,13 +726,19 @@ def bench_store(sizes: str, scopes_total: int, scopes: int, minutes: float, out:
               help="processes writing, reading and forgetting at once")
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--http", "over_http", is_flag=True,
+              help="then run the same processes through `memplug serve` and compare (load_http.json)")
+@click.option("--server-workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="--http: server processes")
 @click.option("--out", default="benchmarks/results", show_default=True)
 @_fail_cleanly
-def bench_load(processes: int, seconds: float, seed: int, out: str) -> None:
-    """Ops/s and latency of concurrent processes against one Postgres (MEMPLUG_DSN, or a fresh embedded one)."""
+def bench_load(processes: int, seconds: float, seed: int, over_http: bool, server_workers: int, out: str) -> None:
+    """Ops/s and latency of concurrent processes against one Postgres (MEMPLUG_DSN, or a fresh embedded one);
+    with --http, the library path and the HTTP path in one run."""
     from .checks.load import run
 
-    run(processes=processes, seconds=seconds, seed=seed, out_dir=out, console=console)
+    run(processes=processes, seconds=seconds, seed=seed, out_dir=out, console=console, http=over_http,
+        server_workers=server_workers)
 
 
 @main.group()

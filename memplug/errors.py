@@ -52,3 +52,20 @@ class NotFound(MemplugError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class AccessDenied(MemplugError, PermissionError):
+    """An API key does not cover the user a request names (``memplug serve``, ``memplug mcp``)."""
+
+
+class Unauthenticated(AccessDenied):
+    """A request to a memplug server came without an API key, or with one that is malformed,
+    unknown or revoked."""
+
+
+class RateLimited(MemplugError):
+    """Too many requests with one API key: retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -33,6 +33,8 @@ ENVIRONMENT = {
     "MEMPLUG_MODEL": "A Hugging Face causal LM (local path or cached id) instead of the packaged SmolLM2.",
     "MEMPLUG_DEVICE": "The torch device of the local model (default: cuda if there is one, else cpu).",
     "MEMPLUG_TRACE": "Trace every hook call with its time: 1 prints to standard error, a path appends to that file.",
+    "MEMPLUG_URL": "The memplug server `memplug.client.Client()` talks to (default: http://127.0.0.1:8080).",
+    "MEMPLUG_API_KEY": "The API key `memplug.client.Client()` sends (made with `memplug keys create`).",
 }
 TEST_PREFIX = "MEMPLUG_TEST_"  # the conformance kit's and the test suite's own variables
 

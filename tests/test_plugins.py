@@ -179,15 +179,19 @@ def test_memplug_trace_logs_every_hook_call_with_its_time(make_memory, user, mon
     assert all(" ms " in line for line in lines)
 
 
-def test_importing_memplug_and_its_plugins_loads_no_torch_langchain_or_llama_index():
+def test_importing_memplug_and_its_plugins_loads_no_torch_langchain_llama_index_or_web_framework():
     """The library and its tiers import their models lazily: an app that never loads a local model
-    (API models only) never pays for torch."""
+    (API models only) never pays for torch; nor for a web framework or the MCP SDK, which only the
+    servers load (the client needs httpx alone)."""
     import subprocess
     import sys
 
     code = ("import sys, memplug, memplug.cli, memplug_context, memplug_pgvector, memplug_kv, memplug_lora\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'langchain_core', 'llama_index')"
-            " if m in sys.modules)\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'langchain_core', 'llama_index',"
+            " 'fastapi', 'starlette', 'mcp', 'uvicorn', 'httpx', 'pydantic') if m in sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "import memplug.server, memplug.client\n"
+            "heavy = sorted(m for m in ('torch', 'fastapi', 'starlette', 'mcp', 'uvicorn') if m in sys.modules)\n"
             "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

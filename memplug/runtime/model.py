@@ -6,7 +6,7 @@ config and the tokenizer under ``$MEMPLUG_HOME/models``; later loads read those
 in well under a second. ``MEMPLUG_MODEL`` names any Hugging Face causal LM
 (a local path, or an id already in the local cache) instead.
 
-A model's fingerprint hashes its config and every weight: a KV blob encoded by
+A model's fingerprint hashes its config and every weight: a KV pack encoded by
 one model is never injected into another.
 """
 

@@ -2,23 +2,29 @@
 
 When consolidation promotes an item to level 2, the local model reads a fixed
 preamble followed by the item; the item's keys and values (every layer) are kept,
-its keys rotated back to position 0, compressed (int4 by default, see
-:mod:`memplug_kv.codec`) and written as a safetensors blob to the artifact
-store. Postgres keeps the index: item, scope, embedding, positions, bytes,
-model fingerprint and blob key.
+its keys rotated back to position 0 and compressed (int4 by default, see
+:mod:`memplug_kv.codec`). Each consolidation writes one **pack** per scope it
+touched to the artifact store: every item the scope holds at level 2, the new
+ones encoded and the others copied as stored. Postgres keeps the index: item,
+scope, embedding, span, pack key and first token, bytes, model fingerprint.
+Forgetting or demoting an item rewrites its pack without it.
 
 On read, the scope's level-2 items closest to the query (cosine, above
 ``kv_min_similarity``) are offered as one :class:`memplug.KVPrefix`, up to
 ``Budget.kv_tokens`` positions and ``kv_max_items`` items. The host then leaves
-them out of the text hits; :mod:`memplug.runtime` injects them into attention.
-A blob whose fingerprint is not the loaded model's is never offered, and the
-next consolidation re-encodes it; so is a blob found damaged on load by any
-process (the finding is kept in ``kv_items``, not in the process that made it).
-Encoding lives in :mod:`memplug_kv.encode`, the blob format in :mod:`memplug_kv.codec`.
+them out of the text hits; :mod:`memplug.runtime` injects them into attention,
+de-quantizing and re-rotating them on the model's device (``kv_recompute``
+reads the first tokens of each again in context). Loading a pack is one read
+and one checksum; the packs read last stay resident on the model's device.
+A pack whose fingerprint is not the loaded model's is never offered, and the
+next consolidation re-encodes its items; so are those of a pack found damaged
+on load by any process (the finding is kept in ``kv_items``, not in the
+process that made it). Encoding lives in :mod:`memplug_kv.encode`, the pack
+format in :mod:`memplug_kv.codec`.
 
-Before an item is placed, its blob is **checked**: the local model is asked what
+Before an item is placed, its KV is **checked**: the local model is asked what
 it knows about the item's subject, its answer begun with the item up to the
-item's key word, once with the item as text and once with the decoded blob
+item's key word, once with the item as text and once with its decoded KV
 injected. An item whose KV does not lead to its key word where its text does
 stays text; the verdict is kept per model and codec, so the check is not
 repeated at every consolidation. It is off by default (``kv_verify``): with
@@ -153,7 +159,7 @@ class KVTier:
 
     @hookimpl
     def memplug_plan(self, memory, scope, usage):
-        """Re-encode blobs made by another model, or found damaged on load."""
+        """Re-encode items whose KV was made by another model, or whose pack was found damaged on load."""
         where, params = subtree_sql(scope, "k")
         with memory.store.scoped(scope) as db:
             if not db.execute(f"SELECT EXISTS (SELECT 1 FROM kv_items k WHERE {where})", params).fetchone()[0]:

@@ -6,6 +6,7 @@ attempt wrote survives, in Postgres (rolled back) or in the artifact store (swep
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from helpers.counting import CountingTier
 from helpers.workers import drain, start_worker, wait_for
 
 from memplug import Move, Settings
+from memplug_kv.codec import header
 
 FACTS = [
     "Zorbul Quenti lives in the city of Marrakesh.",
@@ -73,8 +75,9 @@ def test_worker_killed_mid_kv_consolidation_leaves_no_blob_behind(make_memory, u
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
 
-        blobs = [f for f in _files(artifacts) if f.endswith(".safetensors")]
-        assert sorted(int(Path(b).stem) for b in blobs) == sorted(it.id for it in items), _files(artifacts)
+        [pack] = [f for f in _files(artifacts) if f.endswith(".safetensors")]  # the scope's one pack
+        index = json.loads(header((artifacts / pack).read_bytes())["items"])
+        assert sorted(e["item_id"] for e in index) == sorted(it.id for it in items), _files(artifacts)
         with mem.store.transaction() as db:
             assert db.execute("SELECT count(*) FROM kv_items WHERE user_id = %s", (user,)).fetchone()[0] == 0
         assert _job(mem, job).status == "doing"
@@ -99,8 +102,11 @@ def test_worker_killed_mid_kv_consolidation_leaves_no_blob_behind(make_memory, u
                 "WHERE i.user_id = %s AND m.tier = 'kv' AND m.held GROUP BY item_id", (user,)).fetchall()
         assert [r[0] for r in rows] == [it.id for it in kept]
         assert dict(placed) == {it.id: 1 for it in kept}  # placed once, by the attempt that committed
-        # Exactly the committed blobs, each whole: the forgotten item's blob and any temporary file are gone.
-        assert _files(artifacts) == sorted(r[1] for r in rows)
-        assert all((artifacts / key).stat().st_size == size for _, key, size in rows)
+        # Exactly the committed pack, whole: the dead worker's pack (with the forgotten item) and any
+        # temporary file are gone.
+        [key] = {r[1] for r in rows}
+        assert _files(artifacts) == [key]
+        assert abs((artifacts / key).stat().st_size - sum(r[2] for r in rows)) <= len(rows)  # shares of the pack
+        assert forgotten.id not in {e["item_id"] for e in json.loads(header((artifacts / key).read_bytes())["items"])}
     finally:
         drain(mem)

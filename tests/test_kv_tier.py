@@ -163,6 +163,26 @@ def test_corrupt_blob_is_a_clear_error_then_re_encoded(kv_memory, user):
     assert len(recall.kv.chunks()) == 1
 
 
+def test_forgetting_from_an_unreadable_pack_still_removes_the_file(kv_memory, user):
+    """A pack that cannot be rewritten (damaged) is deleted with the forget: it may still hold the
+    forgotten item; the scope's other items are served as text until re-encoded."""
+    from memplug.testing import find_traces
+
+    items = kv_memory.write(user, FACTS)
+    promote(kv_memory, user, items)
+    [pack] = packs(kv_memory)
+    data = bytearray(pack.read_bytes())
+    data[-3] ^= 0xFF  # fails its checksum
+    pack.write_bytes(bytes(data))
+    kv_memory.forget(user, [items[0].id])
+    assert packs(kv_memory) == [] and find_traces(kv_memory, [items[0]]) == []
+    recall = kv_memory.read(user, "access code for the Tamsin lab")
+    assert recall.kv is None and items[1].id in {h.item.id for h in recall.hits}
+    kv_memory.consolidate(user)  # re-encoded from their text
+    assert len(packs(kv_memory)) == 1
+    assert kv_memory.read(user, "access code for the Tamsin lab", Budget(kv_tokens=4096)).kv is not None
+
+
 def test_a_damaged_blob_found_by_one_process_is_known_to_every_other(kv_memory, make_memory, tmp_path, user):
     """What a serving process finds is kept in Postgres: another process (a worker, another server)
     neither offers the blob again nor waits for a consolidation in the process that found it."""

@@ -144,15 +144,16 @@ class LocalModel:
 
     def _prefix_kv(self, ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Key/values of a shared prefix, in the model's dtype and device (a few kept)."""
-        key = (self._active, ids)
-        found = self._prefixes.get(key)
-        if found is None:
-            k, v = self._kv_of(ids)
-            found = self._prefixes[key] = (k.to(self.device, self.dtype), v.to(self.device, self.dtype))
-            while len(self._prefixes) > 4:
-                self._prefixes.popitem(last=False)
-        self._prefixes.move_to_end(key)
-        return found
+        with self._lock:
+            key = (self._active, ids)
+            found = self._prefixes.get(key)
+            if found is None:
+                k, v = self._kv_of(ids)
+                found = self._prefixes[key] = (k.to(self.device, self.dtype), v.to(self.device, self.dtype))
+                while len(self._prefixes) > 4:
+                    self._prefixes.popitem(last=False)
+            self._prefixes.move_to_end(key)
+            return found
 
     # -- adapters ----------------------------------------------------------------
 

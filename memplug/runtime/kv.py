@@ -171,26 +171,28 @@ class PackedKV:
         def cat(attr):
             return {name: torch.cat([getattr(p, attr)[name] for p in packs], dim=2) for name in getattr(first, attr)}
 
-        def cat1(attr):
-            parts = [getattr(p, attr) for p in packs]
-            return None if any(t is None for t in parts) else torch.cat(parts)
+        ids = [p.ids for p in packs]
 
         counts = tuple(c for p in packs for c in p.counts)
         starts = tuple(int(s) for s in torch.tensor((0, *counts[:-1])).cumsum(0))
         return replace(first, keys=cat("keys"), values=cat("values"),
                        item_ids=tuple(i for p in packs for i in p.item_ids), starts=starts, counts=counts,
-                       spans=tuple(s for p in packs for s in p.spans), positions=cat1("positions"), ids=cat1("ids"))
+                       spans=tuple(s for p in packs for s in p.spans),
+                       positions=torch.cat([p.token_positions().int() for p in packs]),
+                       ids=None if any(t is None for t in ids) else torch.cat(ids))
 
     def to(self, device: Any) -> PackedKV:
         """This pack on ``device``: from CPU to a GPU through pinned memory, without waiting for the copy."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" names the current GPU
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.device == device:
             return self
-        pin = device.type == "cuda" and torch.cuda.is_available()
 
         def move(t):
-            if t is None:
-                return None
+            if t is None or t.device == device:
+                return t
+            pin = device.type == "cuda" and t.device.type == "cpu"  # only host memory is pinned
             if pin and not t.is_pinned():
                 t = t.pin_memory()
             return t.to(device, non_blocking=pin)

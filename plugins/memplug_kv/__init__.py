@@ -346,7 +346,9 @@ class KVTier:
     def _drop(self, memory, db, ids) -> list[int]:
         """Let go of these items' KV entries; returns the ids it held. Each pack that held one is
         rewritten without it (no byte of it stays in the store) or, if nothing is left, deleted."""
-        users = [r[0] for r in db.execute("SELECT DISTINCT user_id FROM kv_items WHERE item_id = ANY(%s::bigint[])",
+        # The users of the items themselves, not of their kv rows: a consolidation holding the lock
+        # may be adding rows this transaction cannot see yet, and must finish before these are looked for.
+        users = [r[0] for r in db.execute("SELECT DISTINCT user_id FROM items WHERE id = ANY(%s::bigint[])",
                                           (ids,)).fetchall()]
         if not users:
             return []
@@ -367,15 +369,19 @@ class KVTier:
         where = memory.artifacts.uri(key)
         try:
             data = memory.artifacts.get(key)
-            meta = header(data)
             pack = parse(data, fingerprint=None, layout=None, where=where).select(left)
-        except (ArtifactCorrupt, KeyError) as e:
+            meta = header(data)
+            layout = {k: int(meta[k]) for k in ("layers", "kv_heads", "head_dim")}
+            fingerprint, keep = meta["fingerprint"], float(meta.get("keep", "1.0"))
+        except (ArtifactCorrupt, KeyError, ValueError) as e:
+            # Unreadable: the file goes anyway (it may still hold what was forgotten); the items left
+            # are served as text and re-encoded from it at the next consolidation.
             log.warning("kv: %s cannot be rewritten (%s); its %d other item(s) are re-encoded at the next "
-                        "consolidation", where, e, len(left))
+                        "consolidation", where, type(e).__name__, len(left))
             db.execute("UPDATE kv_items SET damaged = true WHERE artifact = %s", (key,))
+            memory.store.on_commit(db, functools.partial(memory.artifacts.delete, key))
             return
-        layout = {k: int(meta[k]) for k in ("layers", "kv_heads", "head_dim")}
-        new = serialize(pack, meta["fingerprint"], layout, float(meta.get("keep", "1.0")))
+        new = serialize(pack, fingerprint, layout, keep)
         folder, _, _ = key.rpartition("/")
         fresh = f"{folder}/pack-{uuid.uuid4().hex[:16]}.safetensors"
         memory.artifacts.put(fresh, new)
@@ -456,6 +462,9 @@ class KVTier:
                     raise
                 # Rewritten since the read (an item of its pack was forgotten or demoted): where are they now?
                 for moved, moved_ids in self._current(memory, scope, ids).items():
+                    if moved == key:  # still named, yet gone: lost from the store
+                        self._damaged(memory, scope, key)
+                        raise
                     parts.append(self._resident(memory, moved, fingerprint, layout, model.device,
                                                  moved_ids).select(moved_ids))
             except (ModelMismatch, KeyError) as e:
@@ -529,6 +538,7 @@ class KVTier:
 
     @hookimpl
     def memplug_forget(self, memory, scope, item_ids, db):
+        _lock(db, [scope.user_id])  # first: a consolidation of this user's packs finishes before
         self._drop(memory, db, list(item_ids))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -126,7 +127,7 @@ class PackedKV:
         if not chunks:
             raise ValueError("no chunks to pack")
         counts = tuple(c.stored_tokens for c in chunks)
-        starts = tuple(int(s) for s in torch.tensor((0, *counts[:-1])).cumsum(0))
+        starts = _starts(counts)
         positions = torch.cat([c.positions if c.positions is not None else torch.arange(c.stored_tokens)
                                for c in chunks]).to(torch.int32)
         ids = (torch.cat([c.ids for c in chunks]).to(torch.int32)
@@ -152,7 +153,7 @@ class PackedKV:
             return torch.cat([t.narrow(dim, a, b - a) for a, b in ranges], dim=dim)
 
         counts = tuple(self.counts[k] for k in picked)
-        starts = tuple(int(s) for s in torch.tensor((0, *counts[:-1])).cumsum(0)) if counts else ()
+        starts = _starts(counts)
         return replace(self, keys={n: take(t, 2) for n, t in self.keys.items()},
                        values={n: take(t, 2) for n, t in self.values.items()}, item_ids=tuple(item_ids),
                        starts=starts, counts=counts, spans=tuple(self.spans[k] for k in picked),
@@ -174,7 +175,7 @@ class PackedKV:
         ids = [p.ids for p in packs]
 
         counts = tuple(c for p in packs for c in p.counts)
-        starts = tuple(int(s) for s in torch.tensor((0, *counts[:-1])).cumsum(0))
+        starts = _starts(counts)
         return replace(first, keys=cat("keys"), values=cat("values"),
                        item_ids=tuple(i for p in packs for i in p.item_ids), starts=starts, counts=counts,
                        spans=tuple(s for p in packs for s in p.spans),
@@ -223,6 +224,11 @@ class PackedKV:
             out.append(KVChunk(item_id, span, keys[:, :, part].clone(), values[:, :, part].clone(),
                                ids=None if ids is None else ids[part].clone(), positions=positions[part].clone()))
         return out
+
+
+def _starts(counts: Sequence[int]) -> tuple[int, ...]:
+    """Where each item's tokens begin, items laid one after another."""
+    return tuple(accumulate(counts[:-1], initial=0)) if counts else ()
 
 
 def dequantize(parts: dict[str, torch.Tensor], codec: str, group: int, head_dim: int) -> torch.Tensor:
